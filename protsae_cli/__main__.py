@@ -1,0 +1,3 @@
+from protsae_cli.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Thin Typer front end: one module per command, each parsing options and calling one library function."""

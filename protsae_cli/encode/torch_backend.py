@@ -1,0 +1,35 @@
+"""Reference encode backend: plain torch GEMM -> ReLU -> top-k, in row chunks to bound memory."""
+
+from __future__ import annotations
+
+import torch
+
+from protsae_cli.sae import topk_relu
+
+
+class TorchEncoder:
+    name = "torch"
+
+    def __init__(self, sae, device: torch.device, chunk_rows: int = 8192, dtype: torch.dtype | None = None):
+        W, b = sae.encoder_affine()
+        # bf16 GEMM on CUDA (fp32 accumulate in cuBLAS); exact fp32 on CPU.
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.W = W.to(device=device, dtype=self.dtype)
+        self.b = b.to(device=device, dtype=torch.float32)
+        self.k = sae.cfg.k
+        self.chunk_rows = chunk_rows
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idxs, vals = [], []
+        for s in range(0, x.shape[0], self.chunk_rows):
+            xc = x[s:s + self.chunk_rows].to(self.W.device, self.dtype)
+            pre = torch.addmm(self.b, xc.float(), self.W.float().T) if self.dtype == torch.float32 else \
+                (xc @ self.W.T).float() + self.b
+            i, v = topk_relu(pre, self.k)
+            idxs.append(i)
+            vals.append(v)
+        if not idxs:
+            return (torch.empty(0, self.k, dtype=torch.int64, device=self.W.device),
+                    torch.empty(0, self.k, dtype=torch.float32, device=self.W.device))
+        return torch.cat(idxs), torch.cat(vals)
