@@ -1,0 +1,206 @@
+"""Find and load an ESM-2 protein language model: by fair-esm name, by checkpoint path, or the shipped stand-in.
+
+Real ESM-2 weights come from fair-esm's hub checkpoints (`<name>.pt`, a pickle holding an argparse Namespace, so
+it needs `torch.load(weights_only=False)`; we do that deliberately, only for files the user pointed us at or
+that fair-esm itself put in the torch hub cache). Offline machines get a message naming the exact files and
+folder to fill, instead of a stack trace from a failed download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protsae_cli.errors import InputError, MissingWeightsError
+from protsae_cli.sae import file_sha256
+
+#: fair-esm ESM-2 model names with (layers, width). 1-based layer L = output of block L.
+ESM2_MODELS: dict[str, tuple[int, int]] = {
+    "esm2_t6_8M_UR50D": (6, 320),
+    "esm2_t12_35M_UR50D": (12, 480),
+    "esm2_t30_150M_UR50D": (30, 640),
+    "esm2_t33_650M_UR50D": (33, 1280),
+    "esm2_t36_3B_UR50D": (36, 2560),
+    "esm2_t48_15B_UR50D": (48, 5120),
+}
+
+#: Published checksums we know of (from third-party code; unverified against the files themselves).
+KNOWN_SHA256: dict[str, str] = {
+    "esm2_t6_8M_UR50D": "46f002a9870c9bdecd0ea887acb1f9a38a6b561e8f8bf8a6990b679b9d31b928",
+}
+
+STANDIN_ALIASES = ("standin", "esm2_t6_8M_standin", "default")
+FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+
+
+@dataclass
+class LoadedPLM:
+    model: Any            # esm.model.esm2.ESM2, eval mode
+    alphabet: Any         # esm.data.Alphabet
+    name: str
+    sha256: str
+    source: str           # file the weights came from
+    num_layers: int
+    d_model: int
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.num_layers} layers, d_model {self.d_model}, sha256 {self.sha256[:12]}...)"
+
+
+def torch_hub_checkpoints_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def offline_mode() -> bool:
+    return os.environ.get("PROTSAE_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def load_plm(spec: str | None = None, device: str | torch.device = "cpu", verify_sha256: bool = False) -> LoadedPLM:
+    """Resolve `spec` (None/'standin' -> shipped stand-in; a path; or a fair-esm ESM-2 name) and load it.
+
+    `verify_sha256` compares a fair-esm name's file against the published checksum when we know one.
+    """
+    if spec is None or spec in STANDIN_ALIASES:
+        return _load_shipped_standin(device)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _load_from_path(path, device)
+    if spec in ESM2_MODELS:
+        return _load_by_name(spec, device, verify_sha256)
+    if spec.endswith((".pt", ".safetensors")) or "/" in spec:
+        raise InputError(f"PLM checkpoint not found: {spec}")
+    raise InputError(
+        f"unknown PLM {spec!r}: give a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}), a checkpoint path, "
+        f"or 'standin' for the bundled demonstration model")
+
+
+def _build_esm2(name: str, model_data: dict[str, Any], source: str,
+                regression_data: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    import esm
+
+    if not isinstance(model_data, dict) or "model" not in model_data or "cfg" not in model_data:
+        raise InputError(f"{source}: not a fair-esm checkpoint (expected a dict with 'cfg' and 'model')")
+    # fair-esm picks the ESM-2 builder from the name prefix; any ESM-2 checkpoint is built by that path.
+    core_name = name if name.startswith("esm2") else f"esm2_{name}"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")
+        try:
+            model, alphabet = esm.pretrained.load_model_and_alphabet_core(core_name, model_data, regression_data)
+        except (RuntimeError, KeyError, AttributeError) as e:
+            raise InputError(f"{source}: could not build ESM-2 from checkpoint ({e})") from e
+    return model, alphabet
+
+
+def _finish(model: Any, alphabet: Any, name: str, sha: str, source: str, device) -> LoadedPLM:
+    model = model.float().eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedPLM(model=model, alphabet=alphabet, name=name, sha256=sha, source=source,
+                     num_layers=model.num_layers, d_model=model.embed_dim)
+
+
+def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
+    # fair-esm checkpoints pickle an argparse.Namespace, which weights_only=True refuses; the user chose this
+    # file (or fair-esm downloaded it), so we trust it as fair-esm itself would.
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated download, wrong file type, ...
+        raise InputError(f"{path}: cannot be read as a fair-esm checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _regression_beside(path: Path) -> dict[str, Any] | None:
+    """fair-esm keeps contact-regression weights in '<stem>-contact-regression.pt' next to the model."""
+    reg = path.with_name(path.stem + "-contact-regression.pt")
+    return _torch_load_checkpoint(reg) if reg.exists() else None
+
+
+def _load_from_path(path: Path, device) -> LoadedPLM:
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.exists():
+            return _load_safetensors_dir(path, device)
+        pts = sorted(path.glob("esm2*.pt"))
+        pts = [p for p in pts if not p.name.endswith("-contact-regression.pt")]
+        if len(pts) != 1:
+            raise InputError(f"{path}: expected one esm2*.pt checkpoint or a config.json in the directory")
+        path = pts[0]
+    if path.suffix == ".safetensors":
+        return _load_safetensors_dir(path.parent, device, weights=path)
+    data = _torch_load_checkpoint(path)
+    model, alphabet = _build_esm2(path.stem, data, str(path), _regression_beside(path))
+    return _finish(model, alphabet, path.stem, file_sha256(path), str(path), device)
+
+
+def _load_safetensors_dir(d: Path, device, weights: Path | None = None) -> LoadedPLM:
+    """Our shipping format: fair-esm state dict in safetensors + a JSON of the architecture (no pickle)."""
+    from argparse import Namespace
+
+    from safetensors.torch import load_file
+
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{d / 'config.json'}: cannot read PLM config ({e})") from e
+    weights = weights or d / f"{cfg['name']}.safetensors"
+    if not weights.exists():
+        raise MissingWeightsError(f"PLM weights missing: {weights}")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    ns = Namespace(encoder_layers=cfg["encoder_layers"], encoder_embed_dim=cfg["encoder_embed_dim"],
+                   encoder_ffn_embed_dim=cfg["encoder_ffn_embed_dim"],
+                   encoder_attention_heads=cfg["encoder_attention_heads"], token_dropout=cfg["token_dropout"])
+    model, alphabet = _build_esm2(cfg["name"], {"cfg": {"model": ns}, "model": state}, str(weights))
+    return _finish(model, alphabet, cfg["name"], file_sha256(weights), str(weights), device)
+
+
+def _load_shipped_standin(device) -> LoadedPLM:
+    from protsae_cli.models import standin_plm_dir
+
+    return _load_safetensors_dir(standin_plm_dir(), device)
+
+
+def _missing_message(name: str, hub: Path, reason: str) -> str:
+    return (
+        f"ESM-2 weights for {name} are not available offline ({reason}).\n"
+        f"Put these files in {hub}/ (the torch hub cache; set TORCH_HOME to move it):\n"
+        f"  {name}.pt                      from {FAIR_ESM_URL.format(name=name)}\n"
+        f"  {name}-contact-regression.pt   (optional; only contact prediction needs it)\n"
+        f"or pass the checkpoint path directly: --model /path/to/{name}.pt")
+
+
+def _load_by_name(name: str, device, verify_sha256: bool) -> LoadedPLM:
+    hub = torch_hub_checkpoints_dir()
+    local = hub / f"{name}.pt"
+    if not local.exists():
+        if offline_mode():
+            raise MissingWeightsError(_missing_message(name, hub, "PROTSAE_OFFLINE is set"))
+        _download(name, hub)
+    sha = file_sha256(local)
+    if verify_sha256 and name in KNOWN_SHA256 and sha != KNOWN_SHA256[name]:
+        raise InputError(f"{local}: sha256 {sha} does not match the published {KNOWN_SHA256[name]} for {name}; "
+                         f"the file may be truncated or corrupted: delete it and download again")
+    data = _torch_load_checkpoint(local)
+    model, alphabet = _build_esm2(name, data, str(local), _regression_beside(local))
+    return _finish(model, alphabet, name, sha, str(local), device)
+
+
+def _download(name: str, hub: Path) -> None:
+    """Fetch the checkpoint into the torch hub cache, where fair-esm itself would put it."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    partial = hub / f"{name}.pt.partial"
+    try:
+        hub.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(FAIR_ESM_URL.format(name=name), str(partial), progress=True)
+        os.replace(partial, hub / f"{name}.pt")
+    except Exception as e:  # URLError, timeouts, HTTP errors, read-only cache: all mean "not available"
+        partial.unlink(missing_ok=True)
+        raise MissingWeightsError(_missing_message(name, hub, f"download failed: {type(e).__name__}: {e}")) from e
+    finally:
+        socket.setdefaulttimeout(old)
