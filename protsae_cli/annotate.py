@@ -1,0 +1,357 @@
+"""The annotate pipeline: FASTA -> windows -> token-budget batches -> ESM-2 to the hook -> SAE codes ->
+concept segments -> HDF5/TSV/GFF3, written atomically in input order.
+
+Memory stays bounded whatever the input size: proteins are read as a stream and processed in chunks (sorted
+by length inside a chunk for efficient batches, written back in input order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from protsae_cli import __version__
+from protsae_cli.batching import chunked_records, plan_batches, plan_windows
+from protsae_cli.errors import InputError, ResourceError
+from protsae_cli.esm_forward import EsmRunner, HookPoint
+from protsae_cli.fasta import InvalidRecord, ProteinRecord, read_fasta
+
+log = logging.getLogger("protsae.annotate")
+
+FORMATS = ("h5", "tsv", "gff3")
+
+
+@dataclass
+class AnnotateOptions:
+    input: str
+    output_prefix: str
+    model: str | None = None
+    sae: str | None = None
+    formats: tuple[str, ...] = FORMATS
+    device: str = "auto"
+    backend: str = "auto"
+    toks_per_batch: int = 16384
+    long_policy: str = "window"
+    window_overlap: int = 256
+    max_window: int = 1022
+    min_segment_len: int = 1
+    merge_gap: int = 0
+    skip_invalid: bool = False
+    check_plm: bool = True
+    h5_dtype: str = "float16"
+    compression: str | None = "gzip"
+    shard: tuple[int, int] | None = None      # (i, n), 1-based i; selects records with index % n == i-1
+    progress: bool = True
+    threads: int | None = None
+    chunk_residues: int = 400_000
+    chunk_records: int = 4096
+    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
+
+
+@dataclass
+class AnnotateSummary:
+    proteins: int = 0
+    ok: int = 0
+    windowed: int = 0
+    truncated: int = 0
+    invalid: int = 0
+    failed: int = 0
+    residues: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    backend: str = ""
+    device: str = ""
+
+    @property
+    def residues_per_second(self) -> float:
+        return self.residues / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} requested but no CUDA GPU is available (use --device cpu)")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"invalid --device {device!r} ({e})") from e
+
+
+def output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
+    """`-o out/run` -> out/run.h5, out/run.tsv, out/run.gff3 (a `-` prefix sends TSV to stdout)."""
+    paths = {}
+    for f in formats:
+        if f not in FORMATS:
+            raise InputError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
+        if prefix == "-":
+            if f != "tsv":
+                raise InputError("-o - writes TSV to stdout; use --formats tsv with it")
+            paths[f] = "-"
+        else:
+            paths[f] = f"{prefix}.{f}"
+    return paths
+
+
+class _Work:
+    """One protein in flight: its windows, and per-window codes as they come back."""
+
+    __slots__ = ("record", "windows", "status", "parts", "failed")
+
+    def __init__(self, record: ProteinRecord, windows, status: str) -> None:
+        self.record = record
+        self.windows = windows
+        self.status = status
+        self.parts: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)
+        self.failed: str = ""
+
+
+class Annotator:
+    """Library entry point: load models once, then annotate any number of inputs."""
+
+    def __init__(self, model: str | None = None, sae: str | None = None, device: str = "auto",
+                 backend: str = "auto", check_plm: bool = True, threads: int | None = None) -> None:
+        from protsae_cli.encode import get_encoder
+        from protsae_cli.models import default_sae_dir
+        from protsae_cli.plm import load_plm
+        from protsae_cli.sae import check_compatible, load_sae
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        sae_path = sae if sae is not None else str(default_sae_dir())
+        self.sae, self.sae_sha256 = load_sae(sae_path)
+        self.sae_path = sae_path
+        cfg = self.sae.cfg
+        if model is None and sae is not None and cfg.plm_name and cfg.plm_name != "esm2_t6_8M_standin":
+            model = cfg.plm_name  # an SAE names the PLM it was trained on: use it unless told otherwise
+        self.plm = load_plm(model, self.device)
+        check_compatible(cfg, self.plm.name, self.plm.sha256, self.plm.d_model, self.plm.num_layers,
+                         strict_checksum=check_plm)
+        self.hook = HookPoint(cfg.hook_point, cfg.layer)
+        self.runner = EsmRunner(self.plm, self.device)
+        self.encoder = get_encoder(backend, self.sae, self.device)
+        self.concepts = list(cfg.concepts)
+
+    def provenance(self, opts: AnnotateOptions) -> dict[str, object]:
+        cfg = self.sae.cfg
+        return {
+            "format": "protsae-annotations", "format_version": 1, "protsae_version": __version__,
+            "command": opts.command, "plm_model": self.plm.name, "plm_sha256": self.plm.sha256,
+            "hook_point": cfg.hook_point, "layer": cfg.layer,
+            "layer_semantics": "1-based transformer block (fair-esm repr_layers index; HF hidden_states index)",
+            "sae_id": Path(self.sae_path).name, "sae_sha256": self.sae_sha256, "d_model": cfg.d_model,
+            "d_sae": cfg.d_sae, "k": cfg.k, "sae_arch": cfg.arch, "dtype": opts.h5_dtype,
+            "device_type": self.device.type, "backend": self.encoder.name,
+            "compute_dtype": "bfloat16" if self.device.type == "cuda" else "float32",
+            "long_policy": opts.long_policy, "max_window": opts.max_window, "window_overlap": opts.window_overlap,
+            "min_segment_len": opts.min_segment_len, "merge_gap": opts.merge_gap,
+            "coordinate_system": "0-based rows; text outputs 1-based inclusive",
+            "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else "",
+        }
+
+    # -- core: encode one chunk of proteins ---------------------------------------------------------
+    def _encode_items(self, items: list[tuple[_Work, int]]) -> None:
+        """Run ESM-2 + SAE on a list of (work, window index); on CUDA OOM halve and retry, down to one."""
+        seqs = []
+        for w, wi in items:
+            win = w.windows[wi]
+            seqs.append(w.record.sequence[win.start:win.end])
+        try:
+            tokens = self.runner.tokenizer.batch(seqs)
+            acts = self.runner.hook_activations(tokens, self.hook)
+            rows = torch.cat([acts[b, 1:len(s) + 1] for b, s in enumerate(seqs)])
+            idx, val = self.encoder.encode(rows)
+            idx, val = idx.cpu().numpy(), val.cpu().numpy()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(items) == 1:
+                w, _ = items[0]
+                w.failed = (f"protein {w.record.id!r} (record {w.record.index + 1}, {len(w.record.sequence)} "
+                            f"residues) ran out of GPU memory even alone")
+                log.warning(w.failed)
+                return
+            half = len(items) // 2
+            self._encode_items(items[:half])
+            self._encode_items(items[half:])
+            return
+        off = 0
+        for (w, wi), s in zip(items, seqs):
+            n = len(s)
+            win = w.windows[wi]
+            a, b = off + (win.keep_start - win.start), off + (win.keep_end - win.start)
+            w.parts[wi] = (idx[a:b], val[a:b])
+            off += n
+
+    def _results(self, chunk: list[ProteinRecord | InvalidRecord], opts: AnnotateOptions):
+        from protsae_cli.concepts import call_segments
+        from protsae_cli.results import ProteinResult
+
+        k = self.sae.cfg.k
+        works: list[_Work | InvalidRecord] = []
+        items: list[tuple[_Work, int]] = []
+        for rec in chunk:
+            if isinstance(rec, InvalidRecord):
+                works.append(rec)
+                continue
+            windows, status = plan_windows(len(rec.sequence), opts.long_policy, max_residues=opts.max_window,
+                                           overlap=opts.window_overlap, protein_id=rec.id)
+            w = _Work(rec, windows, status)
+            works.append(w)
+            items.extend((w, i) for i in range(len(windows)))
+        lengths = [w.windows[i].end - w.windows[i].start for w, i in items]
+        for batch in plan_batches(lengths, opts.toks_per_batch):
+            self._encode_items([items[i] for i in batch])
+        empty_i, empty_v = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        for w in works:
+            if isinstance(w, InvalidRecord):
+                yield ProteinResult(index=w.index, id=w.id, description=w.description, sequence="",
+                                    status="invalid", status_detail=w.error, idx=empty_i, val=empty_v, segments=[])
+                continue
+            rec = w.record
+            if w.failed or any(p is None for p in w.parts):
+                yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
+                                    status="failed_oom", status_detail=w.failed or "not encoded",
+                                    idx=empty_i, val=empty_v, segments=[])
+                continue
+            idx = np.concatenate([p[0] for p in w.parts])
+            val = np.concatenate([p[1] for p in w.parts])
+            segs = call_segments(idx, val, self.concepts, min_segment_len=opts.min_segment_len,
+                                 merge_gap=opts.merge_gap)
+            yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
+                                status=w.status, status_detail="", idx=idx, val=val, segments=segs)
+
+    def iter_results(self, records: Iterable[ProteinRecord | InvalidRecord], opts: AnnotateOptions) -> Iterator:
+        for chunk in chunked_records(records, opts.chunk_residues, opts.chunk_records,
+                                     length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0):
+            yield from self._results(chunk, opts)
+
+    def run(self, opts: AnnotateOptions) -> AnnotateSummary:
+        from protsae_cli.writers.gff3 import Gff3Writer
+        from protsae_cli.writers.h5 import H5Writer
+        from protsae_cli.writers.tsv import TsvWriter
+
+        paths = output_paths(opts.output_prefix, opts.formats)
+        for p in paths.values():
+            if p != "-":
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+        prov = self.provenance(opts)
+        cfg = self.sae.cfg
+        writers = []
+        summary = AnnotateSummary(backend=self.encoder.name, device=str(self.device))
+        t0 = time.perf_counter()
+        try:
+            if "h5" in paths:
+                writers.append(H5Writer(paths["h5"], prov, self.concepts, cfg.d_sae, cfg.k,
+                                        dtype=opts.h5_dtype, compression=opts.compression))
+            if "tsv" in paths:
+                writers.append(TsvWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, cfg.k))
+            if "gff3" in paths:
+                writers.append(Gff3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, cfg.k))
+            records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
+            if opts.shard:
+                i, n = opts.shard
+                records = (r for r in records if r.index % n == i - 1)
+            with _Progress(opts.progress, _count_records(opts.input)) as bar:
+                for res in self.iter_results(records, opts):
+                    for wr in writers:
+                        wr.write(res)
+                    _tally(summary, res)
+                    bar.advance(len(res.sequence))
+            for wr in writers:
+                wr.close()
+        except BaseException:
+            for wr in writers:
+                wr.abort()
+            raise
+        summary.seconds = time.perf_counter() - t0
+        summary.outputs = list(paths.values())
+        return summary
+
+
+def _tally(s: AnnotateSummary, res) -> None:
+    s.proteins += 1
+    s.segments += len(res.segments)
+    if res.status in ("ok", "windowed", "truncated"):
+        s.residues += res.idx.shape[0]
+    if res.status == "ok":
+        s.ok += 1
+    elif res.status == "windowed":
+        s.windowed += 1
+    elif res.status == "truncated":
+        s.truncated += 1
+    elif res.status == "invalid":
+        s.invalid += 1
+    else:
+        s.failed += 1
+
+
+def _count_records(source: str) -> int | None:
+    """Total for the progress bar: cheap for plain files (count '>' lines), unknown for stdin/gzip."""
+    if source == "-":
+        return None
+    p = Path(source)
+    try:
+        with open(p, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                return None
+            f.seek(0)
+            n = 0
+            for block in iter(lambda: f.read(1 << 22), b""):
+                n += block.count(b"\n>")
+            f.seek(0)
+            return n + (1 if f.read(1) == b">" else 0)
+    except OSError:
+        return None
+
+
+class _Progress:
+    """A rich progress bar on stderr, only when stderr is a terminal (pipelines get clean logs)."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self._p = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._p = Progress(TextColumn("annotating"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[res]} residues"), TimeElapsedColumn(), TimeRemainingColumn(),
+                               console=Console(stderr=True), transient=False)
+            self._p.start()
+            self._task = self._p.add_task("annotate", total=self.total, res=0)
+            self._res = 0
+        return self
+
+    def advance(self, residues: int) -> None:
+        if self._p is not None:
+            self._res += residues
+            self._p.update(self._task, advance=1, res=self._res)
+
+    def __exit__(self, *exc) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def annotate(opts: AnnotateOptions) -> AnnotateSummary:
+    """Annotate a FASTA with concept calls; see AnnotateOptions for the knobs."""
+    ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads)
+    return ann.run(opts)
+
+
+def seq_md5(seq: str) -> str:
+    return hashlib.md5(seq.encode("ascii")).hexdigest()

@@ -1,0 +1,88 @@
+"""`protsae annotate`: options in, one library call, a summary out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+IO_PANEL, MODEL_PANEL, CALL_PANEL, PERF_PANEL = "Input/Output", "Models", "Concept calling", "Performance"
+
+
+def parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise typer.BadParameter("expected i/n, e.g. 1/8") from None
+    if not 1 <= i <= n:
+        raise typer.BadParameter(f"shard index must be in 1..{n}, got {i}")
+    return i, n
+
+
+def command(
+    fasta: str = typer.Argument(..., help="Protein FASTA: a path, a .gz path, or - for stdin.", show_default=False),
+    output: str = typer.Option("protsae_out", "--output", "-o", rich_help_panel=IO_PANEL,
+                               help="Output prefix: writes PREFIX.h5, PREFIX.tsv, PREFIX.gff3. "
+                                    "'-' writes the TSV to stdout (with --formats tsv)."),
+    formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL,
+                                help="Comma-separated subset of h5,tsv,gff3."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", rich_help_panel=IO_PANEL,
+                                      help="Record invalid proteins (status 'invalid') instead of stopping."),
+    h5_dtype: str = typer.Option("float16", "--h5-dtype", rich_help_panel=IO_PANEL,
+                                 help="Storage type of activations in HDF5: float16 or float32."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=MODEL_PANEL,
+                                        help="ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in the "
+                                             "torch hub cache, downloaded when online) or a checkpoint path. "
+                                             "Default: the SAE's own PLM, or the bundled stand-in."),
+    sae: Optional[Path] = typer.Option(None, "--sae", rich_help_panel=MODEL_PANEL,
+                                       help="SAE checkpoint directory (config.json + sae.safetensors). "
+                                            "Default: the bundled demo SAE."),
+    check_plm: bool = typer.Option(True, "--check-plm/--no-check-plm", rich_help_panel=MODEL_PANEL,
+                                   help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM."),
+    long_policy: str = typer.Option("window", "--long-policy", rich_help_panel=CALL_PANEL,
+                                    help="Proteins over 1022 residues: window (overlapping windows, each residue "
+                                         "from the window where it is most central), truncate, or error."),
+    window_overlap: int = typer.Option(256, "--window-overlap", rich_help_panel=CALL_PANEL,
+                                       help="Minimum overlap between windows, in residues."),
+    min_segment_len: int = typer.Option(1, "--min-segment-len", rich_help_panel=CALL_PANEL,
+                                        help="Drop concept segments shorter than this (after merging)."),
+    merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL,
+                                  help="Merge segments of one concept separated by at most this many residues."),
+    device: str = typer.Option("auto", "--device", rich_help_panel=PERF_PANEL,
+                               help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    backend: str = typer.Option("auto", "--backend", rich_help_panel=PERF_PANEL,
+                                help="SAE encode backend: auto, torch, triton or onnx."),
+    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL,
+                                       help="Token budget per ESM-2 batch (padded tokens); halved on GPU OOM."),
+    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=PERF_PANEL,
+                                          help="CPU threads for torch (default: torch's choice)."),
+    shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
+                                        help="Process only shard i of n (records with ordinal % n == i-1)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
+                                  help="Progress bar on stderr (only shown on a terminal)."),
+) -> None:
+    """Annotate proteins with per-residue concepts: FASTA -> ESM-2 -> SAE -> HDF5/TSV/GFF3.
+
+    Example: [bold]protsae annotate proteins.fasta -o out/run[/bold]
+    """
+    from protsae_cli.annotate import AnnotateOptions, annotate
+
+    opts = AnnotateOptions(
+        input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
+        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), device=device, backend=backend,
+        toks_per_batch=toks_per_batch, long_policy=long_policy, window_overlap=window_overlap,
+        min_segment_len=min_segment_len, merge_gap=merge_gap, skip_invalid=skip_invalid, check_plm=check_plm,
+        h5_dtype=h5_dtype, shard=shard, progress=progress, threads=threads,
+    )
+    s = annotate(opts)
+    typer.echo(
+        f"annotated {s.proteins} proteins ({s.residues} residues) in {s.seconds:.1f} s "
+        f"({s.residues_per_second:,.0f} residues/s, {s.backend} on {s.device}): {s.ok} ok, {s.windowed} windowed, "
+        f"{s.truncated} truncated, {s.invalid} invalid, {s.failed} failed; {s.segments} concept segments",
+        err=True)
+    for p in s.outputs:
+        if p != "-":
+            typer.echo(f"wrote {p}", err=True)
