@@ -1,0 +1,496 @@
+"""ProtSAE: a TopK SAE whose first m latents are bound to concepts (METHOD.md §1.3-1.6).
+
+Latent layout: latents 0..m-1 are the *defined* latents, latent c standing for concept c (`cfg.concepts`,
+and `NormalForms.class_ids[c]`); latents m..n-1 are free ("unknown") latents trained exactly as in a TopK SAE.
+
+Parameters (beyond the decoder, decoder bias and normalisation shared with `TopKSAE`):
+
+- `W_pred [m, d]`, `b_pred [m]`: the concept predictor, pi = sigmoid(W_pred (x_n - b_dec) + b_pred), trained
+  by binary cross-entropy on concept labels and by the ELEmbeddings axiom loss (row c is concept c's ball
+  centre). `r_pred [m]` is a learned log-scale.
+- `W_unk [n-m, d]`, `b_unk [n-m]`: encoder of the unknown latents. There is deliberately no `W_enc`: the
+  defined latents' encoder rows are *derived* from the predictor (exp(r_pred) * sg(W_pred)), so storing a
+  full `W_enc` would keep m dead rows that silently disagree with what the model computes. Code that needs
+  the effective encoder calls `pre_activations()` (differentiable) or `encoder_affine()` (folded, for the
+  fast backends); code that reaches for `sae.W_enc` fails loudly instead of reading stale rows.
+- `class_radius [m + m0]`, `zero_emb [m0, d]`, `rel_emb [R + 1, d]`: the rest of the EL embedding. The
+  extra relation row is DeepGO-SE's hasFunction slot; W_pred rows are already the hasFunction-translated
+  centres (METHOD.md §1.5), so the axiom losses never index it. Radii come from `class_radius`, a dedicated
+  parameter, rather than |b_pred|: b_pred is the predictor's decision threshold and is pushed negative for
+  rare concepts by BCE; tying it to a ball size would make the BCE and the subclass axioms fight over one
+  number. (`radius_source="b_pred"` gives the DeepGO-SE-style coupling for comparison.)
+
+Defined pre-activation (`defined_bias="pred"`, the default): z_def = exp(r_pred) * (sg(W_pred) x~ + sg(b_pred)).
+With the predictor's own bias inside, a defined latent is positive exactly when pi_c > 0.5: the latent and the
+predictor agree on *whether* the concept is present, and exp(r_pred) only sets *how much* it contributes to
+the reconstruction. METHOD.md §1.10 suggests no bias by default; with "none" the latent is positive whenever
+W_pred x~ > 0, which for a rare concept (b_pred << 0) fires on many residues the predictor rejects.
+
+Training vs inference (the decision that keeps `annotate` fast):
+
+- *Training* (`forward_train`) adds the forced-activation bias before TopK: for every concept the predictor
+  calls (pi_c > 0.5) a defined activation below the reference level is raised to it, so that the decoder
+  learns to use defined latents instead of routing around them through the entangled unknown latents. It is
+  a training device: it decides which latents the decoder sees and thereby shapes W_dec.
+- *Inference* (`encode`, `encode_dense`, `forward`) is plain TopK on the affine pre-activations above. The
+  forced bias needs the reference level, a nonlinear function of the unknown activations, so it cannot be
+  folded into the (W, b) pair that every fast backend (torch, Triton, ONNX) consumes; with plain TopK,
+  `encoder_affine()` reproduces `encode()` exactly and a ProtSAE annotates like any TopK SAE. With the
+  default `defined_bias="pred"` nothing about *which* concepts can be on changes: forcing only lifts
+  magnitudes of latents that are already positive, so the cost is some TopK admissions at inference, not
+  wrong concept calls. `inference_forced=True` applies the forced bias at inference too (for measuring that
+  cost); `encoder_affine()` then refuses, as it does for `topk_scope="unknown"`, whose "defined latents
+  always kept" rule is not a single TopK over all latents either.
+
+Gradient routing (what makes the defined latents mean their concept):
+
+- reconstruction reaches W_pred/b_pred only if `detach=False` (the "w/o detach" ablation); otherwise it
+  changes only r_pred (magnitude), never the direction or threshold;
+- the predictor sees x_n - sg(b_dec): b_pred can absorb any constant shift, so letting BCE move the
+  decoder bias would only leak annotation pressure into reconstruction;
+- the forced bias follows the formula's own autograd with the reference level detached: where a latent is
+  forced, its value is the (constant) reference, so neither r_pred nor the unknown encoder is pulled by it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protsae_cli.el_loss import check_normal_form_ranges, el_losses
+from protsae_cli.errors import InputError
+from protsae_cli.sae import SAEConfig, TopKSAE, topk_relu
+
+# lambda_annot: the released code's default is 10 (train_protsae.py); the paper (per the AAAI summary) uses 1.
+PROTSAE_DEFAULTS: dict[str, Any] = {
+    "n_concepts": None,          # m; defaults to len(cfg.concepts)
+    "n_zero_classes": 0,         # m0: ontology classes in axioms that are not predicted concepts
+    "n_relations": 0,            # |R| relations in the NF3/NF4 axioms
+    "topk_scope": "all",         # "all": TopK over all n latents | "unknown": defined always kept, TopK on unknown
+    "bias_ref": "active_mean",   # forced-activation reference: "active_mean" | "all_mean" | "kth_value"
+    "defined_bias": "pred",      # "pred": z_def = e^r (W x + b_pred) | "none": z_def = e^r W x
+    "lambda_annot": 10.0,        # released code 10; paper 1
+    "lambda_axiom": 1.0,         # both 1
+    "margin": 0.1,               # EL margin gamma
+    "label_granularity": "residue",  # "residue": labels [N, m] | "protein": labels [P, m] + protein_index [N]
+    "pool": "mean",              # protein-level pooling of pi: "mean" | "max"
+    "detach": True,              # stop-gradient from reconstruction into W_pred/b_pred (ablation: False)
+    "use_r_pred": True,          # learned log-scale (ablation: False -> scale 1)
+    "forced_activation": True,   # z_bias during training (ablation: False)
+    "use_axiom": True,           # L_axiom (ablation: False)
+    "inference_forced": False,   # apply z_bias at inference too (disables encoder_affine)
+    "el_standardize": False,     # DeepGO-SE-style normalisation of centres in the axiom loss
+    "radius_source": "param",    # "param": |class_radius| | "b_pred": |b_pred| for concepts (DeepGO-SE coupling)
+}
+
+_CHOICES = {
+    "topk_scope": ("all", "unknown"),
+    "bias_ref": ("active_mean", "all_mean", "kth_value"),
+    "defined_bias": ("pred", "none"),
+    "label_granularity": ("residue", "protein"),
+    "pool": ("mean", "max"),
+    "radius_source": ("param", "b_pred"),
+}
+
+
+def resolve_protsae_options(cfg: SAEConfig) -> dict[str, Any]:
+    """Defaults filled in and validated, so the checkpoint records every option the model was built with."""
+    unknown = set(cfg.protsae) - set(PROTSAE_DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown ProtSAE option(s): {', '.join(sorted(unknown))}")
+    opts = {**PROTSAE_DEFAULTS, **cfg.protsae}
+    if opts["n_concepts"] is None:
+        opts["n_concepts"] = len(cfg.concepts)
+    for key in ("n_concepts", "n_zero_classes", "n_relations"):
+        opts[key] = int(opts[key])
+        if opts[key] < 0:
+            raise InputError(f"ProtSAE option {key} must be >= 0, got {opts[key]}")
+    for key in ("lambda_annot", "lambda_axiom", "margin"):
+        opts[key] = float(opts[key])
+    for key in ("detach", "use_r_pred", "forced_activation", "use_axiom", "inference_forced", "el_standardize"):
+        opts[key] = bool(opts[key])
+    for key, choices in _CHOICES.items():
+        if opts[key] not in choices:
+            raise InputError(f"ProtSAE option {key}={opts[key]!r}; expected one of {', '.join(choices)}")
+    m, n, k = opts["n_concepts"], cfg.d_sae, cfg.k
+    if m < 1:
+        raise InputError("ProtSAE needs at least one concept (protsae.n_concepts or cfg.concepts)")
+    if m >= n:
+        raise InputError(f"ProtSAE needs unknown latents: n_concepts={m} must be < d_sae={n}")
+    if opts["topk_scope"] == "unknown" and k > n - m:
+        raise InputError(f"topk_scope='unknown' needs k={k} <= number of unknown latents {n - m}")
+    return opts
+
+
+def pool_by_protein(values: torch.Tensor, protein_index: torch.Tensor, n_proteins: int,
+                    how: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool per-token rows [N, C] into per-protein rows [P, C] with segment ops (autograd-safe).
+
+    Returns (pooled [P, C], counts [P]); proteins without tokens get 0 and count 0, so callers mask them
+    rather than treating "not in this batch" as a negative.
+    """
+    idx = protein_index.long()
+    counts = torch.bincount(idx, minlength=n_proteins)[:n_proteins]
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_proteins):
+        raise InputError(f"protein_index must lie in 0..{n_proteins - 1}")
+    exp_idx = idx.unsqueeze(-1).expand_as(values)
+    if how == "mean":
+        pooled = values.new_zeros((n_proteins, values.shape[1])).index_add(0, idx, values)
+        pooled = pooled / counts.clamp_min(1).unsqueeze(-1).to(values.dtype)
+    elif how == "max":
+        pooled = values.new_zeros((n_proteins, values.shape[1])).scatter_reduce(
+            0, exp_idx, values, reduce="amax", include_self=False)
+    else:
+        raise InputError(f"unknown pooling {how!r}; expected mean or max")
+    return pooled, counts
+
+
+class ProtSAE(TopKSAE):
+    """Semantically guided TopK SAE; see the module docstring for the parameterisation and its reasons."""
+
+    def __init__(self, cfg: SAEConfig):
+        # TopKSAE.__init__ would allocate a full W_enc [n, d]; ProtSAE has no such tensor (see module doc).
+        nn.Module.__init__(self)
+        if cfg.arch != "protsae":
+            raise InputError(f"ProtSAE needs cfg.arch='protsae', got {cfg.arch!r}")
+        self.opts = resolve_protsae_options(cfg)
+        cfg.protsae = dict(self.opts)
+        self.cfg = cfg
+        d, n = cfg.d_model, cfg.d_sae
+        m, m0, n_rel = self.opts["n_concepts"], self.opts["n_zero_classes"], self.opts["n_relations"]
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("norm_mean", torch.zeros(d))
+        self.register_buffer("norm_scale", torch.ones(()))
+        self.W_unk = nn.Parameter(torch.empty(n - m, d))
+        self.b_unk = nn.Parameter(torch.zeros(n - m))
+        self.W_pred = nn.Parameter(torch.empty(m, d))
+        self.b_pred = nn.Parameter(torch.zeros(m))
+        self.r_pred = nn.Parameter(torch.zeros(m))
+        self.class_radius = nn.Parameter(torch.ones(m + m0))
+        self.zero_emb = nn.Parameter(torch.empty(m0, d))
+        self.rel_emb = nn.Parameter(torch.zeros(n_rel + 1, d))
+        for name, cols in (("nf1", 2), ("nf2", 3), ("nf3", 3), ("nf4", 3)):
+            # Axioms are training data, re-read from the ontology; they are not part of the checkpoint.
+            self.register_buffer(name, torch.empty(0, cols, dtype=torch.long), persistent=False)
+        self.reset_parameters()
+
+    # -- sizes and options ---------------------------------------------------------------------------
+    @property
+    def n_concepts(self) -> int:
+        return self.opts["n_concepts"]
+
+    @property
+    def code_width(self) -> int:
+        """Slots per row returned by `encode()`: k, or k + m when defined latents bypass TopK."""
+        return self.k + (self.n_concepts if self.opts["topk_scope"] == "unknown" else 0)
+
+    @property
+    def supports_affine_encode(self) -> bool:
+        """True when `encoder_affine()` + TopK-k reproduces `encode()` (what the fast backends need)."""
+        return self.opts["topk_scope"] == "all" and not self.opts["inference_forced"]
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Tied init as TopKSAE (encoder rows = decoder rows, unit norm), including the predictor rows.
+
+        Unit-norm predictor rows on unit-variance-per-dimension inputs give logits of order 1, so BCE starts
+        in its linear regime, and a defined latent starts on the same scale as an unknown one (r_pred = 0).
+        """
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        m = self.n_concepts
+        with torch.no_grad():
+            w = torch.randn(self.W_dec.shape, generator=g)
+            w /= w.norm(dim=-1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_pred.copy_(w[:m])
+            self.W_unk.copy_(w[m:])
+            for p in (self.b_unk, self.b_pred, self.r_pred, self.rel_emb):
+                p.zero_()
+            self.class_radius.fill_(1.0)
+            if self.zero_emb.numel():
+                ze = torch.randn(self.zero_emb.shape, generator=g)
+                self.zero_emb.copy_(ze / ze.norm(dim=-1, keepdim=True))
+
+    @torch.no_grad()
+    def init_concept_bias(self, prior: torch.Tensor, eps: float = 1e-4) -> None:
+        """Start b_pred at the logit of each concept's label frequency.
+
+        With b_pred = 0 every concept starts at pi = 0.5, so a 1 %-prevalence concept is called on half the
+        tokens and forced activation floods TopK until BCE catches up; starting at the prior avoids that.
+        """
+        p = torch.as_tensor(prior, dtype=torch.float32, device=self.b_pred.device).clamp(eps, 1 - eps)
+        self.b_pred.copy_(torch.log(p) - torch.log1p(-p))
+
+    # -- ontology ------------------------------------------------------------------------------------
+    def set_normal_forms(self, nf: Any) -> None:
+        """Attach the axioms (a `protsae_cli.ontology.NormalForms`) used by the axiom loss.
+
+        Checks the class table against the model: the first m class ids must be the defined latents' concepts
+        in latent order (a shifted list would silently attach axioms to the wrong latents).
+        """
+        m, m0, n_rel = self.n_concepts, self.opts["n_zero_classes"], self.opts["n_relations"]
+        if len(nf.class_ids) != m + m0:
+            raise InputError(f"ontology has {len(nf.class_ids)} classes but the ProtSAE was built for "
+                             f"{m} concepts + {m0} zero classes")
+        if len(nf.relation_ids) != n_rel:
+            raise InputError(f"ontology has {len(nf.relation_ids)} relations but the ProtSAE was built for {n_rel}")
+        for entry in self.cfg.concepts:
+            if 0 <= entry.latent < m and nf.class_ids[entry.latent] not in (
+                    entry.concept_id, entry.ontology_id, entry.name):
+                raise InputError(f"ontology class {nf.class_ids[entry.latent]!r} at position {entry.latent} does "
+                                 f"not match the concept bound to latent {entry.latent} ({entry.concept_id!r})")
+        dev = self.W_pred.device
+        tensors = {}
+        for name, cols in (("nf1", 2), ("nf2", 3), ("nf3", 3), ("nf4", 3)):
+            t = torch.as_tensor(getattr(nf, name), dtype=torch.long).reshape(-1, cols).to(dev)
+            tensors[name] = t
+        try:
+            check_normal_form_ranges(tensors["nf1"], tensors["nf2"], tensors["nf3"], tensors["nf4"],
+                                     m + m0, n_rel)
+        except ValueError as e:
+            raise InputError(f"normal forms do not fit the ProtSAE's class/relation tables: {e}") from e
+        for name, t in tensors.items():
+            setattr(self, name, t)
+
+    def class_centres(self) -> torch.Tensor:
+        """EL class table [m + m0, d]: predictor rows (concepts) then zero-class embeddings."""
+        return torch.cat([self.W_pred, self.zero_emb], 0)
+
+    def class_radii(self) -> torch.Tensor:
+        """Raw radius parameters [m + m0] (the loss takes their absolute value)."""
+        if self.opts["radius_source"] == "b_pred":
+            return torch.cat([self.b_pred, self.class_radius[self.n_concepts:]], 0)
+        return self.class_radius
+
+    def axiom_losses(self) -> dict[str, torch.Tensor]:
+        """ELEmbeddings NF1-NF4 losses on the predictor rows ({nf1..nf4, total})."""
+        return el_losses(self.class_centres(), self.class_radii(), self.rel_emb,
+                         self.nf1, self.nf2, self.nf3, self.nf4, margin=self.opts["margin"],
+                         standardize=self.opts["el_standardize"], validate=False)
+
+    # -- encoder pieces ------------------------------------------------------------------------------
+    def _concept_logits(self, x_n: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_n - self.b_dec.detach(), self.W_pred, self.b_pred)
+
+    def _defined_scale(self) -> torch.Tensor:
+        if self.opts["use_r_pred"]:
+            return torch.exp(self.r_pred)
+        return torch.ones_like(self.r_pred)
+
+    def _defined_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Effective defined encoder rows and bias, unscaled: (sg(W_pred), sg(b_pred) or None)."""
+        W, b = self.W_pred, self.b_pred
+        if self.opts["detach"]:
+            W, b = W.detach(), b.detach()
+        return W, (b if self.opts["defined_bias"] == "pred" else None)
+
+    def _pre_parts(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(defined pre-activations [N, m], unknown pre-activations [N, n-m]) from normalised input."""
+        x_c = x_n - self.b_dec
+        W, b = self._defined_weights()
+        z_def = F.linear(x_c, W, b) * self._defined_scale()
+        h_unk = F.linear(x_c, self.W_unk, self.b_unk)
+        return z_def, h_unk
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference pre-activations [N, n] (defined then unknown), differentiable; no forced bias."""
+        return torch.cat(self._pre_parts(self.normalize(x)), -1)
+
+    def encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [n, d], b [n]) with pre_activations(x) = x @ W.T + b, for the TopK fast backends.
+
+        Defined rows are exp(r_pred) * W_pred (bias exp(r_pred) * b_pred), folded with the normalisation and
+        b_dec exactly like TopKSAE's rows. Refused when inference is not a single TopK over these
+        pre-activations (topk_scope="unknown" or inference_forced=True): a backend would silently compute
+        different codes.
+        """
+        if not self.supports_affine_encode:
+            raise InputError(
+                "this ProtSAE's inference is not plain TopK over affine pre-activations "
+                f"(topk_scope={self.opts['topk_scope']!r}, inference_forced={self.opts['inference_forced']}); "
+                "the fast encode backends cannot run it, use ProtSAE.encode()")
+        with torch.no_grad():
+            scale = self._defined_scale().unsqueeze(-1)
+            W_def = self.W_pred * scale
+            b_def = self.b_pred * scale.squeeze(-1) if self.opts["defined_bias"] == "pred" \
+                else torch.zeros_like(self.b_pred)
+            W_full = torch.cat([W_def, self.W_unk], 0)
+            b_full = torch.cat([b_def, self.b_unk], 0)
+            W = W_full / self.norm_scale
+            b = b_full - W_full @ (self.norm_mean / self.norm_scale + self.b_dec)
+        return W.detach().clone(), b.detach().clone()
+
+    # -- forced activation and TopK ------------------------------------------------------------------
+    @torch.no_grad()
+    def _reference_level(self, z_def: torch.Tensor, h_unk: torch.Tensor) -> torch.Tensor:
+        """Per-token level [N, 1] that forced defined latents are raised to.
+
+        The reference is taken from the *unforced* TopK (forcing cannot depend on its own outcome):
+        "active_mean" = mean of the unknown latents that TopK keeps (METHOD.md §1.10's recommendation);
+        "all_mean" = mean of z_unk over all unknown latents, zeros included (the formula read literally);
+        "kth_value" = the TopK admission level, the smallest raise that can make a latent compete.
+        """
+        m, k = self.n_concepts, self.k
+        if self.opts["topk_scope"] == "all":
+            vals, idx = torch.topk(F.relu(torch.cat([z_def, h_unk], -1)), k, dim=-1)
+            unk = (idx >= m) & (vals > 0)
+        else:
+            vals, _ = torch.topk(F.relu(h_unk), k, dim=-1)
+            unk = vals > 0
+        how = self.opts["bias_ref"]
+        if how == "kth_value":
+            return vals[:, -1:]
+        total = (vals * unk).sum(-1, keepdim=True)
+        if how == "all_mean":
+            return total / h_unk.shape[-1]
+        return total / unk.sum(-1, keepdim=True).clamp_min(1)
+
+    def _force(self, z_def: torch.Tensor, h_unk: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """z_def + 1[pi > 0.5] * ReLU(ref - z_def), with ref detached (see module doc on gradients).
+
+        pi > 0.5 is tested as logit > 0: the same predicate, without sigmoid rounding to exactly 0.5.
+        """
+        ref = self._reference_level(z_def.detach(), h_unk.detach())
+        on = (logits.detach() > 0).to(z_def.dtype)
+        return z_def + on * F.relu(ref - z_def)
+
+    def _sparsify(self, z_def: torch.Tensor, h_unk: torch.Tensor) -> torch.Tensor:
+        """Dense codes [N, n] after TopK over the configured scope (differentiable through kept values)."""
+        if self.opts["topk_scope"] == "all":
+            pre = F.relu(torch.cat([z_def, h_unk], -1))
+            vals, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, idx, vals)
+        unk = F.relu(h_unk)
+        vals, idx = torch.topk(unk, self.k, dim=-1, sorted=False)
+        return torch.cat([F.relu(z_def), torch.zeros_like(unk).scatter(-1, idx, vals)], -1)
+
+    def _codes(self, x_n: torch.Tensor, forced: bool) -> dict[str, torch.Tensor]:
+        z_def, h_unk = self._pre_parts(x_n)
+        logits = self._concept_logits(x_n)
+        z_def_in = self._force(z_def, h_unk, logits) if forced else z_def
+        return {"z": self._sparsify(z_def_in, h_unk), "logits": logits, "z_def_pre": z_def,
+                "z_def_forced": z_def_in, "h_unk": h_unk}
+
+    # -- inference -----------------------------------------------------------------------------------
+    def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense inference codes [N, n] (forced bias only if inference_forced)."""
+        return self._codes(self.normalize(x.float()), self.opts["inference_forced"])["z"]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse inference codes (idx [N, code_width], val), reference order, idx -1 in empty slots."""
+        if self.supports_affine_encode:
+            return topk_relu(self.pre_activations(x.float()), self.k)
+        return topk_relu(self.encode_dense(x), self.code_width)
+
+    def concept_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """pi [N, m]: the predictor's probability of each concept at each token (eval, steering)."""
+        return torch.sigmoid(self._concept_logits(self.normalize(x.float())))
+
+    # -- training ------------------------------------------------------------------------------------
+    def annotation_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                        protein_index: torch.Tensor | None = None) -> torch.Tensor:
+        """BCE between pi and concept labels, averaged over observed (row, concept) entries.
+
+        NaN labels mean "not annotated" and are skipped: a protein absent from, say, the TMbed set is not a
+        negative for transmembrane helix, and counting it as one would teach the predictor false negatives.
+        Residue granularity: labels [N, m]. Protein granularity: labels [P, m] with protein_index [N]; pi is
+        pooled over each protein's tokens in the batch (mean of probabilities, or max, computed on logits
+        because sigmoid is monotone), and proteins with no token in the batch are skipped.
+        """
+        labels = labels.to(device=logits.device, dtype=logits.dtype)
+        if labels.shape[-1] != self.n_concepts:
+            raise InputError(f"labels have {labels.shape[-1]} concepts, the ProtSAE has {self.n_concepts}")
+        if self.opts["label_granularity"] == "residue":
+            if labels.shape[0] != logits.shape[0]:
+                raise InputError(f"residue labels have {labels.shape[0]} rows for {logits.shape[0]} tokens")
+            observed = ~torch.isnan(labels)
+            y = torch.nan_to_num(labels)
+            per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        else:
+            if protein_index is None:
+                raise InputError("protein-level labels need protein_index (token -> protein row)")
+            pidx = protein_index.to(logits.device)
+            if pidx.shape[0] != logits.shape[0]:
+                raise InputError(f"protein_index has {pidx.shape[0]} entries for {logits.shape[0]} tokens")
+            if self.opts["pool"] == "max":
+                pooled, counts = pool_by_protein(logits, pidx, labels.shape[0], "max")
+                y = torch.nan_to_num(labels)
+                per = F.binary_cross_entropy_with_logits(pooled, y, reduction="none")
+            else:
+                pooled, counts = pool_by_protein(torch.sigmoid(logits), pidx, labels.shape[0], "mean")
+                y = torch.nan_to_num(labels)
+                eps = 1e-6
+                p = pooled.clamp(eps, 1 - eps)
+                per = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
+            observed = ~torch.isnan(labels) & (counts > 0).unsqueeze(-1)
+        n_obs = observed.sum()
+        if int(n_obs) == 0:
+            return logits.sum() * 0.0
+        return (per * observed).sum() / n_obs
+
+    def aux_loss(self, residual: torch.Tensor, h_unk: torch.Tensor, dead_mask: torch.Tensor,
+                 aux_k: int) -> torch.Tensor:
+        """AuxK (Gao et al.): the top aux_k *dead unknown* latents reconstruct the residual x_n - x_hat_n.
+
+        Defined latents are never revived this way: their direction belongs to the predictor.
+        """
+        m = self.n_concepts
+        dead_unk = dead_mask.to(h_unk.device)[m:]
+        n_dead = int(dead_unk.sum())
+        if n_dead == 0 or aux_k <= 0:
+            return h_unk.sum() * 0.0
+        pre = F.relu(h_unk).masked_fill(~dead_unk, 0.0)
+        vals, idx = torch.topk(pre, min(aux_k, n_dead), dim=-1, sorted=False)
+        z_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
+        e_hat = z_aux @ self.W_dec[m:]
+        e = residual.detach()
+        denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        return (e_hat - e).pow(2).sum(-1).mean() / denom
+
+    def forward_train(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                      protein_index: torch.Tensor | None = None, *, dead_mask: torch.Tensor | None = None,
+                      aux_k: int = 0, aux_coef: float = 1 / 32) -> dict[str, Any]:
+        """One training forward: L = L_rec + lambda_annot L_annot + lambda_axiom L_axiom (+ aux_coef L_aux).
+
+        L_rec is the squared error per token (summed over dimensions, averaged over tokens) in normalised space,
+        as METHOD.md §1.4 states it; with detach on, L_rec and L_annot update disjoint parameters (r_pred and
+        the decoder/unknown encoder vs W_pred/b_pred), so Adam's per-parameter scaling makes their relative
+        magnitude matter little. `nmse` is the batch fraction of variance unexplained (the checkpoint monitor).
+
+        Returns a dict: loss, l_rec, l_annot, l_axiom, l_aux, nmse, l0, x_hat (raw space), z [N, n], pi [N, m],
+        logits, el (per-NF axiom losses), participation (fraction of predicted (token, concept) pairs whose
+        defined latent survives TopK; NaN when the predictor calls nothing).
+        """
+        x_n = self.normalize(x.float())
+        codes = self._codes(x_n, self.opts["forced_activation"])
+        z, logits = codes["z"], codes["logits"]
+        x_hat_n = z @ self.W_dec + self.b_dec
+        err = (x_hat_n - x_n).pow(2).sum(-1)
+        l_rec = err.mean()
+        with torch.no_grad():
+            var = (x_n - x_n.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            nmse = err.mean() / var
+            l0 = (z > 0).sum(-1).float().mean()
+            called = logits > 0
+            kept = z[:, :self.n_concepts] > 0
+            n_called = called.sum()
+            participation = (called & kept).sum() / n_called if int(n_called) else torch.tensor(math.nan)
+        zero = x_n.new_zeros(())
+        l_annot = self.annotation_loss(logits, labels, protein_index) if labels is not None else zero
+        use_axiom = self.opts["use_axiom"] and self.opts["lambda_axiom"] != 0
+        el = self.axiom_losses() if use_axiom else {k: zero for k in ("nf1", "nf2", "nf3", "nf4", "total")}
+        l_axiom = el["total"]
+        l_aux = zero
+        if dead_mask is not None and aux_k > 0:
+            l_aux = self.aux_loss(x_n - x_hat_n, codes["h_unk"], dead_mask, aux_k)
+        loss = l_rec + self.opts["lambda_annot"] * l_annot + self.opts["lambda_axiom"] * l_axiom \
+            + aux_coef * l_aux
+        return {
+            "loss": loss, "l_rec": l_rec, "l_annot": l_annot, "l_axiom": l_axiom, "l_aux": l_aux,
+            "nmse": nmse, "l0": l0, "x_hat": self.denormalize(x_hat_n), "z": z, "pi": torch.sigmoid(logits),
+            "logits": logits, "el": {k: v.detach() for k, v in el.items()}, "participation": participation,
+        }
