@@ -229,13 +229,19 @@ class ProtSAE(TopKSAE):
     def set_normal_forms(self, nf: Any) -> None:
         """Attach the axioms (a `protsae_cli.ontology.NormalForms`) used by the axiom loss.
 
+        Build the model with n_zero_classes = len(nf.class_ids) - m and n_relations = len(nf.relation_ids).
+
         Checks the class table against the model: the first m class ids must be the defined latents' concepts
         in latent order (a shifted list would silently attach axioms to the wrong latents).
         """
         m, m0, n_rel = self.n_concepts, self.opts["n_zero_classes"], self.opts["n_relations"]
         if len(nf.class_ids) != m + m0:
             raise InputError(f"ontology has {len(nf.class_ids)} classes but the ProtSAE was built for "
-                             f"{m} concepts + {m0} zero classes")
+                             f"{m} concepts + {m0} zero classes (n_zero_classes counts every non-concept "
+                             "class, including classes introduced by normalisation)")
+        nf_m = getattr(nf, "n_concepts", 0)
+        if nf_m and nf_m != m:
+            raise InputError(f"normal forms were built for {nf_m} concepts, the ProtSAE has {m}")
         if len(nf.relation_ids) != n_rel:
             raise InputError(f"ontology has {len(nf.relation_ids)} relations but the ProtSAE was built for {n_rel}")
         for entry in self.cfg.concepts:
@@ -448,8 +454,8 @@ class ProtSAE(TopKSAE):
         z_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
         e_hat = z_aux @ self.W_dec[m:]
         e = residual.detach()
-        denom = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-        return (e_hat - e).pow(2).sum(-1).mean() / denom
+        # Same normalisation as train_topk's AuxK, so the two trainers' aux_coef mean the same thing.
+        return (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
 
     def forward_train(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                       protein_index: torch.Tensor | None = None, *, dead_mask: torch.Tensor | None = None,
