@@ -7,7 +7,6 @@ by length inside a chunk for efficient batches, written back in input order).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shlex
 import sys
@@ -237,9 +236,9 @@ class Annotator:
             yield from self._results(chunk, opts)
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
-        from protsae_cli.writers.gff3 import Gff3Writer
+        from protsae_cli.writers.gff3 import GFF3Writer
         from protsae_cli.writers.h5 import H5Writer
-        from protsae_cli.writers.tsv import TsvWriter
+        from protsae_cli.writers.tsv import TSVWriter
 
         paths = output_paths(opts.output_prefix, opts.formats)
         for p in paths.values():
@@ -255,9 +254,9 @@ class Annotator:
                 writers.append(H5Writer(paths["h5"], prov, self.concepts, cfg.d_sae, cfg.k,
                                         dtype=opts.h5_dtype, compression=opts.compression))
             if "tsv" in paths:
-                writers.append(TsvWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, cfg.k))
+                writers.append(TSVWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, cfg.k))
             if "gff3" in paths:
-                writers.append(Gff3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, cfg.k))
+                writers.append(GFF3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, cfg.k))
             records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
             if opts.shard:
                 i, n = opts.shard
@@ -351,7 +350,3 @@ def annotate(opts: AnnotateOptions) -> AnnotateSummary:
     """Annotate a FASTA with concept calls; see AnnotateOptions for the knobs."""
     ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads)
     return ann.run(opts)
-
-
-def seq_md5(seq: str) -> str:
-    return hashlib.md5(seq.encode("ascii")).hexdigest()
