@@ -168,6 +168,8 @@ class Annotator:
             seqs.append(w.record.sequence[win.start:win.end])
         try:
             tokens = self.runner.tokenizer.batch(seqs)
+            if self.device.type == "cuda":
+                tokens = tokens.pin_memory()  # lets the host-to-device copy run asynchronously
             acts = self.runner.hook_activations(tokens, self.hook)
             rows = torch.cat([acts[b, 1:len(s) + 1] for b, s in enumerate(seqs)])
             idx, val = self.encoder.encode(rows)
@@ -230,10 +232,50 @@ class Annotator:
             yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
                                 status=w.status, status_detail="", idx=idx, val=val, segments=segs)
 
-    def iter_results(self, records: Iterable[ProteinRecord | InvalidRecord], opts: AnnotateOptions) -> Iterator:
-        for chunk in chunked_records(records, opts.chunk_residues, opts.chunk_records,
-                                     length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0):
-            yield from self._results(chunk, opts)
+    def iter_results(self, records: Iterable[ProteinRecord | InvalidRecord], opts: AnnotateOptions,
+                     prefetch: int = 2) -> Iterator:
+        """Results in input order. Parsing and model work run in a background thread, so the caller's
+        writing (compression, segment formatting) overlaps with the GPU instead of stalling it; at most
+        `prefetch` chunks wait in between, which keeps memory bounded."""
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for chunk in chunked_records(records, opts.chunk_residues, opts.chunk_records,
+                                             length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0):
+                    if not put(list(self._results(chunk, opts))):
+                        return
+                put(done)
+            except BaseException as e:  # re-raised in the consumer with its traceback
+                put(e)
+
+        t = threading.Thread(target=work, name="protsae-annotate-worker", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+        finally:
+            stop.set()
+            t.join()
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
         from protsae_cli.writers.gff3 import GFF3Writer
