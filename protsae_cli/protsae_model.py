@@ -433,10 +433,8 @@ class ProtSAE(TopKSAE):
                 p = pooled.clamp(eps, 1 - eps)
                 per = -(y * torch.log(p) + (1 - y) * torch.log1p(-p))
             observed = ~torch.isnan(labels) & (counts > 0).unsqueeze(-1)
-        n_obs = observed.sum()
-        if int(n_obs) == 0:
-            return logits.sum() * 0.0
-        return (per * observed).sum() / n_obs
+        # No host sync: an all-unobserved batch gives exactly 0 (and zero gradient).
+        return (per * observed).sum() / observed.sum().clamp_min(1)
 
     def aux_loss(self, residual: torch.Tensor, h_unk: torch.Tensor, dead_mask: torch.Tensor,
                  aux_k: int) -> torch.Tensor:
@@ -484,7 +482,8 @@ class ProtSAE(TopKSAE):
             called = logits > 0
             kept = z[:, :self.n_concepts] > 0
             n_called = called.sum()
-            participation = (called & kept).sum() / n_called if int(n_called) else torch.tensor(math.nan)
+            participation = torch.where(n_called > 0, (called & kept).sum() / n_called.clamp_min(1),
+                                        torch.full_like(nmse, math.nan))
         zero = x_n.new_zeros(())
         l_annot = self.annotation_loss(logits, labels, protein_index) if labels is not None else zero
         use_axiom = self.opts["use_axiom"] and self.opts["lambda_axiom"] != 0
