@@ -1,0 +1,270 @@
+"""Write-to-temp-then-rename, so a failed or interrupted run never leaves a file that looks complete.
+
+Pipelines (Nextflow, Snakemake, make) treat "the output exists" as "the step succeeded". Every protsae output
+is therefore written under a hidden temporary name in the destination directory (same filesystem, so the final
+``os.replace`` is atomic) and renamed only after it was closed successfully. Temporary names start with ``.``
+and contain ``.tmp-`` so that even a temp left behind by ``kill -9`` is recognisably not an output.
+
+Temps still open at interpreter exit (an uncaught ``SystemExit``/``KeyboardInterrupt`` that skipped a
+writer's ``abort``) are removed by an ``atexit`` hook. SIGTERM terminates Python without running it unless the
+CLI turns the signal into ``SystemExit``, which is the CLI's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import gzip
+import io
+import os
+import secrets
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from protsae_cli.results import ProteinResult
+
+_live_temps: set[Path] = set()
+_W = TypeVar("_W", bound="OutputWriter")
+
+
+def _cleanup_live_temps() -> None:
+    for p in list(_live_temps):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        _live_temps.discard(p)
+
+
+atexit.register(_cleanup_live_temps)
+
+
+def atomic_path(final: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name next to ``final``: ``.<name>.tmp-<pid>-<random>``.
+
+    Same directory because ``os.replace`` is only atomic within one filesystem; pid and randomness so that
+    concurrent runs (shards writing into one directory, a retry racing a zombie) never share a temp.
+    """
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush file contents, then the directory entry, so a rename after a crash never exposes a hole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms/filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """Owns one temporary path and either renames it to the final name or deletes it.
+
+    Used directly by the HDF5 writer (h5py opens the temp path itself) and through :func:`open_text_output`
+    by the text writers. As a context manager it commits on normal exit and discards on any exception,
+    including ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, final: str | os.PathLike[str], fsync: bool = True):
+        self.final = Path(final)
+        self.tmp = atomic_path(self.final)
+        self.fsync = fsync
+        self.done = False
+        _live_temps.add(self.tmp)
+
+    def commit(self) -> Path:
+        """Rename the (already closed) temp into place; the final file appears complete or not at all."""
+        if self.done:
+            raise RuntimeError(f"{self.final}: already committed or discarded")
+        try:
+            if self.fsync:
+                _fsync_path(self.tmp)
+            os.replace(self.tmp, self.final)
+        except BaseException:
+            self.discard()
+            raise
+        self.done = True
+        _live_temps.discard(self.tmp)
+        if self.fsync:
+            _fsync_dir(self.final.parent)
+        return self.final
+
+    def discard(self) -> None:
+        """Delete the temp if it exists; safe to call more than once and after a failed commit."""
+        self.done = True
+        _live_temps.discard(self.tmp)
+        try:
+            self.tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class TextOutput:
+    """A UTF-8, LF-terminated text sink: stdout for ``-``, gzip for ``.gz``, atomic for files.
+
+    Text writers share this so stdout, compression and atomicity behave identically for TSV and GFF3.
+    Writing to stdout cannot be undone, so ``abort`` there only flushes what was already written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync: bool = True):
+        self.is_stdout = str(path) == "-"
+        self.atomic: AtomicFile | None = None
+        self.name = "<stdout>" if self.is_stdout else str(path)
+        self._raw: IO[bytes] | None = None
+        self._file: IO[bytes] | None = None  # the underlying file when _raw is a GzipFile wrapping it
+        if self.is_stdout:
+            # Look stdout up now (not at import) so redirections installed by the caller are honoured.
+            self.stream: IO[str] = sys.stdout
+            return
+        self.atomic = AtomicFile(path, fsync=fsync)
+        raw = open(self.atomic.tmp, "xb")
+        try:
+            if self.atomic.final.name.endswith(".gz"):
+                # mtime=0 keeps the gzip header reproducible between identical runs.
+                self._raw = gzip.GzipFile(filename=self.atomic.final.name[:-3], mode="wb", fileobj=raw, mtime=0)
+                self._file = raw
+            else:
+                self._raw = raw
+            self.stream = io.TextIOWrapper(self._raw, encoding="utf-8", newline="\n", write_through=False)
+        except BaseException:
+            raw.close()
+            self.atomic.discard()
+            raise
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+
+    def close(self) -> None:
+        """Finish the stream and publish it; on any failure the temp is removed and the error propagates."""
+        if self.is_stdout:
+            self.stream.flush()
+            return
+        assert self.atomic is not None
+        if self.atomic.done:
+            return
+        try:
+            self.stream.close()  # also closes the GzipFile, which writes the trailer
+            if self._file is not None:
+                self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        self.atomic.commit()
+
+    def abort(self) -> None:
+        if self.is_stdout:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+            return
+        assert self.atomic is not None
+        if self.atomic.done:
+            return
+        for f in (self.stream, self._file):
+            try:
+                if f is not None:
+                    f.close()
+            except (OSError, ValueError):
+                pass
+        self.atomic.discard()
+
+
+class OutputWriter(abc.ABC):
+    """Lifecycle shared by the HDF5, TSV and GFF3 writers: write records, then ``close`` or ``abort``.
+
+    As a context manager a writer closes (publishes) on normal exit and aborts (leaves nothing) on any
+    exception, so ``with H5Writer(...) as w:`` is all a caller needs for atomic outputs. Subclasses implement
+    ``_write``, ``_close`` and ``_abort``; this class enforces that nothing is written after the end and that
+    a failure while closing still cleans up.
+    """
+
+    def __init__(self) -> None:
+        self._state = "open"  # open -> closed | aborted
+
+    @property
+    def closed(self) -> bool:
+        return self._state != "open"
+
+    def write(self, result: "ProteinResult") -> None:
+        """Append one protein; proteins are expected in input order (the outputs keep the order given)."""
+        if self._state != "open":
+            raise ValueError(f"{type(self).__name__}: write after {self._state}")
+        try:
+            self._write(result)
+        except BaseException:
+            # A half-written protein would leave the buffers inconsistent; the output cannot be trusted.
+            self.abort()
+            raise
+
+    # The architecture table names the method write_protein; both spellings are supported.
+    write_protein = write
+
+    def close(self) -> None:
+        """Finalise and atomically publish the output. Idempotent; a no-op after ``abort``."""
+        if self._state != "open":
+            return
+        try:
+            self._close()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+
+    def abort(self) -> None:
+        """Discard the output (temp removed, final path untouched). A no-op once closed or aborted."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._abort()
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @abc.abstractmethod
+    def _write(self, result: "ProteinResult") -> None:
+        """Append one validated protein to the output."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Flush everything and publish the output."""
+
+    @abc.abstractmethod
+    def _abort(self) -> None:
+        """Release resources and remove the temporary output; must tolerate a half-finished ``_close``."""
