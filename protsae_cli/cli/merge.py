@@ -1,0 +1,45 @@
+"""`protsae merge`: shard outputs in, one output set (ordered by input ordinal) out."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import typer
+
+
+def command(
+    output: str = typer.Argument(..., metavar="OUT_PREFIX", show_default=False,
+                                 help="Output prefix: writes OUT_PREFIX.h5/.tsv/.gff3 ('-' sends TSV to stdout)."),
+    inputs: List[str] = typer.Argument(..., metavar="SHARD...", show_default=False,
+                                       help="Shard outputs, all of one kind: .h5 files (preferred: TSV and GFF3 "
+                                            "are regenerated from them), or .tsv[.gz], or .gff3[.gz] files."),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="Comma-separated subset of h5,tsv,gff3 to write. Default: all three "
+                                               "for HDF5 shards; the input kind for TSV/GFF3 shards."),
+    renumber: bool = typer.Option(False, "--renumber",
+                                  help="The HDF5 inputs are consecutive pieces of one FASTA given in order (e.g. "
+                                       "Nextflow splitFasta chunks, each numbered from 0): offset their ordinals "
+                                       "instead of refusing them as overlapping."),
+    compression: str = typer.Option("gzip", "--compression", help="HDF5 compression: gzip, lzf or none."),
+) -> None:
+    """Merge shard outputs (from --shard i/n runs, --devices workers or split inputs) into one output set.
+
+    Shards must come from the same models and settings (PLM and SAE checksums, hook, layer, k, calling
+    options): a mismatch is refused and the offending file named. Proteins are ordered by input ordinal; an
+    ordinal present in two shards is refused. The merge of all n shards equals an unsharded run's output.
+
+    Example: [bold]protsae merge out/all out/shard_*.h5[/bold]
+    """
+    from protsae_cli.logging_setup import is_quiet
+    from protsae_cli.merge import merge_files
+
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats else None
+    comp = None if compression.lower() in ("none", "") else compression.lower()
+    summary = merge_files(inputs, output, formats=fmts, renumber=renumber, compression=comp)
+    if not is_quiet():
+        log = logging.getLogger("protsae.merge")
+        log.info("merged %d files: %d proteins, %d segments", len(inputs), summary.proteins, summary.segments)
+        for p in summary.outputs:
+            if p != "-":
+                log.info("wrote %s", p)
