@@ -123,7 +123,9 @@ class ResidueLabels:
         """Union of two label sets (e.g. TMbed topology + bindPredict binding residues for the same proteins).
 
         A protein with two different lengths is an error: the two sources disagree about the sequence, and
-        their coordinates cannot both be right.
+        their coordinates cannot both be right. Note that a protein annotated by only one source becomes a
+        negative for the other source's concepts; evaluate each concept on the proteins of the source that
+        defines it when the sources cover different proteins.
         """
         lengths = dict(self.lengths)
         for pid, n in other.lengths.items():
@@ -248,12 +250,12 @@ class ResidueLabelBuilder:
 
     def build(self, lengths: Mapping[str, int] | None = None) -> ResidueLabels:
         positions = {
-            pid: {c: _as_index_array(sorted(r)) for c, r in sorted(per.items())} for pid, per in self._pos.items()
+            pid: {c: _as_index_array(sorted(r)) for c, r in sorted(per.items()) if r} for pid, per in self._pos.items()
         }
         instances = {
             pid: {c: sorted(spans) for c, spans in sorted(per.items())} for pid, per in self._inst.items()
         }
-        concepts = sorted({c for per in self._pos.values() for c in per} | {c for per in self._inst.values() for c in per})
+        concepts = sorted({c for per in positions.values() for c in per} | {c for per in self._inst.values() for c in per})
         lengths = dict(lengths or {})
         return ResidueLabels(
             concepts=concepts,
