@@ -23,7 +23,7 @@ import logging
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from protsae_cli.errors import InputError
 from protsae_cli.labels import ProteinLabels, ResidueLabelBuilder, ResidueLabels
@@ -148,7 +148,13 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
             raise InputError(f"{path}, line {lineno + 1}: not UTF-8 text ({exc.reason})") from None
 
 
-def _err(path: str | Path, lineno: int | None, msg: str) -> InputError:
+LineRef = Union[int, Callable[[], Optional[int]], None]  # a line number, or a function that finds it
+
+
+def _err(path: str | Path, lineno: LineRef, msg: str) -> InputError:
+    """An InputError naming the file and 1-based line; `lineno` may be a callable, evaluated only on error."""
+    if callable(lineno):
+        lineno = lineno()
     where = f"{path}, line {lineno}" if lineno is not None else str(path)
     return InputError(f"{where}: {msg}")
 
@@ -210,7 +216,7 @@ class _IdMatcher:
                 return hit
         return None
 
-    def resolve(self, raw: str, lineno: int | None, skip: Callable[[str], None], *more: str) -> str | None:
+    def resolve(self, raw: str, lineno: LineRef, skip: Callable[[str], None], *more: str) -> str | None:
         """The sequence-set key for `raw` (or `raw` itself without a sequence set); None when skipped."""
         if self.keys is None:
             return raw
@@ -235,7 +241,7 @@ class _IdMatcher:
         return None if s is None else len(s)
 
 
-def _check_span(path: str | Path, lineno: int | None, start: int, end: int, length: int | None, what: str) -> None:
+def _check_span(path: str | Path, lineno: LineRef, start: int, end: int, length: int | None, what: str) -> None:
     """Validate a 1-based inclusive span before it becomes labels."""
     if start < 1:
         raise _err(path, lineno, f"{what}: position {start} is before the first residue (positions are 1-based)")
@@ -505,14 +511,17 @@ def load_swissprot(
     xml = fmt in ("uniprot-xml", "xml")
     bio_fmt = "uniprot-xml" if xml else "swiss"
     keys_wanted = set(feature_keys) if feature_keys is not None else None
-    entry_lines = _entry_lines(path, xml)
+    entry_lines: list[int] | None = None  # found only when an error needs a line number
     ids = _IdMatcher(path, sequences, unknown_ids)
     builder = ResidueLabelBuilder()
     lengths: dict[str, int] = {}
     seen: dict[str, int] = {}
 
     def line_of(i: int) -> int | None:
-        return entry_lines[i] if i < len(entry_lines) else None
+        nonlocal entry_lines
+        if entry_lines is None:
+            entry_lines = _entry_lines(path, xml)
+        return entry_lines[i] if i < len(entry_lines) else (1 if not entry_lines else None)
 
     handle = _open_binary(path) if xml else _open_text(path)
     i = -1
@@ -527,9 +536,8 @@ def load_swissprot(
             except InputError:
                 raise
             except Exception as exc:  # Biopython raises ValueError, AssertionError, ParseError...
-                where = line_of(i)
-                raise _err(path, where, f"cannot parse UniProt entry {i + 1}: {exc}") from None
-            lineno = line_of(i)
+                raise _err(path, line_of(i), f"cannot parse UniProt entry {i + 1}: {exc}") from None
+            lineno = (lambda k=i: line_of(k))
             accs = [str(a) for a in record.annotations.get("accessions", [])]
             pid = ids.resolve(record.id, lineno, builder.skip, record.name, *accs)
             if pid is None:
