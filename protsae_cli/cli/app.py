@@ -15,6 +15,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("annotate", "protsae_cli.cli.annotate"),
     ("train", "protsae_cli.cli.train"),
     ("merge", "protsae_cli.cli.merge"),
+    ("steer", "protsae_cli.cli.steer"),
 ]
 
 
