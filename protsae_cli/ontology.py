@@ -154,6 +154,7 @@ class Ontology:
         self._resolve_edges()
         self._anc_cache: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
         self._children: dict[tuple[str, ...], dict[str, list[str]]] = {}
+        self._names: tuple[dict[str, list[str]], dict[str, list[str]]] | None = None
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -280,12 +281,18 @@ class Ontology:
         return self.terms[self._require(term_id)].namespace
 
     def find_by_name(self, name: str) -> str | None:
-        """Term id whose name (or exact synonym) is `name`, case-insensitively; None when absent or ambiguous."""
+        """Term id whose name (or, failing that, synonym) is `name`, case-insensitively; None if absent or ambiguous."""
+        if self._names is None:
+            by_name: dict[str, list[str]] = {}
+            by_syn: dict[str, list[str]] = {}
+            for t in self.terms.values():
+                by_name.setdefault(t.name.lower(), []).append(t.id)
+                for syn in t.synonyms:
+                    by_syn.setdefault(syn.lower(), []).append(t.id)
+            self._names = (by_name, by_syn)
         key = name.strip().lower()
-        hits = [t.id for t in self.terms.values() if t.name.lower() == key]
-        if not hits:
-            hits = [t.id for t in self.terms.values() if key in (s.lower() for s in t.synonyms)]
-        return hits[0] if len(hits) == 1 else None
+        hits = self._names[0].get(key) or self._names[1].get(key) or []
+        return hits[0] if len(set(hits)) == 1 else None
 
     def relation_id(self, relation: str) -> str:
         """Canonical relation name (`BFO:0000050` -> `part_of` when the file's typedef says so)."""
