@@ -1,0 +1,126 @@
+"""`protsae steer`: options in, one library call (`protsae_cli.steer.run_steer`), a summary out."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+IO_PANEL, MODEL_PANEL, EDIT_PANEL, POS_PANEL, DEC_PANEL, CTRL_PANEL, PERF_PANEL = (
+    "Input/Output", "Models", "Edit", "Positions", "Decoding", "Controls and readouts", "Performance")
+
+
+def parse_strengths(value: str) -> tuple[float, ...]:
+    """Comma-separated strengths so one run can sweep (conditions of an input share masks and draws)."""
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+    if not out:
+        raise typer.BadParameter("give at least one strength")
+    return out
+
+
+def command(
+    concept: str = typer.Option(..., "--concept", "-c", rich_help_panel=EDIT_PANEL, show_default=False,
+                                help="Concept name, concept id or ontology id from the SAE's concept table, or a "
+                                     "latent index (latent:123 or 123)."),
+    output: str = typer.Option(..., "--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
+                               help="Output FASTA; the per-sequence report is written beside it as OUT.tsv."),
+    input: Optional[str] = typer.Option(None, "--input", "-i", rich_help_panel=IO_PANEL,
+                                        help="Proteins to redesign (FASTA, .gz or - for stdin; <= 1022 residues)."),
+    length: Optional[int] = typer.Option(None, "--length", rich_help_panel=IO_PANEL,
+                                         help="Generate from scratch: sequence length (with --num)."),
+    num: Optional[int] = typer.Option(None, "--num", rich_help_panel=IO_PANEL,
+                                      help="Generate from scratch: number of sequences (with --length)."),
+    init: str = typer.Option("mask", "--init", rich_help_panel=IO_PANEL,
+                             help="From-scratch start: mask (all positions masked; use --decode iterative or "
+                                  "gibbs) or random (seeded uniform residues, all redesigned)."),
+    sae: Optional[str] = typer.Option(None, "--sae", rich_help_panel=MODEL_PANEL,
+                                      help="SAE directory (default: the bundled default SAE)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=MODEL_PANEL,
+                                        help="ESM-2 fair-esm name or checkpoint path (default: the SAE's PLM, or "
+                                             "the bundled stand-in)."),
+    check_plm: bool = typer.Option(True, "--check-plm/--no-check-plm", rich_help_panel=MODEL_PANEL,
+                                   help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM."),
+    with_ancestors: bool = typer.Option(False, "--with-ancestors", rich_help_panel=EDIT_PANEL,
+                                        help="Also steer the SAE's concepts that are ontology ancestors of the "
+                                             "target (is_a, part_of), as the ProtSAE release does for GO ids."),
+    ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=EDIT_PANEL,
+                                           help="OBO file for --with-ancestors and id lookup (default: the "
+                                                "shipped residue concept ontology)."),
+    mode: str = typer.Option("add", "--mode", rich_help_panel=EDIT_PANEL,
+                             help="add: z += s*S; clamp: z = s*S; multiply: z *= 1+s. S is the latent's recorded "
+                                  "max activation, else the token's largest latent value; results floored at 0."),
+    strength: str = typer.Option("1.0", "--strength", "-s", rich_help_panel=EDIT_PANEL, callback=parse_strengths,
+                                 help="Strength s; a comma-separated list runs a sweep (e.g. 0,0.5,1,2)."),
+    replace_with_reconstruction: bool = typer.Option(
+        False, "--replace-with-reconstruction", rich_help_panel=EDIT_PANEL,
+        help="Replace the activation by decode(z_edited) (ProtSAE release) instead of the error-preserving "
+             "x + decode(z_edited) - decode(z)."),
+    edit_scope: str = typer.Option("all", "--edit-scope", rich_help_panel=EDIT_PANEL,
+                                   help="Tokens that get the edit: all (every residue) or designed (only the "
+                                        "positions being redesigned)."),
+    positions: str = typer.Option("masked", "--positions", rich_help_panel=POS_PANEL,
+                                  help="masked: infill masked positions; all: no masking, redesign every residue."),
+    mask_ratio: float = typer.Option(0.3, "--mask-ratio", rich_help_panel=POS_PANEL,
+                                     help="Fraction of residues to mask (at least one)."),
+    mask_strategy: str = typer.Option("random", "--mask-strategy", rich_help_panel=POS_PANEL,
+                                      help="random, or low-activation (where the target latents' pre-activation "
+                                           "is lowest on the input)."),
+    decode: str = typer.Option("argmax", "--decode", rich_help_panel=DEC_PANEL,
+                               help="argmax (one pass), iterative (confidence-ordered unmasking), gibbs "
+                                    "(blocked resampling) or sample (one pass at --temperature)."),
+    iterations: int = typer.Option(4, "--iterations", rich_help_panel=DEC_PANEL,
+                                   help="Forward passes for iterative and gibbs decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", rich_help_panel=DEC_PANEL,
+                                      help="Softmax temperature for sample and gibbs."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=DEC_PANEL,
+                             help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
+    control: Optional[List[str]] = typer.Option(None, "--control", rich_help_panel=CTRL_PANEL,
+                                                help="Null conditions with the same settings: random-latent and/or "
+                                                     "activity-matched (repeat the option for both)."),
+    n_controls: int = typer.Option(1, "--n-controls", rich_help_panel=CTRL_PANEL,
+                                   help="Control latent sets per input and control kind."),
+    pppl: bool = typer.Option(True, "--pppl/--no-pppl", rich_help_panel=CTRL_PANEL,
+                              help="Compute pseudo-perplexity (one forward row per scored position)."),
+    pppl_positions: str = typer.Option("all", "--pppl-positions", rich_help_panel=CTRL_PANEL,
+                                       help="Positions scored for pseudo-perplexity: all or designed."),
+    pppl_max_positions: Optional[int] = typer.Option(None, "--pppl-max-positions", rich_help_panel=CTRL_PANEL,
+                                                     help="Score a seeded random subset of at most this many "
+                                                          "positions (same subset for every condition)."),
+    device: str = typer.Option("auto", "--device", rich_help_panel=PERF_PANEL, help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=PERF_PANEL,
+                                          help="CPU threads for torch."),
+) -> None:
+    """Steer ESM-2 toward a concept by editing SAE latents at the hook, and redesign proteins with it.
+
+    Writes OUT.fasta (unsteered, steered, control sequences) and OUT.tsv (readouts per sequence).
+
+    Example: [bold]protsae steer -c "transmembrane helix" -i in.fasta -s 0.5,1,2 --control random-latent -o out.fasta[/bold]
+    """
+    import shlex
+    import sys
+
+    from protsae_cli.steer import SteerOptions, SteerSpec, run_steer
+
+    spec = SteerSpec(
+        concept=concept, strengths=strength, mode=mode, with_ancestors=with_ancestors,
+        keep_error=not replace_with_reconstruction, positions=positions, mask_ratio=mask_ratio,
+        mask_strategy=mask_strategy, edit_scope=edit_scope, decode=decode, iterations=iterations,
+        temperature=temperature, seed=seed, controls=tuple(dict.fromkeys(control or ())), n_controls=n_controls,
+        init=init, pppl=pppl, pppl_positions=pppl_positions, pppl_max_positions=pppl_max_positions,
+    )
+    opts = SteerOptions(spec=spec, output=output, input=input, length=length, num=num, sae=sae, model=model,
+                        ontology=ontology, device=device, check_plm=check_plm, threads=threads,
+                        command="protsae " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    s = run_steer(opts)
+    typer.echo(f"steered {s.sources} inputs toward {s.concept} (latents {', '.join(map(str, s.latents))}): "
+               f"{s.sequences} sequences in {s.seconds:.1f} s", err=True)
+    for e in s.effects:
+        dp = "-" if e["delta_probability"] is None else f"{e['delta_probability']:+.4f}"
+        pr = "-" if e["pppl_ratio"] is None else f"{e['pppl_ratio']:.3f}"
+        typer.echo(f"  {e['condition']:<28} s={e['strength']:<6g} d_activation={e['delta_activation']:+.4f} "
+                   f"d_probability={dp} pppl_ratio={pr}", err=True)
+    for p in s.outputs:
+        typer.echo(f"wrote {p}", err=True)
