@@ -626,7 +626,8 @@ def steer_sequences(runner: EsmRunner, sae: Any, hook: HookPoint, inputs: Sequen
                              f"{MAX_RESIDUES} residues (crop it first)")
         mask_gen = torch_generator(spec.seed, inp.index, 0)
         dec_gen = torch_generator(spec.seed, inp.index, 1)
-        ctrl_rng = np.random.default_rng(derived_seed(spec.seed, inp.index, 2))
+        # Controls are drawn per target too, so an evaluation over concepts pools different random latents.
+        ctrl_rng = np.random.default_rng(derived_seed(spec.seed, inp.index, 2, *targets))
         pppl_gen = torch_generator(spec.seed, inp.index, 4)
         if inp.scratch:
             designed = torch.arange(L)
