@@ -43,7 +43,10 @@ Design decisions (METHOD.md §1.8, §3.4; ECOSYSTEM.md §0 item 6), and why:
   the mean over the target latents; predicted probability = mean over residues of ProtSAE's pi for the
   primary target concept (none for a plain TopK SAE). Pseudo-perplexity is the masked-marginal one under the
   unsteered model: each scored position masked in turn, PPPL = exp(-mean log p(x_i | x_-i)), softmax over the
-  full vocabulary as in ESM's own scoring.
+  full vocabulary as in ESM's own scoring. Identity and composition change (L1 distance between the
+  20-amino-acid composition vectors, 0..2) are measured against the input; from scratch, against the random
+  start (`init="random"`) or not at all (`init="mask"`, reported as '-'); identity to the unsteered output of
+  the same input and seed is reported for every row.
 - **Controls.** random-latent: the same number of latents as the target set, uniform over all other latents.
   activity-matched: for each target latent, one of the 10 latents nearest in (log firing frequency, log mean
   active value) measured on the input proteins. Controls get the same strengths, masks and draws.

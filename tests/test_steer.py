@@ -159,8 +159,8 @@ def test_shipped_sae_target_activation_rises_with_strength():
     targets = st.resolve_concept(cfg, cfg.concepts[0].concept_id)
     spec = st.SteerSpec(concept=cfg.concepts[0].concept_id, strengths=(0.0, 0.5, 1.0, 2.0, 4.0), mask_ratio=0.5,
                         seed=0, pppl=False)
-    seqs = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWSTPSELGHAGLNGDILVWNPVLEDAFELSSMGIRVDADTLKHQLALTGDEDRLELEWHQALLRGEMPQTIGGGIGQSRLTMLLLQLPHIGQVQAGVWPAAVRESVPALL"[:120],
-            "GSHMSLFDFFKNKGSAATATDRLKLLQEEAQ" * 3]
+    seqs = [("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAG"
+             "EGLYTHMKALRPDEDRLSPL"), "GSHMSLFDFFKNKGSAATATDRLKLLQEEAQ" * 3]
     gen = st.steer_sequences(m.runner, m.sae, m.hook, inputs(seqs), spec, targets)
     rows = st.score_generated(st.Scorer(m.runner, m.sae, m.hook), gen, targets,
                               st.primary_probability_column(m.sae, targets), "c", spec)
@@ -429,13 +429,15 @@ def test_cli_steer(tmp_path, tiny_esm_path, tiny_sae_dir):
     fasta.write_text(f">A\n{SEQS[0]}\n>B\n{SEQS[1]}\n")
     out = tmp_path / "cli.fasta"
     args = ["steer", "--concept", "latent:3", "--input", str(fasta), "--sae", str(tiny_sae_dir), "--model",
-            str(tiny_esm_path), "--device", "cpu", "-s", "0,1.5", "--control", "random-latent", "--decode", "gibbs",
-            "--iterations", "2", "--seed", "9", "--pppl-positions", "designed", "-o", str(out)]
+            str(tiny_esm_path), "--device", "cpu", "-s", "0,1.5", "--control", "random-latent,activity-matched",
+            "--decode", "gibbs", "--iterations", "2", "--seed", "9", "--pppl-positions", "designed", "-o", str(out)]
     r = CliRunner().invoke(build_app(), args)
     assert r.exit_code == 0, r.output
     rows = st.read_report(tmp_path / "cli.tsv")
-    assert len(rows) == 2 * (1 + 2 * 2)
+    assert len(rows) == 2 * (1 + 2 * 3)
     assert {r_["strength"] for r_ in rows} == {"-", "0", "1.5"}
+    assert {r_["condition"].split(":")[1] for r_ in rows if ":" in r_["condition"]} == {"random-latent",
+                                                                                       "activity-matched"}
     first = out.read_text()
     r2 = CliRunner().invoke(build_app(), args)
     assert r2.exit_code == 0 and out.read_text() == first  # same seed, same FASTA

@@ -79,7 +79,7 @@ def command(
                              help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
     control: Optional[List[str]] = typer.Option(None, "--control", rich_help_panel=CTRL_PANEL,
                                                 help="Null conditions with the same settings: random-latent and/or "
-                                                     "activity-matched (repeat the option for both)."),
+                                                     "activity-matched (repeat the option, or separate by commas)."),
     n_controls: int = typer.Option(1, "--n-controls", rich_help_panel=CTRL_PANEL,
                                    help="Control latent sets per input and control kind."),
     pppl: bool = typer.Option(True, "--pppl/--no-pppl", rich_help_panel=CTRL_PANEL,
@@ -97,19 +97,20 @@ def command(
 
     Writes OUT.fasta (unsteered, steered, control sequences) and OUT.tsv (readouts per sequence).
 
-    Example: [bold]protsae steer -c "transmembrane helix" -i in.fasta -s 0.5,1,2 --control random-latent -o out.fasta[/bold]
+    Example: [bold]protsae steer -c "transmembrane helix" -i in.fa -s 0.5,1,2 --control random-latent -o out.fa[/bold]
     """
     import shlex
     import sys
 
     from protsae_cli.steer import SteerOptions, SteerSpec, run_steer
 
+    controls = tuple(dict.fromkeys(k.strip() for c in control or () for k in c.split(",") if k.strip()))
     spec = SteerSpec(
         concept=concept, strengths=strength, mode=mode, with_ancestors=with_ancestors,
         keep_error=not replace_with_reconstruction, positions=positions, mask_ratio=mask_ratio,
         mask_strategy=mask_strategy, edit_scope=edit_scope, decode=decode, iterations=iterations,
-        temperature=temperature, seed=seed, controls=tuple(dict.fromkeys(control or ())), n_controls=n_controls,
-        init=init, pppl=pppl, pppl_positions=pppl_positions, pppl_max_positions=pppl_max_positions,
+        temperature=temperature, seed=seed, controls=controls, n_controls=n_controls, init=init, pppl=pppl,
+        pppl_positions=pppl_positions, pppl_max_positions=pppl_max_positions,
     )
     opts = SteerOptions(spec=spec, output=output, input=input, length=length, num=num, sae=sae, model=model,
                         ontology=ontology, device=device, check_plm=check_plm, threads=threads,
