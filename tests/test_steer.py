@@ -284,6 +284,25 @@ def test_resolve_with_ancestors():
         st.resolve_concept(cfg, "latent:20", True, onto)
 
 
+def test_with_ancestors_on_the_shipped_ontology(tmp_path, tiny_plm, tiny_esm_path):
+    cfg = SAEConfig(d_model=tiny_plm.d_model, d_sae=16, k=4, layer=2, plm_name=tiny_plm.name,
+                    plm_sha256=tiny_plm.sha256, plm_num_layers=tiny_plm.num_layers,
+                    concepts=[ConceptEntry(latent=3, concept_id="PSC:0000101", name="transmembrane helix"),
+                              ConceptEntry(latent=7, concept_id="PSC:0000100", name="transmembrane region"),
+                              ConceptEntry(latent=9, concept_id="PSC:0000120", name="signal peptide")])
+    sae = TopKSAE(cfg)
+    sae.reset_parameters(seed=0)
+    sae_dir = save_sae(sae, tmp_path / "psc_sae")
+    assert st.resolve_concept(cfg, "transmembrane helix", True, st.load_ontology(None)) == [3, 7]
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(f">A\n{SEQS[2]}\n")
+    s = st.run_steer(st.SteerOptions(
+        spec=st.SteerSpec(concept="PSC:0000101", with_ancestors=True, pppl=False), output=str(tmp_path / "a.fa"),
+        input=str(fasta), sae=str(sae_dir), model=str(tiny_esm_path), device="cpu"))
+    assert s.latents == [3, 7] and s.concept == "PSC:0000101"
+    assert {r["latents"] for r in st.read_report(tmp_path / "a.tsv")} == {"-", "3+7"}
+
+
 def test_unknown_concept_lists_close_matches():
     with pytest.raises(InputError) as e:
         st.resolve_concept(concept_cfg(), "zinc bindng")
