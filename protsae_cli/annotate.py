@@ -8,6 +8,7 @@ by length inside a chunk for efficient batches, written back in input order).
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import time
@@ -51,9 +52,25 @@ class AnnotateOptions:
     shard: tuple[int, int] | None = None      # (i, n), 1-based i; selects records with index % n == i-1
     progress: bool = True
     threads: int | None = None
-    chunk_residues: int = 400_000
-    chunk_records: int = 4096
+    # Chunk limits bound memory and are the unit of --resume checkpoints; PROTSAE_CHUNK_RESIDUES and
+    # PROTSAE_CHUNK_RECORDS override them (smaller chunks: less lost work per crash, more part files).
+    chunk_residues: int = field(default_factory=lambda: _env_int("PROTSAE_CHUNK_RESIDUES", 400_000))
+    chunk_records: int = field(default_factory=lambda: _env_int("PROTSAE_CHUNK_RECORDS", 4096))
+    resume: bool = False                      # checkpoint finished chunks under PREFIX.parts/ and reuse them
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise InputError(f"{name}={value!r} is not an integer") from None
+    if n < 1:
+        raise InputError(f"{name} must be at least 1, got {n}")
+    return n
 
 
 @dataclass
@@ -278,6 +295,11 @@ class Annotator:
             t.join()
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
+        if opts.resume:
+            from protsae_cli.resume import run_resumable
+
+            return run_resumable(self, opts)
+        from protsae_cli.merge import canonical_result
         from protsae_cli.writers.gff3 import GFF3Writer
         from protsae_cli.writers.h5 import H5Writer
         from protsae_cli.writers.tsv import TSVWriter
@@ -305,6 +327,7 @@ class Annotator:
                 records = (r for r in records if r.index % n == i - 1)
             with _Progress(opts.progress, _count_records(opts.input)) as bar:
                 for res in self.iter_results(records, opts):
+                    res = canonical_result(res)  # what HDF5 keeps, so merged/resumed text outputs match this run's
                     for wr in writers:
                         wr.write(res)
                     _tally(summary, res)

@@ -148,6 +148,8 @@ def merged_provenance(attrs_list: Sequence[dict[str, Any]], names: Sequence[str]
             out[key] = first.get(key, "")
     if shard is not None:
         out["shard"] = shard
+    elif "," in str(out.get("shard", "")):
+        log.warning("the inputs are only shards %s of the input: the merged output is incomplete", out["shard"])
     return out
 
 
@@ -475,17 +477,17 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
 _GFF_ID = re.compile(r"(?:^|;)ID=p(\d+)\.\d+(?:;|$)")
 
 
-def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]]]:
-    """Header lines and protein blocks (sort key, lines) of one GFF3 written by protsae.
+def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], int]:
+    """Header lines, protein blocks (sort key, lines) and the number of blocks placed by approximation.
 
     A block is a protein's ``##sequence-region`` line plus its features; its ordinal comes from the feature
-    IDs (``p<ordinal>.<n>``). A protein without features has no ordinal anywhere in GFF3, so its block sorts
-    just before the next feature of the same file (the position it had there).
+    IDs (``p<ordinal>.<n>``). A protein without features has no ordinal anywhere in GFF3; see
+    :func:`_place_featureless` for how it is placed.
     """
     header: list[str] = []
-    blocks: list[tuple[float | None, list[str]]] = []
+    blocks: list[tuple[int | None, list[str]]] = []
     cur: list[str] | None = None
-    cur_key: float | None = None
+    cur_key: int | None = None
     in_header = True
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -507,7 +509,7 @@ def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]]]:
             m = _GFF_ID.search(cols[8]) if len(cols) == 9 else None
             if m is None:
                 raise InputError(f"{path}:{lineno}: feature without a protsae ID=p<ordinal>.<n> attribute")
-            key = float(m.group(1))
+            key = int(m.group(1))
             if cur is None or (cur_key is not None and cur_key != key):
                 if cur is not None:
                     blocks.append((cur_key, cur))
@@ -516,21 +518,67 @@ def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]]]:
             cur.append(line)
     if cur is not None:
         blocks.append((cur_key, cur))
-    keyed: list[tuple[float, list[str]]] = []
-    nxt = float("inf")
-    prev = -1.0
-    for key, lines in reversed(blocks):
-        if key is None:
-            keyed.append((nxt - 0.5, lines))
+    prev = -1
+    for key, _ in blocks:
+        if key is not None:
+            if key < prev:
+                raise InputError(f"{path}: features are not in ordinal order ({prev} then {key})")
+            prev = key
+    residues, n = _shard_classes(_gff3_provenance(header).get("shard", ""))
+    keyed, approximate = _place_featureless(blocks, residues, n)
+    return header, keyed, approximate
+
+
+def _shard_classes(shard: str) -> tuple[set[int], int]:
+    """Ordinal classes a shard holds: "2/3" -> ({1}, 3); "1,3/8" -> ({0, 2}, 8); "" -> ({0}, 1), everything."""
+    m = re.fullmatch(r"([\d,]+)/(\d+)", shard.strip())
+    if not m:
+        return {0}, 1
+    return {int(i) - 1 for i in m.group(1).split(",")}, int(m.group(2))
+
+
+def _place_featureless(blocks: Sequence[tuple[int | None, list[str]]], residues: set[int],
+                       n: int) -> tuple[list[tuple[float, list[str]]], int]:
+    """Give featureless blocks an ordinal where the shard leaves no doubt, else a key just before the next.
+
+    Between two featured proteins with ordinals a < b, a shard "i/n" holds the ordinals x with a < x < b and
+    x % n == i-1. When there are exactly as many featureless blocks as such ordinals, they are those proteins,
+    in order. Otherwise (invalid records, which have no block, took some of the ordinals) the blocks keep
+    their place before b, which is right within the shard but approximate among shards. Trailing blocks take
+    the next ordinals of the shard.
+    """
+    out: list[tuple[float, list[str]]] = []
+    approximate = 0
+    prev = -1
+    i = 0
+    while i < len(blocks):
+        key, lines = blocks[i]
+        if key is not None:
+            out.append((float(key), lines))
+            prev = key
+            i += 1
+            continue
+        j = i
+        while j < len(blocks) and blocks[j][0] is None:
+            j += 1
+        run = blocks[i:j]
+        nxt = blocks[j][0] if j < len(blocks) else None
+        if nxt is None:
+            cands: list[int] = []
+            x = prev + 1
+            while len(cands) < len(run):
+                if x % n in residues:
+                    cands.append(x)
+                x += 1
         else:
-            keyed.append((key, lines))
-            nxt = key
-    keyed.reverse()
-    for key, _ in keyed:
-        if key < prev:
-            raise InputError(f"{path}: features are not in ordinal order")
-        prev = key
-    return header, keyed
+            cands = [x for x in range(prev + 1, nxt) if x % n in residues]
+        if len(cands) == len(run):
+            out.extend((float(x), lines) for x, (_, lines) in zip(cands, run))
+        else:
+            out.extend((nxt - 0.5, lines) for _, lines in run)
+            approximate += len(run)
+        i = j
+    return out, approximate
 
 
 def _gff3_provenance(header: Sequence[str]) -> dict[str, str]:
@@ -548,17 +596,17 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
 
     paths = [Path(p) for p in inputs]
     parsed = [_gff3_parse(p) for p in paths]
-    provs = [_gff3_provenance(h) for h, _ in parsed]
+    provs = [_gff3_provenance(h) for h, _, _ in parsed]
     for p, prov in zip(paths[1:], provs[1:]):
         for key in STRICT_KEYS:
             if prov.get(key) != provs[0].get(key):
                 raise InputError(f"{p}: {key} is {prov.get(key)!r} but {paths[0]} has {provs[0].get(key)!r}; "
                                  "shards must come from the same models and settings")
-    featureless = sum(1 for _, blocks in parsed for key, _ in blocks if not key.is_integer())
-    if featureless and len(paths) > 1:
-        log.warning("%d proteins without features carry no ordinal in GFF3; their ##sequence-region lines are "
-                    "kept before the next feature of their shard. Merge the HDF5 shards for exact order.",
-                    featureless)
+    approximate = sum(a for _, _, a in parsed)
+    if approximate and len(paths) > 1:
+        log.warning("%d proteins without features could not be given an ordinal from the GFF3 files; their "
+                    "##sequence-region lines stay before the next feature of their shard. Merge the HDF5 shards "
+                    "for the exact order.", approximate)
     shard = combine_shards([prov.get("shard", "") for prov in provs])
     header = []
     for line in parsed[0][0]:
@@ -572,7 +620,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
         out.write("".join(header))
-        streams = [((key, j, lines) for key, lines in blocks) for j, (_, blocks) in enumerate(parsed)]
+        streams = [((key, j, lines) for key, lines in blocks) for j, (_, blocks, _) in enumerate(parsed)]
         prev_key, prev_file = None, -1
         for key, j, lines in heapq.merge(*streams, key=lambda t: t[0]):
             if key.is_integer() and key == prev_key and j != prev_file:

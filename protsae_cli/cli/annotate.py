@@ -63,26 +63,44 @@ def command(
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
                                   help="Progress bar on stderr (only shown on a terminal)."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=IO_PANEL,
+                                help="Checkpoint finished chunks in PREFIX.parts/ and, when rerun after a crash or "
+                                     "kill, skip the chunks already done. Settings must match the first attempt."),
+    devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL,
+                                          help="Run one worker process per device over shards of the input and "
+                                               "merge at the end: GPU ordinals '0,1,2,3', 'all' visible GPUs, or "
+                                               "'cpu,cpu'. Replaces --device."),
 ) -> None:
     """Annotate proteins with per-residue concepts: FASTA -> ESM-2 -> SAE -> HDF5/TSV/GFF3.
 
     Example: [bold]protsae annotate proteins.fasta -o out/run[/bold]
     """
-    from protsae_cli.annotate import AnnotateOptions, annotate
+    import logging
 
+    from protsae_cli.annotate import AnnotateOptions, annotate
+    from protsae_cli.logging_setup import is_quiet
+
+    if devices is not None and device != "auto":
+        raise typer.BadParameter("give either --device or --devices, not both", param_hint="--devices")
     opts = AnnotateOptions(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), device=device, backend=backend,
         toks_per_batch=toks_per_batch, long_policy=long_policy, window_overlap=window_overlap,
         min_segment_len=min_segment_len, merge_gap=merge_gap, skip_invalid=skip_invalid, check_plm=check_plm,
-        h5_dtype=h5_dtype, shard=shard, progress=progress, threads=threads,
+        h5_dtype=h5_dtype, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
     )
-    s = annotate(opts)
-    typer.echo(
-        f"annotated {s.proteins} proteins ({s.residues} residues) in {s.seconds:.1f} s "
-        f"({s.residues_per_second:,.0f} residues/s, {s.backend} on {s.device}): {s.ok} ok, {s.windowed} windowed, "
-        f"{s.truncated} truncated, {s.invalid} invalid, {s.failed} failed; {s.segments} concept segments",
-        err=True)
+    if devices is not None:
+        from protsae_cli.multigpu import annotate_multi, parse_devices
+
+        s = annotate_multi(opts, parse_devices(devices))
+    else:
+        s = annotate(opts)
+    # Through logging (stderr), so -q silences it and --log-file keeps it.
+    log = logging.getLogger("protsae.annotate")
+    log.info(f"annotated {s.proteins} proteins ({s.residues} residues) in {s.seconds:.1f} s "
+             f"({s.residues_per_second:,.0f} residues/s, {s.backend} on {s.device}): {s.ok} ok, {s.windowed} "
+             f"windowed, {s.truncated} truncated, {s.invalid} invalid, {s.failed} failed; {s.segments} concept "
+             "segments")
     for p in s.outputs:
         if p != "-":
-            typer.echo(f"wrote {p}", err=True)
+            log.info(f"wrote {p}")

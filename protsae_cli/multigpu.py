@@ -1,0 +1,297 @@
+"""`annotate --devices 0,1,2,3`: one worker process per GPU on one node, each on a shard, merged at the end.
+
+Processes, not threads or DDP: annotation is embarrassingly parallel, each GPU needs its own copy of the model
+anyway, and separate processes keep CUDA contexts, OOM failures and crashes apart. Each worker sees only its own
+GPU (`CUDA_VISIBLE_DEVICES`), so nothing it does (a stray allocation on "cuda:0", a library probing devices) can
+touch another worker's memory. Workers split the input with the same ordinal rule as `--shard i/n`, so the
+merged result equals a single-process run's; under an outer `--shard i/n` (a cluster job that itself has several
+GPUs) worker j takes the ordinals of `i/n` that are also `(i + n*j)/(n*m)`.
+
+Worker state lives in `PREFIX.devices/` (options, shard outputs); it is removed after the merge. With
+`--resume` each worker checkpoints its chunks there, and workers that had finished are not started again.
+
+A worker is `python -m protsae_cli.multigpu SPEC.json`: the full `AnnotateOptions` travel as JSON rather than
+being rebuilt as command-line flags, so options without a flag (chunk limits, compression) reach the workers
+unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Sequence
+
+from protsae_cli.errors import EXIT_INTERNAL, EXIT_RESOURCES, InputError, ProtsaeError
+
+if TYPE_CHECKING:
+    from protsae_cli.annotate import AnnotateOptions, AnnotateSummary
+
+log = logging.getLogger("protsae.multigpu")
+
+SPEC_FORMAT = "protsae-worker-spec"
+WORKER_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the parent adds time and worker name
+_LEVEL_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
+# Options that do not change what a worker computes; everything else must match to reuse finished workers.
+_NOT_FINGERPRINTED = {"formats", "progress", "threads", "command", "compression", "device", "resume", "input",
+                      "output_prefix"}
+
+
+class WorkerFailed(ProtsaeError):
+    """A worker exited non-zero; the orchestrator exits with the worker's code so retry logic still works."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def parse_devices(spec: str) -> list[str]:
+    """'0,1' -> ['cuda:0', 'cuda:1']; 'all' -> every visible GPU; 'cpu,cpu' -> two CPU workers."""
+    spec = spec.strip()
+    if spec == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise InputError("--devices all: no CUDA GPU is visible (use --devices cpu,cpu for CPU workers)")
+        return [f"cuda:{i}" for i in range(n)]
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if re.fullmatch(r"\d+", item):
+            out.append(f"cuda:{item}")
+        elif re.fullmatch(r"cuda:\d+", item) or item == "cpu":
+            out.append(item)
+        else:
+            raise InputError(f"--devices: {item!r} is not a GPU ordinal (0, 1, ...), cuda:N or cpu")
+    if not out:
+        raise InputError("--devices: no devices given")
+    return out
+
+
+def worker_shards(n_workers: int, outer: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """The `--shard` of each worker: a partition of the outer shard (or of everything) by ordinal."""
+    i, n = outer if outer else (1, 1)
+    return [((i - 1) + n * j + 1, n * n_workers) for j in range(n_workers)]
+
+
+def _worker_env(device: str) -> tuple[dict[str, str], str]:
+    """Environment and --device for one worker: a GPU worker sees exactly one GPU, as its cuda:0."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if not device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab GPU memory either
+        return env, device
+    ordinal = int(device.split(":")[1])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        entries = [v.strip() for v in visible.split(",") if v.strip()]
+        if ordinal >= len(entries):
+            raise InputError(f"--devices: GPU {ordinal} is not visible (CUDA_VISIBLE_DEVICES={visible})")
+        env["CUDA_VISIBLE_DEVICES"] = entries[ordinal]
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = str(ordinal)
+    return env, "cuda:0"
+
+
+def _fingerprint(opts: "AnnotateOptions") -> dict[str, Any]:
+    d = dataclasses.asdict(opts)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(d.items()) if k not in _NOT_FINGERPRINTED}
+
+
+def _prepare_workdir(work: Path, opts: "AnnotateOptions", devices: Sequence[str]) -> None:
+    """Create or (with --resume) reuse the worker directory, refusing reuse under other settings."""
+    fp = {"options": _fingerprint(opts), "workers": len(devices)}
+    manifest = work / "manifest.json"
+    if work.exists() and not opts.resume:
+        shutil.rmtree(work)  # leftovers of an interrupted run without --resume: nothing to reuse
+    if opts.resume and manifest.exists():
+        old = json.loads(manifest.read_text())
+        if old != fp:
+            keys = sorted(k for k in set(old.get("options", {})) | set(fp["options"])
+                          if old.get("options", {}).get(k) != fp["options"].get(k))
+            what = ", ".join(keys) or "number of workers"
+            raise InputError(f"{work} holds workers started with other settings ({what}); rerun with the original "
+                             f"settings and devices to resume, or delete {work} to start over")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
+
+
+def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "AnnotateSummary":
+    """Annotate with one worker process per device and merge their shards into `opts.output_prefix`."""
+    from protsae_cli.annotate import AnnotateSummary, _tally, output_paths
+    from protsae_cli.logging_setup import current_level
+    from protsae_cli.merge import merged_provenance, merge_h5
+    from protsae_cli.writers.h5 import H5Annotations
+
+    if opts.resume and opts.output_prefix == "-":
+        raise InputError("--resume needs an output prefix (not -o -)")
+    paths = output_paths(opts.output_prefix, opts.formats)
+    t0 = time.perf_counter()
+    to_stdout = opts.output_prefix == "-"
+    work = Path(tempfile.mkdtemp(prefix="protsae-devices-")) if to_stdout else Path(f"{opts.output_prefix}.devices")
+    _prepare_workdir(work, opts, devices)
+
+    source = opts.input
+    if source == "-":  # every worker reads the whole input, so stdin is spooled once
+        source = str(work / "input.fasta")
+        with open(source, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+
+    m = len(devices)
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // m)
+    shards = worker_shards(m, opts.shard)
+    procs: list[tuple[int, str, subprocess.Popen, threading.Thread]] = []
+    outputs = [work / f"worker_{j + 1}.h5" for j in range(m)]
+    try:
+        for j, (device, shard) in enumerate(zip(devices, shards)):
+            if opts.resume and outputs[j].exists():
+                log.info("worker %d/%d (%s) finished in an earlier attempt: reusing %s", j + 1, m, device, outputs[j])
+                continue
+            env, worker_device = _worker_env(device)
+            wopts = dataclasses.replace(opts, input=source, output_prefix=str(work / f"worker_{j + 1}"),
+                                        formats=("h5",), shard=shard, device=worker_device, progress=False,
+                                        threads=threads, compression="lzf")
+            spec = {"format": SPEC_FORMAT, "options": dataclasses.asdict(wopts), "log_level": current_level()}
+            spec_path = work / f"worker_{j + 1}.json"
+            spec_path.write_text(json.dumps(spec, indent=1) + "\n")
+            log.info("worker %d/%d on %s: records with ordinal %% %d == %d", j + 1, m, device, shard[1], shard[0] - 1)
+            proc = subprocess.Popen([sys.executable, "-m", "protsae_cli.multigpu", str(spec_path)], env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            t = threading.Thread(target=_relay, args=(proc.stderr, f"protsae.worker{j + 1}", device), daemon=True)
+            t.start()
+            procs.append((j, device, proc, t))
+        _wait_all(procs, shards)
+    except BaseException:
+        _stop_all(procs)
+        if not opts.resume or to_stdout:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+    attrs = []
+    for p in outputs:
+        with H5Annotations(p) as h5:
+            attrs.append(h5.attrs)
+    shard_attr = f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else ""
+    prov = merged_provenance(attrs, [str(p) for p in outputs], opts.command, shard=shard_attr)
+    summary = AnnotateSummary(backend=str(prov.get("backend", "")), device=",".join(devices))
+    try:
+        merge_h5(outputs, opts.output_prefix, opts.formats, provenance=prov, compression=opts.compression,
+                 on_result=lambda res: _tally(summary, res))
+    except BaseException:
+        if not opts.resume or to_stdout:  # with --resume the finished worker outputs are kept for the rerun
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    summary.seconds = time.perf_counter() - t0
+    summary.outputs = list(paths.values())
+    return summary
+
+
+def _relay(stream: IO[bytes], logger_name: str, device: str) -> None:
+    """Re-emit a worker's log lines through our logging, at their level, tagged with the worker's device."""
+    wlog = logging.getLogger(logger_name)
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if not line:
+            continue
+        m = _LEVEL_LINE.match(line)
+        if m:
+            wlog.log(getattr(logging, m.group(1)), "[%s] %s", device, m.group(2))
+        else:  # tracebacks, library prints: rare, and worth seeing
+            wlog.warning("[%s] %s", device, line)
+    stream.close()
+
+
+def _wait_all(procs: Sequence[tuple[int, str, subprocess.Popen, threading.Thread]],
+              shards: Sequence[tuple[int, int]]) -> None:
+    """Wait for every worker; on the first failure stop the others and fail with that worker's exit code."""
+    pending = list(procs)
+    while pending:
+        for item in list(pending):
+            j, device, proc, relay = item
+            rc = proc.poll()
+            if rc is None:
+                continue
+            relay.join()
+            pending.remove(item)
+            if rc != 0:
+                _stop_all(pending)
+                code = 128 - rc if rc < 0 else rc  # killed by signal s -> 128+s, the shell's convention
+                meaning = {EXIT_RESOURCES: " (out of resources: retry with more memory)",
+                           137: " (killed: out of host memory?)", 3: " (bad input)", 4: " (missing weights)"}
+                raise WorkerFailed(f"worker {j + 1} on {device} (shard {shards[j][0]}/{shards[j][1]}) exited with "
+                                   f"code {code}{meaning.get(code, '')}; its log lines are above",
+                                   code if code > 0 else EXIT_INTERNAL)
+        time.sleep(0.05)
+
+
+def _stop_all(procs: Sequence[tuple[int, str, subprocess.Popen, threading.Thread]]) -> None:
+    """SIGTERM (workers clean up their temp files), then SIGKILL whatever is still there after 10 s."""
+    for _, _, proc, _ in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + 10
+    for _, _, proc, relay in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        relay.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------------------
+
+def _worker_main(argv: Sequence[str]) -> int:
+    """Run one worker from its spec file; returns the exit code, with the same mapping as the CLI."""
+    from protsae_cli.cli.app import _exit_on_sigterm, is_out_of_memory
+
+    _exit_on_sigterm()
+    spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("format") != SPEC_FORMAT:
+        print(f"ERROR protsae.multigpu: {argv[0]} is not a worker spec", file=sys.stderr)
+        return EXIT_INTERNAL
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("protsae").setLevel(int(spec.get("log_level", logging.INFO)))
+    logging.captureWarnings(True)
+    wlog = logging.getLogger("protsae.worker")
+    try:
+        from protsae_cli.annotate import AnnotateOptions, annotate
+
+        o = dict(spec["options"])
+        o["formats"] = tuple(o["formats"])
+        o["shard"] = tuple(o["shard"]) if o.get("shard") else None
+        s = annotate(AnnotateOptions(**o))
+        wlog.info("annotated %d proteins (%d residues) in %.1f s", s.proteins, s.residues, s.seconds)
+        return 0
+    except ProtsaeError as e:
+        wlog.error("%s", e)
+        return e.exit_code
+    except MemoryError as e:
+        wlog.error("out of host memory (%s)", e)
+        return EXIT_RESOURCES
+    except Exception as e:
+        if is_out_of_memory(e):
+            wlog.error("out of GPU memory after all fallbacks (%s)", str(e).splitlines()[0] if str(e) else repr(e))
+            return EXIT_RESOURCES
+        wlog.exception("internal error (a bug); please report it with this traceback")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,243 @@
+"""`annotate --resume`: checkpoint each finished chunk, so a crash or `kill -9` only costs the chunk in flight.
+
+Layout, next to the outputs::
+
+    PREFIX.parts/
+        manifest.json        the settings the parts were made with (refused if the new run's differ)
+        .lock                held (flock) by the run using the directory; released by the kernel on kill -9
+        chunk_000000.h5      one HDF5 per finished chunk, renamed into place only when complete
+        chunk_000001.h5 ...
+
+Why chunks: the annotate pipeline already cuts the input into chunks (`chunked_records`) whose boundaries
+depend only on the record stream and the chunk limits, so a rerun over the same input recomputes the same
+boundaries and can skip chunk *n* if its part exists. Batch composition (and hence the last bits of the
+activations) depends on the chunk, so recomputing whole chunks with the same settings is also what makes the
+resumed output equal an uninterrupted run's.
+
+Each part stores ordinals, ids and sequence checksums, so a rerun checks that a skipped chunk really holds the
+proteins it is skipping (a different FASTA under the same prefix is refused, not silently mixed in). At the end
+the parts are merged (`protsae_cli.merge`) into the requested outputs, atomically, and the directory removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from protsae_cli.errors import InputError
+from protsae_cli.fasta import InvalidRecord, ProteinRecord
+from protsae_cli.results import seq_md5
+
+if TYPE_CHECKING:
+    from protsae_cli.annotate import AnnotateOptions, AnnotateSummary, Annotator
+
+log = logging.getLogger("protsae.resume")
+
+PARTS_FORMAT = "protsae-annotate-parts"
+PARTS_VERSION = 1
+MANIFEST = "manifest.json"
+# Provenance keys that decide what a part contains (models, numerics, calling options).
+_PROVENANCE_KEYS = ("protsae_version", "plm_model", "plm_sha256", "hook_point", "layer", "sae_sha256", "d_sae",
+                    "k", "device_type", "backend", "compute_dtype", "long_policy", "max_window", "window_overlap",
+                    "min_segment_len", "merge_gap", "dtype", "shard")
+# Options that decide chunk boundaries and batch composition, hence which proteins a part holds and the exact
+# numbers in it. Output formats, compression, threads and progress do not: they may change between attempts.
+_OPTION_KEYS = ("toks_per_batch", "skip_invalid", "chunk_residues", "chunk_records")
+
+
+def parts_dir(output_prefix: str) -> Path:
+    return Path(f"{output_prefix}.parts")
+
+
+def fingerprint(provenance: dict[str, Any], opts: "AnnotateOptions") -> dict[str, Any]:
+    """What must be equal for parts of an earlier attempt to be reused (JSON-comparable values)."""
+    fp: dict[str, Any] = {k: _jsonable(provenance.get(k, "")) for k in _PROVENANCE_KEYS}
+    fp.update({k: _jsonable(getattr(opts, k)) for k in _OPTION_KEYS})
+    return fp
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+class PartStore:
+    """The parts directory of one output prefix: manifest check, lock, part paths, verification, clean-up."""
+
+    def __init__(self, output_prefix: str, fp: dict[str, Any], source: str) -> None:
+        self.dir = parts_dir(output_prefix)
+        self.fp = fp
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        self._lock()
+        try:
+            self._check_manifest(source)
+            self._remove_temps()
+        except BaseException:
+            self.release()
+            raise
+
+    # -- directory-level ------------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        """One run per parts directory: two resuming runs would race on the final merge and clean-up."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; concurrent resumes are the user's responsibility
+            return
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(f"{self.dir}: another protsae run is using this parts directory; wait for it or "
+                             "choose another output prefix") from None
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_manifest(self, source: str) -> None:
+        path = self.dir / MANIFEST
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"{path}: unreadable ({e}); delete {self.dir} to start over") from e
+            if old.get("format") != PARTS_FORMAT or old.get("version") != PARTS_VERSION:
+                raise InputError(f"{path}: not a protsae parts manifest this version can resume; delete {self.dir} "
+                                 "to start over")
+            old_fp = old.get("fingerprint", {})
+            diff = [f"{k}: {old_fp.get(k)!r} -> {self.fp.get(k)!r}" for k in sorted(set(old_fp) | set(self.fp))
+                    if old_fp.get(k) != self.fp.get(k)]
+            if diff:
+                raise InputError(f"{self.dir} holds chunks made with other settings ({'; '.join(diff)}); rerun with "
+                                 f"the original settings to resume, or delete {self.dir} to start over")
+            return
+        data = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "fingerprint": self.fp, "input": source,
+                "note": "checkpoint of 'protsae annotate --resume'; removed when the run completes"}
+        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def _remove_temps(self) -> None:
+        """Hidden temps are what a killed writer leaves; they are never complete parts."""
+        for p in self.dir.glob(".*.tmp-*"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """Delete the directory once the final outputs are in place (nothing left to resume)."""
+        self.release()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- parts ----------------------------------------------------------------------------------------------
+    def path(self, n: int) -> Path:
+        return self.dir / f"chunk_{n:06d}.h5"
+
+    def parts(self) -> list[Path]:
+        return sorted(self.dir.glob("chunk_*.h5"), key=lambda q: int(q.stem.split("_")[1]))
+
+    def reusable(self, n: int, chunk: Sequence[ProteinRecord | InvalidRecord]) -> bool:
+        """True if part ``n`` exists and holds exactly these proteins; a damaged part is deleted and redone.
+
+        A part that opens but holds other proteins means the input changed under the same prefix: that is
+        refused, because silently recomputing would hide that the earlier parts may be from another input too.
+        """
+        from protsae_cli.writers.h5 import H5Annotations
+
+        p = self.path(n)
+        if not p.exists():
+            return False
+        try:
+            with H5Annotations(p) as h5:
+                index = [int(x) for x in h5.proteins["index"]]
+                ids = [str(x) for x in h5.proteins["id"]]
+                md5s = [str(x) for x in h5.proteins["seq_md5"]]
+        except Exception as e:  # any damage means "not done"; the chunk is cheap to redo compared to a wrong file
+            log.warning("%s: unreadable part (%s); recomputing that chunk", p, e)
+            p.unlink(missing_ok=True)
+            return False
+        want_index = [r.index for r in chunk]
+        want_ids = [r.id for r in chunk]
+        want_md5 = [seq_md5(r.sequence) if isinstance(r, ProteinRecord) else "" for r in chunk]
+        if index != want_index or ids != want_ids or md5s != want_md5:
+            j = next((i for i, (a, b, c, d, e, f) in enumerate(zip(index, want_index, ids, want_ids, md5s, want_md5))
+                      if a != b or c != d or e != f), min(len(index), len(want_index)))
+            have = f"record {index[j] + 1} {ids[j]!r}" if j < len(index) else "no record"
+            want = f"record {want_index[j] + 1} {want_ids[j]!r}" if j < len(want_index) else "no record"
+            raise InputError(f"{p} does not match the input ({have} saved, {want} in the input, or its sequence "
+                             f"changed): the input is not the one the parts were made from; delete {self.dir} to "
+                             "start over")
+        return True
+
+
+def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary":
+    """The body of `Annotator.run` under `--resume` (see the module docstring)."""
+    from protsae_cli.annotate import AnnotateSummary, _count_records, _Progress, _tally, output_paths
+    from protsae_cli.batching import chunked_records
+    from protsae_cli.fasta import read_fasta
+    from protsae_cli.merge import canonical_result, merge_h5
+    from protsae_cli.writers.h5 import H5Writer
+
+    if opts.output_prefix == "-":
+        raise InputError("--resume needs an output prefix to keep its checkpoints next to; it cannot resume "
+                         "output written to stdout (-o -)")
+    paths = output_paths(opts.output_prefix, opts.formats)
+    for p in paths.values():
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+    prov = ann.provenance(opts)
+    cfg = ann.sae.cfg
+    store = PartStore(opts.output_prefix, fingerprint(prov, opts), opts.input)
+    summary = AnnotateSummary(backend=ann.encoder.name, device=str(ann.device))
+    t0 = time.perf_counter()
+    reused = computed = 0
+    try:
+        records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
+        if opts.shard:
+            i, n = opts.shard
+            records = (r for r in records if r.index % n == i - 1)
+        chunks = chunked_records(records, opts.chunk_residues, opts.chunk_records,
+                                 length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0)
+        n_chunks = 0
+        with _Progress(opts.progress, _count_records(opts.input)) as bar:
+            for n, chunk in enumerate(chunks):
+                n_chunks = n + 1
+                if store.reusable(n, chunk):
+                    reused += 1
+                else:
+                    # Parts are temporary and only read back by protsae, so lzf: much faster than gzip.
+                    with H5Writer(store.path(n), prov, ann.concepts, cfg.d_sae, cfg.k, dtype=opts.h5_dtype,
+                                  compression="lzf") as w:
+                        for res in ann.iter_results(chunk, opts):
+                            w.write(canonical_result(res))
+                    computed += 1
+                for r in chunk:
+                    bar.advance(len(r.sequence) if isinstance(r, ProteinRecord) else 0)
+        if reused:
+            log.info("resumed: reused %d finished chunks from %s, computed %d", reused, store.dir, computed)
+        # Only this input's chunks: a part numbered beyond them is left over from a longer input.
+        merge_h5([store.path(n) for n in range(n_chunks)], opts.output_prefix, opts.formats, provenance=prov, compression=opts.compression,
+                 on_result=lambda res: _tally(summary, res))
+    except BaseException:
+        done = len(store.parts())
+        if done:
+            log.warning("%d finished chunks are kept in %s; rerun the same command with --resume to continue",
+                        done, store.dir)
+        store.release()
+        raise
+    store.finish()
+    summary.seconds = time.perf_counter() - t0
+    summary.outputs = list(paths.values())
+    return summary
