@@ -16,6 +16,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("train", "protsae_cli.cli.train"),
     ("merge", "protsae_cli.cli.merge"),
     ("steer", "protsae_cli.cli.steer"),
+    ("report", "protsae_cli.cli.report"),
+    ("export-structure", "protsae_cli.cli.export_structure"),
 ]
 
 
