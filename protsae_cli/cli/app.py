@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("steer", "protsae_cli.cli.steer"),
     ("report", "protsae_cli.cli.report"),
     ("export-structure", "protsae_cli.cli.export_structure"),
+    ("export-onnx", "protsae_cli.cli.export_onnx"),
 ]
 
 
