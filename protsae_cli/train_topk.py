@@ -8,38 +8,28 @@ Choices and why:
 - decoder rows kept unit-norm (and their gradient made orthogonal to them) so activations carry the scale;
 - AuxK loss: the top-k_aux dead latents reconstruct the residual error, which pulls dead latents back to life;
 - cosine learning-rate schedule over the whole run with a short warm-up.
+
+The loop itself (DDP, resume, validation and checkpoint selection on validation FVU) is `trainer.fit`.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict
+from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from protsae_cli.activations import ActivationSet, iter_batches
+from protsae_cli.activations import ActivationSet, Batch, InMemoryRows, ShuffleBufferStream
+from protsae_cli.distributed import SINGLE, DistEnv
 from protsae_cli.sae import SAEConfig, TopKSAE
+from protsae_cli.trainer import (TrainConfig, cosine_lr, finish_reconstruction, fit, new_reconstruction_sums,
+                                 project_decoder_grad, reconstruction_sums, reduce_sums)
 
+__all__ = ["TrainConfig", "cosine_lr", "geometric_median", "topk_losses", "evaluate", "train_topk", "TopKObjective"]
 
-@dataclass
-class TrainConfig:
-    d_sae: int = 4096
-    k: int = 32
-    lr: float = 4e-4
-    batch_size: int = 4096
-    epochs: int = 5
-    max_steps: int | None = None
-    warmup_frac: float = 0.05
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None          # default: d_model // 2
-    dead_after_tokens: int = 2_000_000  # a latent unseen for this many tokens counts as dead
-    seed: int = 0
-    device: str = "cpu"
-    log_every: int = 50
-    extra: dict = field(default_factory=dict)
+_project_decoder_grad = project_decoder_grad  # older name, kept for callers
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -55,15 +45,8 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
     return m
 
 
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def topk_losses(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> dict[str, torch.Tensor]:
-    """Reconstruction MSE in normalised space, plus AuxK on dead latents. Returns losses and the fired mask."""
+    """Reconstruction MSE in normalised space, plus AuxK on dead latents. Returns losses and the codes."""
     x_n = sae.normalize(x)
     pre = F.linear(x_n - sae.b_dec, sae.W_enc, sae.b_enc)
     vals, idx = torch.topk(F.relu(pre), sae.k, dim=-1, sorted=False)
@@ -74,109 +57,114 @@ def topk_losses(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -
     total_var = (x_n - x_n.mean(0)).pow(2).sum(-1).mean()
     out = {"l_rec": l_rec, "fvu": (l_rec / total_var).detach(), "z": z.detach()}
     l_aux = torch.zeros((), device=x.device)
-    n_dead = int(dead.sum())
+    n_dead = int(dead.sum())  # one host sync, cheaper than an AuxK top-k over all latents when none is dead
     if n_dead > 0:
         ka = min(k_aux, n_dead)
         pre_dead = torch.where(dead[None, :], F.relu(pre), torch.zeros_like(pre))
         av, ai = torch.topk(pre_dead, ka, dim=-1, sorted=False)
         z_aux = torch.zeros_like(pre).scatter(-1, ai, av)
         e_hat = z_aux @ sae.W_dec
-        l_aux = (e_hat - err.detach()).pow(2).sum(-1).mean() / err.detach().pow(2).sum(-1).mean().clamp_min(1e-8)
+        e = err.detach()
+        l_aux = (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
     out["l_aux"] = l_aux
     return out
 
 
-def _project_decoder_grad(sae: TopKSAE) -> None:
-    """Remove the gradient component along each unit-norm decoder row (it would only change the norm)."""
-    if sae.W_dec.grad is None:
-        return
-    with torch.no_grad():
-        W, g = sae.W_dec, sae.W_dec.grad
-        g -= (g * W).sum(-1, keepdim=True) * W
-
-
 @torch.no_grad()
-def evaluate(sae: TopKSAE, acts: torch.Tensor, batch_size: int = 8192, device: str = "cpu") -> dict[str, float]:
-    """FVU/FVE in raw activation space, L0, dead fraction over these tokens."""
+def evaluate(sae: nn.Module, acts: torch.Tensor, batch_size: int = 8192, device: str | torch.device = "cpu",
+             env: DistEnv = SINGLE) -> dict[str, float]:
+    """FVU/FVE in raw activation space, L0, dead fraction over these tokens (summed over ranks under DDP)."""
+    was_training = sae.training
     sae.eval()
-    n = acts.shape[0]
-    if n == 0:
-        return {}
-    mean = acts.float().mean(0).to(device)
-    sse = sst = 0.0
-    l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    for s in range(0, n, batch_size):
-        x = acts[s:s + batch_size].to(device).float()
-        idx, val = sae.encode(x)
-        x_hat = sae.decode_sparse(idx, val)
-        sse += (x - x_hat).pow(2).sum().item()
-        sst += (x - mean).pow(2).sum().item()
-        l0 += (idx >= 0).sum().item()
-        fired[idx[idx >= 0]] = True
-    sae.train()
-    fvu = sse / max(sst, 1e-12)
-    return {"fvu": fvu, "fve": 1 - fvu, "mse_per_token": sse / n, "l0": l0 / n,
-            "dead_fraction": 1 - fired.float().mean().item(), "eval_tokens": n}
+    sums = new_reconstruction_sums(sae, torch.device(device))
+    for s in range(0, acts.shape[0], batch_size):
+        reconstruction_sums(sae, acts[s:s + batch_size].to(device).float(), sums)
+    reduce_sums(sums, env)
+    sae.train(was_training)
+    return finish_reconstruction(sums)
 
 
-def train_topk(train: ActivationSet, val: ActivationSet | None, sae_cfg: SAEConfig, cfg: TrainConfig,
-               progress: Callable[[int, int, dict], None] | None = None) -> tuple[TopKSAE, dict]:
-    """Train and return (sae, history). The SAE's config gets the training provenance and final metrics."""
+class TopKObjective(nn.Module):
+    """TopK SAE loss for the shared loop: normalised MSE + auxk_alpha * AuxK; selection on validation FVU."""
+
+    arch = "topk"
+    unused_params = False
+
+    def __init__(self, sae: TopKSAE, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.sae, self.cfg = sae, cfg
+        self.k_aux = cfg.k_aux or sae.cfg.d_model // 2
+
+    def init(self, sample: ActivationSet) -> None:
+        x = sample.acts.float()
+        self.sae.fit_normalization(x)
+        with torch.no_grad():
+            self.sae.b_dec.copy_(geometric_median(self.sae.normalize(x)))
+
+    def prepare(self, batch: Batch, device: torch.device, env: DistEnv) -> dict[str, Any]:
+        return {"x": batch.acts.to(device, non_blocking=True).float()}
+
+    def forward(self, x: torch.Tensor, dead: torch.Tensor) -> dict[str, Any]:
+        out = topk_losses(self.sae, x, dead, self.k_aux)
+        loss = out["l_rec"] + self.cfg.auxk_alpha * out["l_aux"]
+        return {"loss": loss, "fired": (out["z"] > 0).any(0),
+                "logs": {"loss": loss.detach(), "fvu": out["fvu"], "l_aux": out["l_aux"].detach()}}
+
+    def evaluate(self, val: ActivationSet, device: torch.device, env: DistEnv, batch_size: int) -> dict:
+        return evaluate(self.sae, val.acts, batch_size, device, env)
+
+    def selection_key(self, metrics: dict) -> tuple[float, ...]:
+        return (metrics["fvu"],)
+
+    def fingerprint(self) -> dict:
+        c = self.sae.cfg
+        return {"arch": "topk", "d_model": c.d_model, "d_sae": c.d_sae, "k": c.k, "hook": [c.hook_point, c.layer],
+                "plm_sha256": c.plm_sha256}
+
+
+def as_rows(train: ActivationSet | InMemoryRows | ShuffleBufferStream, cfg: TrainConfig,
+            env: DistEnv) -> InMemoryRows | ShuffleBufferStream:
+    if isinstance(train, ActivationSet):
+        return InMemoryRows(train, cfg.batch_size, cfg.seed, env.rank, env.world_size)
+    return train
+
+
+def train_topk(train: ActivationSet | InMemoryRows | ShuffleBufferStream, val: ActivationSet | None,
+               sae_cfg: SAEConfig, cfg: TrainConfig, progress: Callable[[int, int, dict], None] | None = None, *,
+               env: DistEnv = SINGLE, device: str | torch.device | None = None, state_dir: str | None = None,
+               resume: str | None = None) -> tuple[TopKSAE, dict]:
+    """Train and return (sae, history). The SAE is the checkpoint with the smallest validation FVU among the
+    evaluations after `cfg.save_after` of the run (the last one without validation data); its config gets the
+    training provenance and metrics. `history` also holds the final weights (`last_state`)."""
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     sae = TopKSAE(sae_cfg)
     sae.reset_parameters(seed=cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    sample = train.acts[torch.randperm(len(train), generator=g)[:65536]].float()
-    sae.fit_normalization(sample)
-    with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sae.normalize(sample)))
-    sae.to(device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"only {len(train)} training tokens for batch size {cfg.batch_size}")
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    warmup = max(1, int(cfg.warmup_frac * total))
-    k_aux = cfg.k_aux or sae_cfg.d_model // 2
-    tokens_since = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
-    history: list[dict] = []
-    step = 0
-    t0 = time.perf_counter()
-    while step < total:
-        for rows in iter_batches(len(train), cfg.batch_size, g):
-            if step >= total:
-                break
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, cfg.lr, warmup)
-            x = train.acts[rows].to(device).float()
-            dead = tokens_since > cfg.dead_after_tokens
-            out = topk_losses(sae, x, dead, k_aux)
-            loss = out["l_rec"] + cfg.auxk_alpha * out["l_aux"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _project_decoder_grad(sae)
-            opt.step()
-            sae.normalize_decoder()
-            fired = (out["z"] > 0).any(0)
-            tokens_since += x.shape[0]
-            tokens_since[fired] = 0
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                rec = {"step": step, "loss": loss.item(), "fvu": out["fvu"].item(), "l_aux": out["l_aux"].item(),
-                       "dead_fraction": dead.float().mean().item(), "lr": opt.param_groups[0]["lr"],
-                       "seconds": time.perf_counter() - t0}
-                history.append(rec)
-            if progress is not None:
-                progress(step, total, {"fvu": out["fvu"].item()})
-    sae.eval()
-    metrics = {"train": evaluate(sae, train.acts[:200_000], device=device)}
-    if val is not None and len(val):
-        metrics["val"] = evaluate(sae, val.acts, device=device)
+    rows = as_rows(train, cfg, env)
+    objective = TopKObjective(sae, cfg)
+    res = fit(objective, rows, val, cfg, env=env, device=device or cfg.device, state_dir=state_dir, resume=resume,
+              progress=progress, save_after_default=0.0)
+    return sae.cpu(), finish_history(sae, res, rows, val, cfg, objective, env)
+
+
+def finish_history(sae: nn.Module, res, rows, val: ActivationSet | None, cfg: TrainConfig, objective,
+                   env: DistEnv) -> dict:
+    """Final metrics of the selected checkpoint, provenance into its config, and the history dict."""
+    device = next(sae.parameters()).device
+    metrics: dict[str, Any] = {}
+    if not res.stopped:
+        metrics["train"] = objective.evaluate(rows.sample(cfg.init_rows), device, SINGLE, cfg.eval_batch_size)
+        if res.best:
+            metrics["val"] = res.best["metrics"]
+        elif res.evals and "val" in res.evals[-1]:
+            metrics["val"] = res.evals[-1]["val"]
+        if res.evals and "val" in res.evals[-1]:
+            metrics["val_last"] = res.evals[-1]["val"]
     sae.cfg.training.update({
-        "train_config": asdict(cfg), "steps": step, "train_tokens": len(train),
-        "val_tokens": len(val) if val is not None else 0, "seconds": time.perf_counter() - t0,
-        "metrics": metrics, "history_tail": history[-5:],
+        "train_config": {**asdict(cfg), "lr_milestones": list(cfg.lr_milestones)}, "steps": res.step,
+        "total_steps": res.total_steps, "train_tokens": rows.n_rows,
+        "val_tokens": len(val) if val is not None else 0, "seconds": res.seconds, "world_size": env.world_size,
+        "selected_step": res.best.get("step", res.step), "metrics": metrics, "history_tail": res.history[-5:],
     })
-    return sae.cpu(), {"history": history, "metrics": metrics}
+    return {"history": res.history, "evals": res.evals, "metrics": metrics, "best": res.best,
+            "last_state": res.last_state, "stopped": res.stopped, "step": res.step,
+            "total_steps": res.total_steps, "seconds": res.seconds}
