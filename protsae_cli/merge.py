@@ -194,9 +194,34 @@ def detect_kind(path: str | Path) -> str:
 
 
 def _output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
-    from protsae_cli.annotate import output_paths
+    """PREFIX.h5/.tsv/.gff3, as `annotate` names them (`-`: TSV on stdout).
 
-    return output_paths(prefix, formats)
+    Not imported from protsae_cli.annotate, which imports torch: a merge job on a CPU node should start in
+    well under a second, not load a deep-learning stack it never uses.
+    """
+    paths = {}
+    for f in formats:
+        if f not in FORMATS:
+            raise InputError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
+        if prefix == "-":
+            if f != "tsv":
+                raise InputError("- writes TSV to stdout; use --formats tsv with it")
+            paths[f] = "-"
+        else:
+            paths[f] = f"{prefix}.{f}"
+    return paths
+
+
+@dataclass(frozen=True)
+class _Concept:
+    """The concept fields the writers read, rebuilt from an HDF5 concept table without importing torch
+    (``H5Annotations.concepts`` builds ``protsae_cli.sae.ConceptEntry``, whose module needs torch)."""
+
+    latent: int
+    concept_id: str
+    name: str
+    ontology_id: str
+    threshold: float
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -315,8 +340,8 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
             if Path(p).resolve() in {x.resolve() for x in paths}:
                 raise InputError(f"{p}: the output would overwrite one of the inputs")
 
+    concepts = [_Concept(int(lat), cid, name, ont, float(thr)) for lat, cid, name, ont, thr in ref_concepts]
     with H5Annotations(paths[0]) as h5:
-        concepts = h5.concepts
         d_sae, k = h5.d_sae, h5.k
     dtype = str(infos[0].attrs.get("dtype") or "float16")
     summary = MergeSummary(inputs=names, outputs=list(out_paths.values()))

@@ -1,0 +1,60 @@
+"""workflow/Snakefile run for real with the local profile on 2 cores: shards, merge, equality with a direct run."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protsae_cli.annotate import AnnotateOptions, Annotator
+from tests.test_merge_resume import assert_same_outputs, write_fasta
+
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("snakemake") is None,
+                                reason="snakemake is not installed (pip install -e '.[test]')")
+
+
+def test_profiles_and_config_parse():
+    yaml = pytest.importorskip("yaml")  # a snakemake dependency
+    config = yaml.safe_load((WORKFLOW / "config.yaml").read_text())
+    assert {"input", "outdir", "prefix", "n_shards", "annotate_args", "threads", "gpus_per_job"} <= set(config)
+    local = yaml.safe_load((WORKFLOW / "profiles/local/config.yaml").read_text())
+    assert local["resources"]["gpu"] >= 1
+    slurm = yaml.safe_load((WORKFLOW / "profiles/slurm/config.yaml").read_text())
+    assert slurm["executor"] == "slurm" and "protsae_annotate" in slurm["set-resources"]
+    snakefile = (WORKFLOW / "Snakefile").read_text()
+    assert "gpu=" in snakefile and "--shard {params.shard}" in snakefile and "{params.protsae} merge" in snakefile
+
+
+def test_workflow_runs_locally_and_equals_a_direct_run(tiny_esm_path, tiny_sae_dir, tmp_path):
+    fasta = write_fasta(tmp_path / "in.fasta", n=16)
+    annotate_args = f"--model {shlex.quote(str(tiny_esm_path))} --sae {shlex.quote(str(tiny_sae_dir))} " \
+                    "--device cpu --toks-per-batch 1 --skip-invalid"
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(WORKFLOW / "Snakefile"),
+           "--profile", str(WORKFLOW / "profiles/local"), "--cores", "2", "--resources", "gpu=2",
+           "--directory", str(tmp_path), "--retries", "0",
+           "--config", f"input={fasta}", f"outdir={out}", "prefix=run", "n_shards=3", "threads=1",
+           f"annotate_args={annotate_args}", f"protsae={sys.executable} -m protsae_cli"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob("*.log"))) if (out / "logs").exists() else ""
+    assert proc.returncode == 0, proc.stderr[-4000:] + logs
+
+    assert sorted(p.name for p in (out / "shards").glob("*.h5")) == [f"run.{i}-of-3.h5" for i in (1, 2, 3)]
+    assert "INFO protsae.merge: merged 3 files" in (out / "logs/merge.log").read_text()  # logs went to {log}
+
+    # The same settings in one process; --threads 1 as in the jobs, so float reductions run in the same order.
+    old_threads = torch.get_num_threads()
+    try:
+        ann = Annotator(str(tiny_esm_path), str(tiny_sae_dir), device="cpu", threads=1)
+        ann.run(AnnotateOptions(input=str(fasta), output_prefix=str(tmp_path / "direct"), device="cpu",
+                                toks_per_batch=1, skip_invalid=True, progress=False, threads=1))
+    finally:
+        torch.set_num_threads(old_threads)
+    assert_same_outputs(out / "run", tmp_path / "direct")
