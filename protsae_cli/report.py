@@ -469,7 +469,8 @@ details>summary{cursor:pointer;color:var(--accent);margin:6px 0}
 .rule{stroke:#9ca3af;stroke-width:1}.frame{stroke:#d1d5db}
 .band{fill:#ffffff}.band2{fill:#f8f9fb}
 .thr{stroke:#c4c9d1;stroke-dasharray:3 3;stroke-width:.8}
-.seg:hover rect{fill-opacity:.3}
+.sb{fill-opacity:.14;stroke-width:1}.sf{stroke:none}
+.seg:hover .sb{fill-opacity:.32}
 .pix{image-rendering:pixelated;image-rendering:crisp-edges}
 .aa{font:600 10px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;text-anchor:middle}
 .aa-acid{fill:#c0392b}.aa-base{fill:#2457a6}.aa-polar{fill:#1e8449}.aa-hyd{fill:#374151}
@@ -567,8 +568,8 @@ def _badge(status: str) -> str:
     return f'<span class="badge st-{esc(status)}">{esc(status)}</span>'
 
 
-def _num(x: int | float) -> str:
-    return f"{x:,}" if isinstance(x, int) else fmt(float(x))
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass
@@ -664,7 +665,7 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
              '<th class="num">max act.</th><th>top proteins</th></tr></thead><tbody>']
         for s in rows:
             ids_cell = []
-            for m, ordinal in s.top:
+            for m, ordinal in s.top[:3]:
                 p = int(omap.positions(np.array([ordinal]))[0])
                 name = esc(ids[p]) if p >= 0 else esc(f"#{ordinal}")
                 link = f'<a href="#p{p}">{name}</a>' if p in drawn else name
@@ -688,7 +689,8 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
     out.append(table(stats[:top_concepts]))
     if len(stats) > top_concepts:
         rest = stats[top_concepts:top_concepts + 5000]
-        out.append(f"<details><summary>All {len(stats):,} concepts</summary>{table(rest)}</details>")
+        out.append(f"<details><summary>{len(stats) - top_concepts:,} more concepts</summary>{table(rest)}"
+                   "</details>")
     out.append("</section>")
     return "".join(out)
 
@@ -756,8 +758,8 @@ def _protein_card(v: ProteinView) -> str:
     badges = [_badge(info.status), f'<span class="badge plain">{info.length:,} aa</span>',
               f'<span class="badge plain">input #{info.index}</span>']
     if info.n_rows:
-        badges += [f'<span class="badge plain">{len(v.segments):,} segments</span>',
-                   f'<span class="badge plain">{v.n_concepts:,} concepts</span>',
+        badges += [f'<span class="badge plain">{_plural(len(v.segments), "segment")}</span>',
+                   f'<span class="badge plain">{_plural(v.n_concepts, "concept")}</span>',
                    f'<span class="badge plain">{v.active_latents:,} latents active; '
                    f"{v.mean_active:.1f} per residue</span>"]
     out = [f'<div class="protein" id="p{info.position}"><div class="phead"><h3 class="id">{esc(info.id)}</h3>'
@@ -781,7 +783,8 @@ def _protein_card(v: ProteinView) -> str:
                        f'<td class="num">{s}</td><td class="num">{e}</td><td class="num">{e - s + 1}</td>'
                        f'<td class="num">{fmt(mx)}</td><td class="num">{fmt(mn)}</td></tr>'
                        for c, lab, s, e, mx, mn in v.segments)
-        out.append(f"<details><summary>{len(v.segments):,} segments</summary><table><thead><tr><th>concept</th>"
+        out.append(f"<details><summary>{_plural(len(v.segments), 'segment')}</summary><table><thead><tr>"
+                   "<th>concept</th>"
                    '<th class="num">start</th><th class="num">end</th><th class="num">length</th>'
                    f'<th class="num">max</th><th class="num">mean</th></tr></thead><tbody>{rows}</tbody></table>'
                    "</details>")
@@ -809,7 +812,7 @@ def _details_section(views: Sequence[ProteinView], n_total: int, requested: bool
 
 def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, png_dir: str | os.PathLike[str] | None = None,
                  proteins: Sequence[str] | None = None, max_proteins: int = 50, top_latents: int = 24,
-                 max_lanes: int = 25, top_concepts: int = 30, hist_latents: int = 12,
+                 max_lanes: int = 25, top_concepts: int = 20, hist_latents: int = 12,
                  scan_entries: int = 20_000_000, table_limit: int = 200_000,
                  title: str | None = None) -> ReportSummary:
     """Write the HTML report of ``h5`` to ``output`` (atomically) and, with ``png_dir``, matplotlib PNGs."""
