@@ -153,7 +153,7 @@ class _MappedShard:
                 self.bf16.add(name)
 
     def tensor(self, name: str, index) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(self.arrays[name][index]))
+        t = torch.from_numpy(np.array(self.arrays[name][index]))  # a copy: never alias the file map
         return t.view(torch.bfloat16) if name in self.bf16 else t
 
 
@@ -475,7 +475,7 @@ class ShuffleBufferStream:
     def epoch(self, epoch: int, skip: int = 0, full: bool = False) -> Iterator[Batch]:
         """Batches of one epoch from batch `skip` on; `full` yields whole global batches instead of this rank's
         slice (for samples every rank must agree on)."""
-        rng = np.random.default_rng([self.seed, int(epoch), 7])
+        rng = np.random.default_rng([self.seed, int(epoch) + 1, 7])  # epoch -1: the init sample
         blocks = self._blocks(rng)
         cap, bs = self.buffer_rows, self.batch_size
         d = self.cache.d_model

@@ -39,7 +39,7 @@ from protsae_cli.ontology import NormalForms, Ontology
 from protsae_cli.protsae_model import ProtSAE
 from protsae_cli.sae import SAEConfig
 from protsae_cli.train_topk import as_rows, finish_history, geometric_median
-from protsae_cli.trainer import (TrainConfig, finish_reconstruction, fit, new_reconstruction_sums,
+from protsae_cli.trainer import (TrainConfig, aux_rescale, finish_reconstruction, fit, new_reconstruction_sums,
                                  reconstruction_sums, reduce_sums)
 
 SAVE_AFTER_DEFAULT = 0.6  # released code: --save-after-epoch 30 of 50 epochs
@@ -74,6 +74,7 @@ class ProtSAEObjective(nn.Module):
             raise InputError(f"{len(labels)} concept label columns for a ProtSAE with {sae.n_concepts} concepts")
         self.sae, self.labels, self.cfg = sae, labels, cfg
         self.k_aux = cfg.k_aux or sae.cfg.d_model // 2
+        self.env = SINGLE  # set by trainer.fit
 
     def init(self, sample: ActivationSet) -> None:
         """Normalisation and b_dec as for TopK, and b_pred at each concept's prior log-odds."""
@@ -99,7 +100,8 @@ class ProtSAEObjective(nn.Module):
         out = sae.forward_train(x, labels, protein_index, dead_mask=dead, aux_k=self.k_aux,
                                 aux_coef=self.cfg.auxk_alpha)
         o = sae.opts
-        loss = out["l_rec"] + o["lambda_annot"] * annot_weight * out["l_annot"] + self.cfg.auxk_alpha * out["l_aux"]
+        l_aux = out["l_aux"] * aux_rescale(out["l_rec"], dead, self.env)
+        loss = out["l_rec"] + o["lambda_annot"] * annot_weight * out["l_annot"] + self.cfg.auxk_alpha * l_aux
         if o["use_axiom"] and o["lambda_axiom"] != 0:
             loss = loss + o["lambda_axiom"] * out["l_axiom"]
         logs = {k: out[k].detach() for k in ("l_rec", "l_annot", "l_axiom", "l_aux", "nmse", "l0")}

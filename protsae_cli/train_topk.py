@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from protsae_cli.activations import ActivationSet, Batch, InMemoryRows, ShuffleBufferStream
 from protsae_cli.distributed import SINGLE, DistEnv
 from protsae_cli.sae import SAEConfig, TopKSAE
-from protsae_cli.trainer import (TrainConfig, cosine_lr, finish_reconstruction, fit, new_reconstruction_sums,
+from protsae_cli.trainer import (TrainConfig, aux_rescale, cosine_lr, finish_reconstruction, fit, new_reconstruction_sums,
                                  project_decoder_grad, reconstruction_sums, reduce_sums)
 
 __all__ = ["TrainConfig", "cosine_lr", "geometric_median", "topk_losses", "evaluate", "train_topk", "TopKObjective"]
@@ -94,6 +94,7 @@ class TopKObjective(nn.Module):
         super().__init__()
         self.sae, self.cfg = sae, cfg
         self.k_aux = cfg.k_aux or sae.cfg.d_model // 2
+        self.env = SINGLE  # set by trainer.fit
 
     def init(self, sample: ActivationSet) -> None:
         x = sample.acts.float()
@@ -106,7 +107,8 @@ class TopKObjective(nn.Module):
 
     def forward(self, x: torch.Tensor, dead: torch.Tensor) -> dict[str, Any]:
         out = topk_losses(self.sae, x, dead, self.k_aux)
-        loss = out["l_rec"] + self.cfg.auxk_alpha * out["l_aux"]
+        l_aux = out["l_aux"] * aux_rescale(out["l_rec"], dead, self.env)
+        loss = out["l_rec"] + self.cfg.auxk_alpha * l_aux
         return {"loss": loss, "fired": (out["z"] > 0).any(0),
                 "logs": {"loss": loss.detach(), "fvu": out["fvu"], "l_aux": out["l_aux"].detach()}}
 

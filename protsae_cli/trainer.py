@@ -110,6 +110,20 @@ def project_decoder_grad(sae: nn.Module) -> None:
         g -= (g * W).sum(-1, keepdim=True) * W
 
 
+def aux_rescale(l_rec: torch.Tensor, dead: torch.Tensor, env: DistEnv) -> torch.Tensor | float:
+    """Factor turning a rank's AuxK loss into its share of the global-batch AuxK loss.
+
+    AuxK is normalised by the mean squared residual of the batch, and each rank only knows its slice's; the
+    slice's mean squared residual is exactly its L_rec, so multiplying by l_rec_local / l_rec_global makes
+    the DDP-averaged gradient equal the single-process one. Collective only when some latent is dead (the
+    dead mask is identical on all ranks, so all ranks agree on whether to call it)."""
+    if not env.enabled or not bool(dead.any()):
+        return 1.0
+    den = l_rec.detach().clone()
+    all_reduce_sum(den, env)
+    return l_rec.detach() * env.world_size / den.clamp_min(1e-12)
+
+
 # ----------------------------------------------------------------------------------------------- validation
 def new_reconstruction_sums(sae: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed accumulators; created up front so a rank with no validation rows still joins the reductions."""
@@ -309,11 +323,18 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
     model: nn.Module = objective  # type: ignore[assignment]
+    objective.env = env
     if env.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # Buffers (normalisation) are fitted identically on every rank from the same sample and never change;
+        # syncing them every forward would be wasted traffic.
+        import inspect
+
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False, find_unused_parameters=getattr(objective, "unused_params", False))
+                    find_unused_parameters=getattr(objective, "unused_params", False), **sync)
     val_local = shard_for_rank(val, env) if val is not None and len(val) else None
 
     def save_state(final: bool) -> None:

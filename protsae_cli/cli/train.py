@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
@@ -148,4 +149,5 @@ def command(
                           stop_at=stop_at_step),
     )
     out = train_sae(opts)
-    typer.echo(f"wrote {out}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # one line per job, not per DDP process
+        typer.echo(f"wrote {out}", err=True)
