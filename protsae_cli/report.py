@@ -31,10 +31,10 @@ import numpy as np
 from protsae_cli import __version__
 from protsae_cli.errors import InputError
 
+from protsae_cli.plots import Heatmap, Lane, color_for, colorbar_uri, esc, fmt, histogram_svg, protein_figure
+
 if TYPE_CHECKING:
     from protsae_cli.writers.h5 import H5Annotations, ProteinInfo
-
-from protsae_cli.plots import Heatmap, Lane, color_for, colorbar_uri, esc, fmt, histogram_svg, protein_figure
 
 STATUS_ORDER = ("ok", "windowed", "truncated", "failed_oom", "invalid")
 SEGMENT_CHUNK = 1 << 20

@@ -276,6 +276,19 @@ def test_structure_file_errors(h5, tmp_path):
         export_structure(h5, empty, tmp_path / "o.pdb", "helix cap", protein_id="P1")
 
 
+def test_pdb_lines_without_bfactor_columns_and_crlf(h5, tmp_path):
+    short = tmp_path / "short.pdb"
+    lines = [line[:54] if line.startswith(("ATOM", "HETATM")) else line for line in PDB.read_text().splitlines()]
+    short.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    out = tmp_path / "out.pdb"
+    export_structure(h5, short, out, "helix cap", protein_id="P1", scale="raw")
+    raw = out.read_bytes()
+    assert raw.count(b"\r\n") == len(lines) and b"\n" not in raw.replace(b"\r\n", b"")
+    want = expected((3,))
+    bs = [b for _, name, b in chain_b(out) if name not in ("HOH", "ZN")]
+    assert bs == pytest.approx([want[fasta_position(i) - 1] for i in range(CHAIN_A_LEN)], abs=PDB_TOL)
+
+
 def test_raw_values_too_wide_for_pdb(tmp_path):
     path = tmp_path / "big.h5"
     dense = np.zeros((len(TEST_SEQUENCE), D_SAE), np.float32)

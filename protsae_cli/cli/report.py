@@ -32,6 +32,9 @@ def command(
     scan_entries: int = typer.Option(20_000_000, "--scan-entries", rich_help_panel=FIG_PANEL,
                                      help="Latent histograms read at most this many code entries (whole "
                                           "residues from the start of the file); the page says when it sampled."),
+    table_limit: int = typer.Option(200_000, "--table-limit", rich_help_panel=SEL_PANEL,
+                                    help="Most proteins listed in the searchable table (bounds the page size; "
+                                         "~70 bytes per protein)."),
     title: Optional[str] = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
 ) -> None:
     """Write a self-contained HTML report (no network needed) of an annotation file.
@@ -47,7 +50,8 @@ def command(
     out = output if output is not None else h5.with_name(
         (h5.name[:-3] if h5.name.endswith(".h5") else h5.name) + ".report.html")
     summary = write_report(h5, out, png_dir=png_dir, proteins=proteins or None, max_proteins=max_proteins,
-                           top_latents=top_latents, max_lanes=max_lanes, scan_entries=scan_entries, title=title)
+                           top_latents=top_latents, max_lanes=max_lanes, scan_entries=scan_entries,
+                           table_limit=table_limit, title=title)
     print(f"protsae report: wrote {summary.output} ({summary.proteins_drawn} of {summary.proteins_total} "
           f"proteins drawn{'; latent histograms sampled' if summary.sampled else ''})", file=sys.stderr)
     if summary.pngs:
