@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("report", "protsae_cli.cli.report"),
     ("export-structure", "protsae_cli.cli.export_structure"),
     ("export-onnx", "protsae_cli.cli.export_onnx"),
+    ("eval", "protsae_cli.cli.eval"),
 ]
 
 

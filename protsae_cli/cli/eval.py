@@ -1,0 +1,97 @@
+"""`protsae eval`: options in, one library call (`protsae_cli.evaluate.evaluate`)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import typer
+
+DATA, CONCEPTS, LM, OUT = "Data", "Concepts", "Language-model fidelity", "Outputs"
+
+
+def command(
+    fasta: str = typer.Argument(..., help="Held-out proteins (FASTA, .gz or -); ids must be unique.",
+                                show_default=False),
+    sae: List[str] = typer.Option(..., "--sae", "-s", show_default=False,
+                                  help="SAE directory; repeat to compare SAEs at the same hook (e.g. TopK vs ProtSAE)."),
+    json_out: str = typer.Option(..., "--json", help="Write the results here (JSON; keys documented in "
+                                 "protsae_cli/evaluate.py).", rich_help_panel=OUT, show_default=False),
+    markdown_out: Optional[str] = typer.Option(None, "--markdown", rich_help_panel=OUT,
+                                               help="Also write a Markdown summary."),
+    plots: Optional[str] = typer.Option(None, "--plots", rich_help_panel=OUT,
+                                        help="Directory for PNG plots (firing frequency, concept F1, CE)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="ESM-2 fair-esm name or checkpoint path (default: bundled stand-in)."),
+    annotations: List[str] = typer.Option([], "--annotations", "-a", rich_help_panel=CONCEPTS,
+                                          help="Annotation file; repeat for several sources. Comma-join files "
+                                               "that form one source (bindPredict metal,nuclear,small)."),
+    annotation_format: List[str] = typer.Option([], "--annotation-format", rich_help_panel=CONCEPTS,
+                                                help="Format per --annotations, in order (one value applies to "
+                                                     "all): swissprot, uniprot-xml, uniprot-tsv, tmbed, binding, "
+                                                     "gaf, go-tsv, generic-tsv or auto."),
+    ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=CONCEPTS,
+                                           help="OBO ontology for propagation (GO for gaf/go-tsv; default for "
+                                                "residue formats: the shipped residue concept ontology)."),
+    propagate: bool = typer.Option(True, "--propagate/--no-propagate", rich_help_panel=CONCEPTS,
+                                   help="Add ancestor concepts to the labels before evaluating."),
+    split_by_id: Optional[Tuple[str, str]] = typer.Option(None, "--split-by-id", rich_help_panel=DATA,
+                                                          metavar="VALID_IDS TEST_IDS",
+                                                          help="Two id-list files: selection proteins, report proteins."),
+    valid_fraction: float = typer.Option(0.5, "--valid-fraction", rich_help_panel=DATA,
+                                         help="Without --split-by-id: seeded random fraction of proteins for "
+                                              "selection (the rest is the test split)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=DATA, help="Seed of the split and of the LM masks."),
+    max_residues: int = typer.Option(1022, "--max-residues", rich_help_panel=DATA,
+                                     help="Longer proteins are evaluated on their first residues only."),
+    thresholds: str = typer.Option("0,0.15,0.5,0.6,0.8", "--thresholds", rich_help_panel=CONCEPTS,
+                                   help="Comma-separated threshold grid on max-normalised activations."),
+    lm_proteins: int = typer.Option(64, "--lm-proteins", rich_help_panel=LM,
+                                    help="Test proteins for the CE splice (0 = skip LM fidelity)."),
+    lm_max_len: int = typer.Option(512, "--lm-max-len", rich_help_panel=LM, help="Crop them to this length."),
+    mask_fraction: float = typer.Option(0.15, "--mask-fraction", rich_help_panel=LM,
+                                        help="Residues masked for the masked-LM CE."),
+    toks_per_batch: int = typer.Option(8192, "--toks-per-batch", help="Padded tokens per PLM batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    no_check_plm: bool = typer.Option(False, "--no-check-plm", help="Accept an SAE trained on a PLM with another "
+                                      "checksum."),
+) -> None:
+    """Evaluate SAEs on held-out proteins: reconstruction, LM fidelity, concept alignment, probing.
+
+    Example: [bold]protsae eval --sae topk --sae protsae test.fasta -a tm.fasta --annotation-format tmbed
+    --valid-fraction 0.5 --json eval.json --markdown eval.md --plots plots/[/bold]
+    """
+    from protsae_cli.errors import InputError
+    from protsae_cli.evaluate import AnnotationSpec, EvalOptions, evaluate
+
+    if annotation_format and len(annotation_format) not in (1, len(annotations)):
+        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
+                         "--annotations; give one per source, or one for all")
+    fmts = (annotation_format * len(annotations) if len(annotation_format) == 1
+            else annotation_format or ["auto"] * len(annotations))
+    specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
+    try:
+        grid = tuple(float(t) for t in thresholds.split(",") if t.strip())
+    except ValueError as e:
+        raise InputError(f"--thresholds: {e}") from e
+    split_ids = tuple(split_by_id) if split_by_id and all(split_by_id) else None
+    opts = EvalOptions(sae=list(sae), fasta=fasta, model=model, annotations=specs, ontology=ontology,
+                       propagate=propagate, split_ids=split_ids, valid_fraction=valid_fraction, seed=seed,
+                       thresholds=grid, lm_proteins=lm_proteins, lm_max_len=lm_max_len, mask_fraction=mask_fraction,
+                       max_residues=max_residues, toks_per_batch=toks_per_batch, device=device,
+                       json_out=json_out, markdown_out=markdown_out, plots_dir=plots, no_check_plm=no_check_plm)
+    result = evaluate(opts)
+    for s in result["saes"]:
+        r = result["reconstruction"][s["name"]]
+        line = f"{s['name']}: FVE {r['fve']:.3f}, L0 {r.get('l0_mean', float('nan')):.1f}"
+        fid = result.get("lm_fidelity")
+        if fid:
+            lr = fid["unmasked"]["per_sae"][s["name"]]["loss_recovered_zero"]
+            line += f", loss recovered {lr['clipped']:.1f} %" if lr["defined"] else ", loss recovered undefined"
+        con = result.get("concepts")
+        if con:
+            c = con["per_sae"][s["name"]]["summary"]
+            mb = c["mean_best_test_f1"]
+            line += f", mean best test F1 {mb:.3f}" if mb is not None else ""
+            line += f" (coverage {c['coverage']}/{c['n_evaluable']})"
+        typer.echo(line, err=True)
+    typer.echo(f"wrote {json_out}", err=True)
