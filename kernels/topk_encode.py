@@ -397,6 +397,7 @@ def candidate_configs(d: int, n: int, k: int, dtype: torch.dtype) -> list[Kernel
            replace(base, block_m=128, block_n=bn64, cap=8 * bn64),
            replace(base, block_m=128),
            replace(base, num_warps=4),
+           replace(base, num_warps=4, block_n=bn64, cap=8 * bn64),  # 2 CTAs/SM fit: GEMM/selection overlap
            replace(base, num_stages=2),
            replace(base, num_stages=4),
            replace(base, block_k=128 if d % 128 == 0 else base.block_k),
@@ -532,7 +533,8 @@ def topk_encode(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, k: int,
 # ----------------------------------------------------------------------------------------------------
 
 def check_topk(idx: torch.Tensor, val: torch.Tensor, pre: torch.Tensor, k: int, atol: float = 1e-5,
-               rtol: float = 1e-5, exact: bool = False) -> list[str]:
+               rtol: float = 1e-5, exact: bool = False,
+               ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[str]:
     """Problems with (idx, val) as the encoding of pre-activations `pre` [N, n]; an empty list means it agrees
     with the reference (`protsae_cli.sae.topk_relu`) up to near-ties.
 
@@ -541,13 +543,14 @@ def check_topk(idx: torch.Tensor, val: torch.Tensor, pre: torch.Tensor, k: int, 
     other. Outside that band the selections must agree, values must match `pre` at the reported indices,
     slots must be in the canonical order (value desc, index asc, empties last as -1 / 0) and indices must be
     distinct. With ``exact`` (inputs whose GEMM is exact in fp32, e.g. small integers) idx and val must
-    equal the reference bit for bit, which also pins the lower-index tie rule.
+    equal the reference bit for bit, which also pins the lower-index tie rule. Runs on `pre`'s device;
+    `ref` may pass a precomputed `topk_relu(pre, k)` when several outputs are checked against one `pre`.
     """
     from protsae_cli.sae import topk_relu
 
     problems: list[str] = []
-    pre = pre.detach().float().cpu()
-    idx, val = idx.detach().cpu(), val.detach().cpu()
+    pre = pre.detach().float()
+    idx, val = idx.detach().to(pre.device), val.detach().to(pre.device)
     N = pre.shape[0]
     if idx.shape != (N, k) or val.shape != (N, k):
         return [f"shapes {tuple(idx.shape)}, {tuple(val.shape)}; expected ({N}, {k})"]
@@ -555,7 +558,7 @@ def check_topk(idx: torch.Tensor, val: torch.Tensor, pre: torch.Tensor, k: int, 
         return [f"dtypes {idx.dtype}, {val.dtype}; expected int64, float32"]
     if N == 0:
         return problems
-    ref_idx, ref_val = topk_relu(pre, k)
+    ref_idx, ref_val = ref if ref is not None else topk_relu(pre, k)
     if exact:
         if not torch.equal(idx, ref_idx) or not torch.equal(val, ref_val):
             rows = ((idx != ref_idx) | (val != ref_val)).any(1).nonzero().flatten()[:3].tolist()
