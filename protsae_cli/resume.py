@@ -228,8 +228,8 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
         if reused:
             log.info("resumed: reused %d finished chunks from %s, computed %d", reused, store.dir, computed)
         # Only this input's chunks: a part numbered beyond them is left over from a longer input.
-        merge_h5([store.path(n) for n in range(n_chunks)], opts.output_prefix, opts.formats, provenance=prov, compression=opts.compression,
-                 on_result=lambda res: _tally(summary, res))
+        merge_h5([store.path(n) for n in range(n_chunks)], opts.output_prefix, opts.formats, provenance=prov,
+                 compression=opts.compression, on_result=lambda res: _tally(summary, res))
     except BaseException:
         done = len(store.parts())
         if done:

@@ -209,3 +209,23 @@ def test_devices_refuses_device_too(tiny_esm_path, tiny_sae_dir, small_fasta, tm
     args = annotate_args(tiny_esm_path, tiny_sae_dir, small_fasta, tmp_path / "x", "--devices", "cpu,cpu")
     assert run_main(args) == EXIT_USAGE
     assert os.listdir(tmp_path) == ["small.fasta"]
+
+
+def test_devices_resume_refuses_other_settings(tmp_path):
+    """Finished workers are reused under --resume only if they were started with the same settings."""
+    from protsae_cli.errors import InputError
+    from protsae_cli.multigpu import _prepare_workdir
+
+    work = tmp_path / "run.devices"
+    opts = AnnotateOptions(input="in.fa", output_prefix=str(tmp_path / "run"), resume=True)
+    _prepare_workdir(work, opts, ["cuda:0", "cuda:1"])
+    (work / "worker_1.h5").write_bytes(b"finished earlier")
+    _prepare_workdir(work, opts, ["cuda:0", "cuda:1"])  # same settings: kept
+    assert (work / "worker_1.h5").exists()
+    with pytest.raises(InputError, match="toks_per_batch"):
+        _prepare_workdir(work, AnnotateOptions(input="in.fa", output_prefix=str(tmp_path / "run"), resume=True,
+                                               toks_per_batch=8), ["cuda:0", "cuda:1"])
+    with pytest.raises(InputError, match="number of workers"):
+        _prepare_workdir(work, opts, ["cuda:0"])
+    _prepare_workdir(work, AnnotateOptions(input="in.fa", output_prefix=str(tmp_path / "run")), ["cuda:0"])
+    assert not (work / "worker_1.h5").exists()  # without --resume, leftovers are discarded
