@@ -1,0 +1,254 @@
+"""ProtSAE training from FASTA + annotation files: concept labels (missing is not negative, protein pooling),
+concept selection, end-to-end training whose defined latents mean their concepts, and `annotate` with the
+result."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from protsae_cli.activations import ActivationSet
+from protsae_cli.annotate import AnnotateOptions, annotate
+from protsae_cli.cli.app import build_app
+from protsae_cli.concept_labels import build_concept_labels, concept_normal_forms, select_concepts
+from protsae_cli.errors import InputError
+from protsae_cli.esm_forward import EsmRunner, HookPoint
+from protsae_cli.labels import ProteinLabels, ResidueLabelBuilder
+from protsae_cli.ontology import Ontology
+from protsae_cli.plm import load_plm
+from protsae_cli.sae import SAEConfig, load_sae
+from protsae_cli.train_protsae import prepare_concepts, train_protsae
+from protsae_cli.trainer import TrainConfig
+from tests.train_helpers import DNA, RULES, ZINC, proteins, write_concept_tsv, write_fasta
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def psc():
+    from protsae_cli.models import concept_ontology_path
+
+    return Ontology.from_obo(concept_ontology_path())
+
+
+def cli(*args: str):
+    res = CliRunner().invoke(build_app(), ["train", *args])
+    return res
+
+
+def common(fasta, out, esm) -> list[str]:
+    return [str(fasta), "-o", str(out), "-m", str(esm), "--layer", "2", "--d-sae", "64", "--k", "4",
+            "--tokens-per-protein", "32", "--val-fraction", "0.2", "--batch-size", "128", "--lr", "0.01",
+            "--device", "cpu", "--no-progress", "--arch", "protsae"]
+
+
+# -- end to end ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_esm_path):
+    d = tmp_path_factory.mktemp("protsae")
+    prots = proteins(60)
+    fasta = write_fasta(d / "p.fasta", prots)
+    tsv = write_concept_tsv(d / "concepts.tsv", prots)
+    out = d / "sae"
+    torch.set_num_threads(1)
+    res = cli(*common(fasta, out, tiny_esm_path), "--annotations", str(tsv), "--annotation-format", "generic-tsv",
+              "--min-concept-residues", "5", "--max-steps", "150", "--eval-every", "25")
+    assert res.exit_code == 0, res.output
+    return d, prots, fasta, out
+
+
+def test_checkpoint_names_its_concepts(trained):
+    _, _, _, out = trained
+    sae, _ = load_sae(out)
+    assert sae.cfg.arch == "protsae"
+    by_id = {c.concept_id: c for c in sae.cfg.concepts}
+    # the two annotated concepts and their ancestors in the shipped ontology; never the root
+    assert set(by_id) == {ZINC, DNA, "PSC:0000210", "PSC:0000200", "PSC:0000240"}
+    assert by_id[ZINC].name == "zinc binding" and by_id[ZINC].ontology_id == ZINC
+    assert [c.latent for c in sae.cfg.concepts] == list(range(len(by_id)))
+    assert all(c.threshold == 0.0 and c.source == "concepts.tsv" for c in sae.cfg.concepts)
+    assert sae.cfg.protsae["n_concepts"] == 5 and sae.cfg.protsae["n_zero_classes"] == 1  # the root
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["selection"]["rule"] == "min (val l_annot, val nmse)"
+    eligible = [e for e in log["evals"] if e["step"] >= 0.6 * 150]
+    best = min(eligible, key=lambda e: (e["val"]["l_annot"], e["val"]["nmse"]))
+    assert log["selection"]["selected_step"] == best["step"]
+    assert log["concepts"] == [c.concept_id for c in sae.cfg.concepts]
+
+
+def test_defined_latents_fire_on_annotated_residues(trained, tiny_esm_path):
+    _, prots, _, out = trained
+    sae, _ = load_sae(out)
+    runner = EsmRunner(load_plm(str(tiny_esm_path)), "cpu")
+    seqs = [s for _, s in prots]
+    h = runner.hook_activations(runner.tokenizer.batch(seqs), HookPoint("resid_post", 2))
+    latent = {c.concept_id: c.latent for c in sae.cfg.concepts}
+    fired, residues = [], []
+    for i, s in enumerate(seqs):
+        idx, _ = sae.encode(h[i, 1:len(s) + 1])
+        fired.append(torch.zeros(len(s), sae.cfg.d_sae, dtype=torch.bool).scatter(1, idx.clamp_min(0), idx >= 0))
+        residues += list(s)
+    fired_all = torch.cat(fired)
+    aa = np.array(residues)
+    for concept, letters in RULES.items():
+        pos = torch.from_numpy(np.isin(aa, list(letters)))
+        col = fired_all[:, latent[concept]]
+        rate_pos, rate_neg = col[pos].float().mean().item(), col[~pos].float().mean().item()
+        assert rate_pos > 0.5 and rate_pos > 4 * rate_neg, (concept, rate_pos, rate_neg)
+
+
+def test_annotate_calls_segments_named_after_the_concepts(trained, tiny_esm_path):
+    d, _, fasta, out = trained
+    annotate(AnnotateOptions(input=str(fasta), output_prefix=str(d / "ann"), model=str(tiny_esm_path), sae=str(out),
+                             formats=("tsv",), device="cpu", progress=False))
+    rows = list(csv.reader(open(d / "ann.tsv"), delimiter="\t"))
+    col = {name.lstrip("#"): j for j, name in enumerate(rows[0])}
+    names = {r[col["concept_name"]] for r in rows[1:]}
+    assert {"zinc binding", "DNA binding"} <= names
+    zinc = [r for r in rows[1:] if r[col["concept_id"]] == ZINC]
+    seq = dict(proteins(60))
+    hits = [seq[r[col["protein_id"]]][int(r[col["start"]]) - 1:int(r[col["end"]])] for r in zinc]
+    frac = sum(ch in "CH" for h in hits for ch in h) / sum(len(h) for h in hits)
+    assert frac > 0.8, frac
+
+
+# -- labels -------------------------------------------------------------------------------------------------
+
+def _residue_source(spec: dict[str, dict[str, list[int]]], lengths: dict[str, int], masked=None):
+    b = ResidueLabelBuilder()
+    for pid, per in spec.items():
+        b.touch(pid)
+        for c, pos in per.items():
+            b.add_residues(pid, c, pos)
+    for pid, pos in (masked or {}).items():
+        b.add_masked(pid, pos)
+    return b.build(lengths=lengths)
+
+
+def test_unannotated_proteins_are_missing_not_negative():
+    ids, seqs = ["A", "B", "C"], ["M" * 10, "M" * 8, "M" * 6]
+    tm = _residue_source({"A": {"TM": [1, 2]}, "B": {}}, {"A": 10, "B": 8}, masked={"B": [5]})
+    bind = _residue_source({"B": {"ZN": [3]}, "C": {"ZN": [0]}}, {"B": 8, "C": 6})
+    labels = build_concept_labels([("tm", tm), ("bind", bind)], ids, seqs, ["TM", "ZN"])
+    prot = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    pos = torch.tensor([1, 3, 3, 4, 5, 0, 1])
+    y = labels.rows(prot, pos)
+    nan = float("nan")
+    expect = torch.tensor([[1, nan], [0, nan],      # A: annotated by tm only -> ZN unknown
+                           [0, 1], [0, 0], [nan, 0],  # B: both; residue 5 masked in tm
+                           [nan, 1], [nan, 0]])    # C: bind only -> TM unknown
+    assert torch.equal(torch.isnan(y), torch.isnan(expect))
+    assert torch.equal(torch.nan_to_num(y, -1), torch.nan_to_num(expect, -1))
+    assert labels.prior(prot, pos).tolist() == pytest.approx([1 / 4, 2 / 5])
+
+
+def test_protein_granularity_pools_and_residue_granularity_broadcasts():
+    ids, seqs = ["A", "B", "C"], ["M" * 10, "M" * 8, "M" * 6]
+    go = ProteinLabels(concepts=["GO:1"], labels={"A": {"GO:1"}, "B": set()})
+    zn = _residue_source({"A": {"ZN": [2]}, "B": {}}, {"A": 10, "B": 8})
+    prot_lab = build_concept_labels([("go", go), ("zn", zn)], ids, seqs, ["GO:1", "ZN"], granularity="protein")
+    y, pidx = prot_lab.batch(torch.tensor([2, 0, 0, 1]), torch.tensor([0, 1, 5, 2]))
+    # distinct proteins of the batch (0, 1, 2), and each row's index into them
+    assert pidx.tolist() == [2, 0, 0, 1]
+    assert torch.equal(torch.nan_to_num(y, -1), torch.tensor([[1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]))
+    res_lab = build_concept_labels([("go", go), ("zn", zn)], ids, seqs, ["GO:1", "ZN"], granularity="residue")
+    y, pidx = res_lab.batch(torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 0, 0]))
+    assert pidx is None
+    assert torch.equal(torch.nan_to_num(y, -1), torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [-1.0, -1.0]]))
+
+
+def test_concept_selection(psc):
+    ids, seqs = ["A", "B"], ["M" * 50, "M" * 50]
+    src = _residue_source({"A": {ZINC: list(range(10))}, "B": {DNA: [1, 2]}}, {"A": 50, "B": 50}).propagate(psc)
+    sets = [("s", src)]
+    auto = select_concepts(sets, ids, [0, 1], [psc], min_count=5)
+    assert auto == ["PSC:0000200", "PSC:0000210", ZINC]  # DNA binding too rare; the root never
+    assert select_concepts(sets, ids, [0, 1], [psc], concepts=["DNA binding", ZINC]) == [DNA, ZINC]
+    with pytest.raises(InputError, match="no concept has at least 1000"):
+        select_concepts(sets, ids, [0, 1], [psc], min_count=1000)
+    with pytest.raises(InputError, match="no annotations"):
+        select_concepts(sets, ids, [0, 1], [psc], concepts=["heme binding"])
+    with pytest.raises(InputError, match="no positive"):
+        select_concepts(sets, ids, [0], [psc], concepts=[DNA])  # B is not a training protein
+
+
+def test_normal_forms_merge_ontologies(psc):
+    go = Ontology.from_string("format-version: 1.2\n\n[Term]\nid: GO:1\nname: root\n\n"
+                              "[Term]\nid: GO:2\nname: child\nis_a: GO:1\n")
+    nf = concept_normal_forms([psc, go], [ZINC, "GO:2"])
+    assert nf.class_ids[:2] == [ZINC, "GO:2"] and nf.n_concepts == 2
+    axioms = set(nf.describe())
+    assert f"{ZINC} SubClassOf PSC:0000210" in axioms and "GO:2 SubClassOf GO:1" in axioms
+
+
+# -- Python API, protein-level labels -------------------------------------------------------------------------
+
+def test_train_protsae_python_api_with_protein_labels():
+    g = torch.Generator().manual_seed(0)
+    d, n_prot, per = 16, 80, 20
+    has = torch.rand(n_prot, generator=g) < 0.4
+    direction = torch.randn(d, generator=g)
+    x = torch.randn(n_prot * per, d, generator=g)
+    prot = torch.arange(n_prot).repeat_interleave(per)
+    x += 3 * has[prot, None].float() * direction  # proteins with the concept shift every residue
+    ids = [f"P{i}" for i in range(n_prot)]
+    acts = ActivationSet(x.half(), prot, torch.arange(per).repeat(n_prot), ids, ["M" * per] * n_prot, {})
+    go = ProteinLabels(concepts=["GO:9"], labels={ids[i]: ({"GO:9"} if has[i] else set()) for i in range(n_prot)})
+    train_idx, val_idx = np.arange(60), np.arange(60, 80)
+    labels, nf = prepare_concepts([("go.tsv", go)], ids, acts.sequences, train_idx, min_count=3)
+    assert labels.granularity == "protein" and labels.concepts == ["GO:9"]
+    cfg = TrainConfig(d_sae=32, k=4, lr=3e-2, batch_size=200, max_steps=60, eval_every=20, state_every=None)
+    sae, hist = train_protsae(acts.subset_proteins(train_idx), acts.subset_proteins(val_idx), labels,
+                              SAEConfig(d_model=d, d_sae=32, k=4, protsae={"pool": "max"}), cfg, normal_forms=nf)
+    assert sae.cfg.protsae["label_granularity"] == "protein" and sae.cfg.protsae["pool"] == "max"
+    assert [c.concept_id for c in sae.cfg.concepts] == ["GO:9"]
+    first, last = hist["evals"][0]["val"], hist["evals"][-1]["val"]
+    assert last["l_annot"] < first["l_annot"] and last["l_annot"] < 0.3
+    assert hist["best"]["step"] >= 0.6 * 60
+
+
+# -- options and errors -----------------------------------------------------------------------------------------
+
+def test_ablation_flags_reach_the_checkpoint(trained, tiny_esm_path, tmp_path):
+    d, _, fasta, _ = trained
+    out = tmp_path / "abl"
+    res = cli(*common(fasta, out, tiny_esm_path), "-a", str(d / "concepts.tsv"), "--concepts",
+              f"zinc binding,{DNA}", "--max-steps", "4", "--no-detach", "--no-r-pred", "--no-forced-activation",
+              "--no-axiom", "--lambda-annot", "2", "--margin", "0.3", "--topk-scope", "unknown")
+    assert res.exit_code == 0, res.output
+    sae, _ = load_sae(out)
+    o = sae.cfg.protsae
+    assert [c.concept_id for c in sae.cfg.concepts] == [ZINC, DNA]
+    assert (o["detach"], o["use_r_pred"], o["forced_activation"], o["use_axiom"]) == (False,) * 4
+    assert (o["lambda_annot"], o["margin"], o["topk_scope"]) == (2.0, 0.3, "unknown")
+
+
+def test_clear_errors(trained, tiny_esm_path, tmp_path):
+    d, _, fasta, _ = trained
+    res = cli(*common(fasta, tmp_path / "e1", tiny_esm_path), "--max-steps", "2")
+    assert res.exit_code != 0 and "--annotations" in str(res.exception)
+    res = cli(*common(fasta, tmp_path / "e2", tiny_esm_path), "-a", str(d / "concepts.tsv"),
+              "--min-concept-residues", "100000", "--max-steps", "2")
+    assert isinstance(res.exception, InputError) and "no concept has at least 100000" in str(res.exception)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("#id\tstart\tend\tconcept\nP0\t1\t2\tPSC:0000211\nP1\tx\t3\tPSC:0000211\n")
+    res = cli(*common(fasta, tmp_path / "e3", tiny_esm_path), "-a", str(bad), "--annotation-format",
+              "generic-tsv", "--max-steps", "2")
+    assert isinstance(res.exception, InputError) and f"{bad}, line 3" in str(res.exception)
+    other = tmp_path / "other.tsv"
+    other.write_text("Q99\t1\t2\tPSC:0000211\n")
+    res = cli(*common(fasta, tmp_path / "e4", tiny_esm_path), "-a", str(other), "--annotation-format",
+              "generic-tsv", "--max-steps", "2")
+    assert isinstance(res.exception, InputError) and "none of its proteins" in str(res.exception)
