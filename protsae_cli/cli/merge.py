@@ -27,7 +27,8 @@ def command(
 
     Shards must come from the same models and settings (PLM and SAE checksums, hook, layer, k, calling
     options): a mismatch is refused and the offending file named. Proteins are ordered by input ordinal; an
-    ordinal present in two shards is refused. The merge of all n shards equals an unsharded run's output.
+    ordinal present in two shards is refused. The merge holds exactly what the shards hold; it matches an
+    unsharded run up to float rounding from different batch-mates (bit for bit with --toks-per-batch 1).
 
     Example: [bold]protsae merge out/all out/shard_*.h5[/bold]
     """
