@@ -209,13 +209,15 @@ def _gemm_tile(x_ptr, w_ptr, rows64, row_ok, cols, col_ok, D, stride_xm, stride_
 
 
 @triton.jit
-def _pack_keys(acc, bias, cols, valid):
-    """int64 keys of positive pre-activations (0 elsewhere): value bits high, inverted column low."""
+def _pack_keys(acc, bias, cols):
+    """int64 keys: value bits high, inverted column low. No masking on purpose (it costs selects on every
+    element): a negative value (or -0.0) sign-extends to a negative key, +0.0 gives a key below 2^32, and
+    only positive values reach 2^32 or more -- the per-row admission bar starts at 2^32 - 1, which rejects
+    the rest with the same compare that gates candidates."""
     v = acc + bias[None, :]
     vbits = v.to(tl.int32, bitcast=True).to(tl.int64)
     low = (2147483647 - cols).to(tl.int64)
-    key = (vbits << 32) + low[None, :]
-    return tl.where(valid & (v > 0.0), key, 0)
+    return (vbits << 32) + low[None, :]
 
 
 @triton.jit
@@ -298,7 +300,11 @@ def _topk_encode_kernel(
         rows = row0 + rm
         rows64 = rows.to(tl.int64)
         row_ok = rows < N
-        thr = tl.full([BLOCK_M], 0, tl.int64)  # smallest running top-k key per row: the admission bar
+        # Admission bar per row: above it a key may still enter the top-k. At least 2^32 - 1 (positive values
+        # only, see _pack_keys); out-of-range rows get the largest int64 so that nothing is admitted.
+        one = tl.full([BLOCK_M], 1, tl.int64)
+        bar0 = tl.where(row_ok, (one << 32) - 1, ((one << 62) - 1) * 2 + 1)
+        thr = bar0
         if CAP == 0:
             top = tl.full([BLOCK_M, K_PAD], 0, tl.int64)  # running top-k keys, ascending, in registers
         else:
@@ -312,20 +318,21 @@ def _topk_encode_kernel(
                 if _rmax(fill, 0) > CAP - BLOCK_N:
                     thr = _drain(scratch, fill, row0, N, idx_ptr, val_ptr, K_OUT, BLOCK_M, DRAIN_M, K_PAD, RS,
                                  LOG_DM, LOG_KP, False)
+                    thr = tl.maximum(thr, bar0)  # 0 while a row's top-k is not full yet
                     fill = tl.full([BLOCK_M], 0, tl.int32)
             cols = n0 + rn
             col_ok = cols < NL
             acc = _gemm_tile(x_ptr, w_ptr, rows64, row_ok, cols, col_ok, D, stride_xm, stride_xd,
                              stride_wn, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)
             bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
-            key = _pack_keys(acc, bias, cols, row_ok[:, None] & col_ok[None, :])
+            key = _pack_keys(acc, bias, cols)  # columns past NL: W and b masked to 0 -> +0.0 -> below the bar
             cand = key > thr[:, None]
             n_new = _rsum(cand.to(tl.int32), 1)
             if _rmax(n_new, 0) > 0:  # whole tile below every row's bar: nothing to do
                 if CAP == 0:
                     tile_top = _topk_desc(tl.where(cand, key, 0), LOG_M, LOG_N, LOG_KP)
                     top = _merge_into(top, tile_top, LOG_M, LOG_KP)
-                    thr = _rmin(top, 1)
+                    thr = tl.maximum(_rmin(top, 1), bar0)
                 else:
                     pos = fill[:, None] + _cumsum(cand.to(tl.int32), 1) - 1
                     tl.store(buf_rows[:, None] + pos, key, mask=cand)
