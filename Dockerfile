@@ -60,12 +60,9 @@ COPY pyproject.toml README.md ./
 COPY protsae_cli ./protsae_cli
 COPY kernels ./kernels
 COPY models ./models
-# onnxruntime (a base dependency) and onnxruntime-gpu (gpu extra) install the same Python module, and whichever
-# is written last wins; keep only the GPU build (it also runs on CPU), reinstalled at the version pip chose.
+# onnxruntime-gpu comes only with the gpu extra (it also runs on CPU); the CPU-only `onnxruntime` is a separate
+# extra, so the two never overwrite each other's module.
 RUN python -m pip install '.[gpu]' \
- && ORT_GPU_VERSION="$(python -m pip show onnxruntime-gpu | sed -n 's/^Version: //p')" \
- && python -m pip uninstall -y onnxruntime onnxruntime-gpu \
- && python -m pip install --no-deps "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && cd / && rm -rf /opt/protsae/src
 
 ENV HOME=/tmp \

@@ -292,7 +292,9 @@ class Annotator:
                 yield from item
         finally:
             stop.set()
-            t.join()
+            # The worker may be blocked reading a stdin that never closes; it is a daemon thread, so do not
+            # wait for it forever when we are leaving because of an error or a signal.
+            t.join(timeout=5.0)
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
         if opts.resume:
