@@ -139,7 +139,7 @@ class ConceptLabels:
         (defined_bias="pred"), so any nonzero activation is the predictor calling the concept."""
         out = []
         for j, c in enumerate(self.concepts):
-            src = ",".join(Path(s.name).name for s in self._covering[c])
+            src = ",".join(Path(f).name for s in self._covering[c] for f in s.name.split(","))
             out.append(ConceptEntry(latent=j, concept_id=c, name=self.names[j], ontology_id=self.ontology_ids[j],
                                     threshold=0.0, source=src))
         return out
@@ -365,7 +365,8 @@ def load_label_sources(paths: Sequence[str], formats: Sequence[str] | None, sequ
 
     GO files (GAF, GO TSV) are read with the GO ontology among `ontologies` (alt ids resolved, obsolete terms
     refused); residue files with the first non-GO ontology (concept names in a generic TSV become ids).
-    `formats`: one per file, or one for all, or empty for inference. Annotations of proteins that are not in
+    `formats`: one per entry, or one for all, or empty for inference; an entry "a,b" is one source made of
+    several files (same format). Annotations of proteins that are not in
     the FASTA are skipped (annotation files usually cover more proteins than one trains on), but a file that
     matches none of them is an error: it almost always means the ids do not line up.
     """
@@ -380,14 +381,23 @@ def load_label_sources(paths: Sequence[str], formats: Sequence[str] | None, sequ
     out = []
     for i, path in enumerate(paths):
         fmt = fmts[i] if len(fmts) == len(paths) else (fmts[0] if fmts else "auto")
-        fmt = infer_format(path) if fmt in (None, "", "auto") else fmt.lower()
-        if fmt in PROTEIN_LEVEL_FORMATS:
-            if go is None:
+        labels = None
+        # "a,b,c" is one source: a protein listed in any of the files is annotated for all their concepts
+        # (bindPredict's per-class files list every protein's residues of that class, so a protein absent
+        # from the metal file is a metal negative, not unknown).
+        for part in [p for p in str(path).split(",") if p]:
+            f = infer_format(part) if fmt in (None, "", "auto") else fmt.lower()
+            onto = go if f in PROTEIN_LEVEL_FORMATS else residue_onto
+            if f in PROTEIN_LEVEL_FORMATS and go is None:
                 log.warning("%s: GO annotations without a GO ontology (--ontology go.obo) are not propagated "
-                            "to ancestor terms", path)
-            labels = load_annotations(path, fmt, sequences=sequences, ontology=go, unknown_ids="skip")
-        else:
-            labels = load_annotations(path, fmt, sequences=sequences, ontology=residue_onto, unknown_ids="skip")
+                            "to ancestor terms", part)
+            lab = load_annotations(part, f, sequences=sequences, ontology=onto, unknown_ids="skip")
+            if labels is not None and type(lab) is not type(labels):
+                raise InputError(f"{path}: files joined with ',' form one source and must all be residue-level or "
+                                 "all protein-level")
+            labels = lab if labels is None else labels.merge(lab)
+        if labels is None:
+            raise InputError(f"--annotations {path!r} names no file")
         for o in ontologies:
             if o is not go and o is not residue_onto:
                 labels = labels.propagate(o)
@@ -396,7 +406,7 @@ def load_label_sources(paths: Sequence[str], formats: Sequence[str] | None, sequ
             raise InputError(f"{path}: none of its proteins is in the training FASTA ({len(sequences)} proteins); "
                              "check that the ids match")
         skipped = labels.skipped.get("annotations of proteins not in the sequence set", 0)
-        log.info("%s (%s): %d proteins annotated, %d concepts%s", path, fmt, n_prot, len(labels.concepts),
+        log.info("%s: %d proteins annotated, %d concepts%s", path, n_prot, len(labels.concepts),
                  f", {skipped} annotations of other proteins skipped" if skipped else "")
         out.append((str(path), labels))
     return out

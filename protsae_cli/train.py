@@ -287,7 +287,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
 
     opts.train.device = str(device)
     out_dir = Path(opts.output)
-    if env.is_main:
+    if env.is_main and not opts.cache_only:
         out_dir.mkdir(parents=True, exist_ok=True)
     plm = load_plm(opts.model, device)
     hook = HookPoint(opts.hook, opts.layer)
@@ -359,7 +359,9 @@ def write_outputs(out_dir: Path, sae, hist: dict, opts: TrainOptions | None = No
     tmp = out_dir / "training_log.json.tmp"
     tmp.write_text(json.dumps(log_doc, indent=1, default=float) + "\n")
     os.replace(tmp, out_dir / "training_log.json")
-    log.info("saved SAE to %s (selected step %s; val %s)", out_dir, selected, hist["metrics"].get("val"))
+    val = hist["metrics"].get("val") or {}
+    brief = ", ".join(f"{k} {val[k]:.4g}" for k in ("fve", "l0", "l_annot", "defined_f1") if k in val)
+    log.info("saved SAE to %s (checkpoint of step %s%s)", out_dir, selected, f"; validation {brief}" if brief else "")
 
 
 def model_card(cfg: SAEConfig) -> str:

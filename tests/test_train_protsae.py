@@ -154,6 +154,22 @@ def test_unannotated_proteins_are_missing_not_negative():
     assert labels.prior(prot, pos).tolist() == pytest.approx([1 / 4, 2 / 5])
 
 
+def test_comma_joined_files_are_one_source(tmp_path, psc):
+    from protsae_cli.concept_labels import load_label_sources
+
+    seqs = {"A": "M" * 10, "B": "M" * 10}
+    (tmp_path / "zn.tsv").write_text(f"A\t2\t2\t{ZINC}\n")
+    (tmp_path / "dna.tsv").write_text(f"B\t3\t3\t{DNA}\n")
+    files = [str(tmp_path / "zn.tsv"), str(tmp_path / "dna.tsv")]
+    for entries, b_zinc in ((files, float("nan")), ([",".join(files)], 0.0)):
+        sets = load_label_sources(entries, ["generic-tsv"], seqs, [psc])
+        lab = build_concept_labels(sets, ["A", "B"], list(seqs.values()), [ZINC, DNA], ontologies=[psc])
+        y = lab.rows(torch.tensor([1, 1]), torch.tensor([2, 1]))
+        assert torch.equal(torch.nan_to_num(y[:, 0], -1), torch.nan_to_num(torch.tensor([b_zinc] * 2), -1))
+        assert y[:, 1].tolist() == [1.0, 0.0]
+    assert lab.concept_entries()[0].source == "zn.tsv,dna.tsv"
+
+
 def test_protein_granularity_pools_and_residue_granularity_broadcasts():
     ids, seqs = ["A", "B", "C"], ["M" * 10, "M" * 8, "M" * 6]
     go = ProteinLabels(concepts=["GO:1"], labels={"A": {"GO:1"}, "B": set()})

@@ -44,7 +44,9 @@ def command(
                                     help="Write the --activation-cache and stop (build it once, train many)."),
     annotations: Optional[List[str]] = typer.Option(None, "--annotations", "-a", rich_help_panel=CONCEPTS,
                                                     help="Concept annotation file (repeatable): Swiss-Prot, UniProt "
-                                                         "XML/TSV, TMbed, binding lists, GAF, GO TSV, generic TSV."),
+                                                         "XML/TSV, TMbed, binding lists, GAF, GO TSV, generic TSV. "
+                                                         "A protein missing from a file is unlabelled (not negative) "
+                                                         "for its concepts; 'a,b' makes several files one source."),
     annotation_format: Optional[List[str]] = typer.Option(
         None, "--annotation-format", rich_help_panel=CONCEPTS,
         help="Format of each --annotations file (one for all, or one per file in order): swissprot, uniprot-xml, "
