@@ -213,10 +213,14 @@ def test_compiles_for_hopper():
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "idx_ptr": "*i64", "val_ptr": "*fp32",
            "buf_ptr": "*i64", "N": "i32", "D": "i32", "NL": "i32", "K_OUT": "i32", "stride_xm": "i32",
            "stride_wn": "i32", **{name: "constexpr" for name in const}}
-    compiled = triton.compile(ASTSource(fn=mod._topk_encode_kernel, signature=sig, constexprs=const),
+    # What a launch would specialise on: 16-byte aligned pointers, ints divisible by 16 (all ESM-2 sizes).
+    params = mod._topk_encode_kernel.arg_names
+    aligned = {(params.index(name),): [["tt.divisibility", 16]] for name, ty in sig.items() if ty != "constexpr"}
+    compiled = triton.compile(ASTSource(fn=mod._topk_encode_kernel, signature=sig, constexprs=const, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     assert "wgmma" in compiled.asm["ptx"]  # the tile GEMM runs on Hopper tensor cores
+    assert "async_copy_global_to_local" in compiled.asm["ttgir"]  # and its loads are software-pipelined
     assert compiled.asm["cubin"]
 
 
