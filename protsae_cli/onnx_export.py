@@ -150,7 +150,8 @@ def export_onnx(sae, path: str | os.PathLike, opset: int = 17, sae_sha256: str |
     return out
 
 
-def export_onnx_from_dir(sae_path: str | os.PathLike, out: str | os.PathLike, opset: int = 17) -> tuple[Path, SAEConfig]:
+def export_onnx_from_dir(sae_path: str | os.PathLike, out: str | os.PathLike,
+                         opset: int = 17) -> tuple[Path, SAEConfig]:
     """Load an SAE checkpoint (directory or .safetensors) and export it; records the weights file's sha256."""
     from protsae_cli.sae import load_sae
 
