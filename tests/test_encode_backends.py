@@ -133,4 +133,7 @@ def test_backends_on_gpu_agree_with_reference(name):
     dtype = getattr(enc, "dtype", torch.float32)
     W, b = sae.encoder_affine()
     pre = torch.addmm(b, x.to(dtype).float(), W.to(dtype).float().T)
-    assert check_topk(idx, val, pre, 64, atol=1e-3, rtol=1e-3) == [], name
+    # torch rounds its bf16 GEMM output to bf16 before the bias; onnxruntime's CUDA MatMul may use TF32;
+    # the fused kernel keeps fp32 accumulators throughout.
+    tol = {"torch": 1e-2, "onnx": 1e-2, "triton": 1e-4}[name]
+    assert check_topk(idx, val, pre, 64, atol=tol, rtol=tol) == [], name
