@@ -10,7 +10,7 @@ Selection design (see docs/KERNEL_NOTES.md for the arithmetic behind it):
 * Keys. A positive fp32 value's bit pattern is monotone in the value, so one int64 key
   ``(value_bits << 32) | (2^31 - 1 - column)`` orders by value and, for equal values, puts the LOWER column
   first. One integer top-k therefore yields indices and the documented tie rule at once. Zero and negative
-  pre-activations get key 0, which is never reported (idx -1, val 0).
+  pre-activations map below the admission floor (2^32 - 1) and are never reported (idx -1, val 0).
 * Threshold gating. The running top-k's smallest key is a per-row threshold that only rises. A tile element
   whose key is not above it can never be selected, and is dropped with one compare. Tiles without a single
   survivor in the whole row block skip the selection entirely.
@@ -24,8 +24,8 @@ Selection design (see docs/KERNEL_NOTES.md for the arithmetic behind it):
     per-element cost in steady state is a compare, a prefix sum and a predicated store; the expensive
     network runs on survivors only (about k (1 + ln(n/k)) per row plus staleness).
 * Bitonic networks are written out here on a 2x2x...x2 hypercube view of the tile (compare-exchange along
-  one axis = pair sum minus self to find the partner, then select), using only reshape/reduce/where so that the
-  kernel does not depend on ``tl.topk``/``tl.bitonic_merge`` (absent from older Triton releases).
+  one axis = pair sum minus self to find the partner, then select), using only reshape/reduce/where so that
+  the kernel does not depend on ``tl.topk``/``tl.bitonic_merge`` (absent from older Triton releases).
 
 Interpreter: ``@triton.jit`` decides at decoration time whether it builds an interpreted function
 (``TRITON_INTERPRET=1``) or a GPU one. ``topk_encode`` therefore picks a copy of this module built in the mode
@@ -54,8 +54,6 @@ import triton.language as tl
 BUILT_INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_K = 128
-# Low 32 bits of a key hold INV - column: larger for lower columns, so ties go to the lower index.
-_INV = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------------------------------
