@@ -125,9 +125,11 @@ class ProtSAEObjective(nn.Module):
             x = val.acts[s:s + batch_size].to(device).float()
             idx, _ = reconstruction_sums(sae, x, sums)
             logits = sae._concept_logits(sae.normalize(x))
-            active = torch.zeros((len(x), sae.cfg.d_sae), dtype=torch.bool, device=device)
-            active.scatter_(1, idx.clamp_min(0), idx >= 0)
-            defined = active[:, :m]
+            # Which defined latents are active: scatter only the first m columns (slot m absorbs the rest).
+            in_def = (idx >= 0) & (idx < m)
+            defined = torch.zeros((len(x), m + 1), dtype=torch.bool, device=device)
+            defined.scatter_(1, torch.where(in_def, idx, m), True)
+            defined = defined[:, :m]
             called = logits > 0
             extra["called"] += called.sum()
             extra["kept"] += (called & defined).sum()

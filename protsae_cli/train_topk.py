@@ -154,7 +154,9 @@ def finish_history(sae: nn.Module, res, rows, val: ActivationSet | None, cfg: Tr
     device = next(sae.parameters()).device
     metrics: dict[str, Any] = {}
     if not res.stopped:
-        metrics["train"] = objective.evaluate(rows.sample(cfg.init_rows), device, SINGLE, cfg.eval_batch_size)
+        # A sample of training rows (informational: the gap to validation shows overfitting).
+        metrics["train"] = objective.evaluate(rows.sample(min(cfg.init_rows, 16_384)), device, SINGLE,
+                                              cfg.eval_batch_size)
         if res.best:
             metrics["val"] = res.best["metrics"]
         elif res.evals and "val" in res.evals[-1]:

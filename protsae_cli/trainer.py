@@ -140,7 +140,11 @@ def reconstruction_sums(sae: nn.Module, x: torch.Tensor, sums: dict[str, torch.T
     (sst = sum|x|^2 - n |mean|^2), which needs no second pass for the mean. Returns the sparse codes.
     """
     idx, val = sae.encode(x)
-    x_hat = sae.decode_sparse(idx, val)
+    # Dense decode (one matmul) instead of gathering k decoder rows per token: same x_hat, several times
+    # faster; scatter_add so the padded slots (idx -1 -> column 0, value 0) cannot overwrite a real code.
+    z = torch.zeros((x.shape[0], sae.cfg.d_sae), dtype=sae.W_dec.dtype, device=x.device)
+    z.scatter_add_(1, idx.clamp_min(0), (val * (idx >= 0)).to(z.dtype))
+    x_hat = sae.decode(z)
     xd = x.double()
     sums["sse"] += (x - x_hat).double().pow(2).sum()
     sums["sum_x"] += xd.sum(0)
