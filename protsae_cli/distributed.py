@@ -149,13 +149,3 @@ def reduce_tokens_since(tokens_since: torch.Tensor, env: DistEnv) -> torch.Tenso
     dist.all_reduce(tokens_since, op=dist.ReduceOp.MIN)
     return tokens_since
 
-
-def broadcast_object(obj, env: DistEnv, src: int = 0):
-    """rank `src`'s Python object on every rank (for decisions only one rank may make, e.g. a file read)."""
-    if not env.enabled:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
