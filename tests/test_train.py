@@ -4,6 +4,7 @@ bounded shuffle buffer, mismatch refusals). Small enough to run in seconds on a 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -22,6 +23,16 @@ from protsae_cli.train import TrainOptions, get_activations, split_data, train_s
 from protsae_cli.train_topk import TopKObjective, evaluate, train_topk
 from protsae_cli.trainer import STATE_NAME, TrainConfig, fit, load_state
 from tests.train_helpers import proteins, write_fasta
+
+
+@pytest.fixture(autouse=True)
+def drop_cli_log_handlers():
+    # CliRunner gives the CLI a temporary stderr; the log handler the CLI installs on it must not outlive it.
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_protsae_handler", False):
+            root.removeHandler(h)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -25,6 +26,16 @@ from protsae_cli.sae import SAEConfig, load_sae
 from protsae_cli.train_protsae import prepare_concepts, train_protsae
 from protsae_cli.trainer import TrainConfig
 from tests.train_helpers import DNA, RULES, ZINC, proteins, write_concept_tsv, write_fasta
+
+
+@pytest.fixture(autouse=True)
+def drop_cli_log_handlers():
+    # CliRunner gives the CLI a temporary stderr; the log handler the CLI installs on it must not outlive it.
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_protsae_handler", False):
+            root.removeHandler(h)
 
 
 @pytest.fixture(autouse=True)
