@@ -36,10 +36,15 @@ def canonical_order(idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) -> Encoder:
-    """Pick an encode backend. `auto`: Triton on CUDA when importable, else torch (measured fastest on CPU)."""
+    """Pick an encode backend.
+
+    `auto` follows the benchmarks (docs/KERNEL_NOTES.md): on CPU onnxruntime measured 2.2-2.9x faster than
+    torch, so it is used when installed; on CUDA the fused Triton kernel, falling back to torch (with a warning)
+    if Triton cannot compile or fails its self-check on this GPU.
+    """
     device = torch.device(device)
     if name == "auto":
-        name = _auto_backend(device)
+        return _auto_encoder(sae, device, **kwargs)
     if name == "torch":
         from protsae_cli.encode.torch_backend import TorchEncoder
 
@@ -57,12 +62,20 @@ def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) ->
     raise InputError(f"unknown encode backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _auto_backend(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
+def _auto_encoder(sae, device: torch.device, **kwargs) -> Encoder:
+    import importlib.util
+    import logging
 
-            return "triton"
-        except ImportError:
-            return "torch"
-    return "torch"
+    log = logging.getLogger("protsae.encode")
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is not None:
+            from protsae_cli.encode.triton_backend import TritonUnavailableError
+
+            try:
+                return get_encoder("triton", sae, device, **kwargs)
+            except TritonUnavailableError as e:
+                log.warning("fused Triton encode unavailable on this GPU (%s); using torch", e)
+        return get_encoder("torch", sae, device, **kwargs)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return get_encoder("onnx", sae, device, **kwargs)
+    return get_encoder("torch", sae, device, **kwargs)
