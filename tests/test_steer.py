@@ -148,22 +148,27 @@ def test_target_activation_rises_monotonically_with_strength(tiny_plm):
     assert all(b >= a for a, b in zip(counts, counts[1:])) and counts[-1] > counts[0], counts
 
 
-DEFAULT_SAE = Path(__file__).resolve().parents[1] / "models" / "default_sae"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SAE = REPO / "models" / "default_sae"
 
 
 @pytest.mark.skipif(not (DEFAULT_SAE / "config.json").exists(), reason="default SAE not installed")
 def test_shipped_sae_target_activation_rises_with_strength():
+    """The shipped SAE's first concept (its model card's first entry), on the repository's example proteins of
+    at most 200 residues: mean re-encoded activation non-decreasing over a doubling strength sweep."""
+    from protsae_cli.fasta import read_fasta
+
     m = st.load_models(None, None, "cpu")
     cfg = m.sae.cfg
     assert cfg.concepts, "the shipped SAE should carry concept labels"
-    targets = st.resolve_concept(cfg, cfg.concepts[0].concept_id)
-    spec = st.SteerSpec(concept=cfg.concepts[0].concept_id, strengths=(0.0, 0.5, 1.0, 2.0, 4.0), mask_ratio=0.5,
-                        seed=0, pppl=False)
-    seqs = [("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAG"
-             "EGLYTHMKALRPDEDRLSPL"), "GSHMSLFDFFKNKGSAATATDRLKLLQEEAQ" * 3]
-    gen = st.steer_sequences(m.runner, m.sae, m.hook, inputs(seqs), spec, targets)
+    concept = cfg.concepts[0].concept_id
+    targets = st.resolve_concept(cfg, concept)
+    recs = [r for r in read_fasta(REPO / "examples" / "proteins.fasta") if len(r.sequence) <= 200]
+    spec = st.SteerSpec(concept=concept, strengths=(0.0, 2.0, 4.0, 8.0), mask_ratio=0.5, seed=0, pppl=False)
+    gen = st.steer_sequences(m.runner, m.sae, m.hook, [st.SteerInput(i, r.id, r.sequence)
+                                                       for i, r in enumerate(recs)], spec, targets)
     rows = st.score_generated(st.Scorer(m.runner, m.sae, m.hook), gen, targets,
-                              st.primary_probability_column(m.sae, targets), "c", spec)
+                              st.primary_probability_column(m.sae, targets), concept, spec)
     acts = [e["delta_activation"] for e in st.summarize_effects(rows) if e["condition"] == "steered"]
     assert acts[0] == 0.0
     assert all(b >= a - 1e-3 for a, b in zip(acts, acts[1:])), acts
