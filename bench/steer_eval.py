@@ -12,7 +12,10 @@ latents). Reported per (concept, strength), means over proteins:
 - pppl ratio: mean pseudo-perplexity of steered outputs / of unsteered outputs, under the unsteered model,
   scored on (a seeded subset of) the designed positions: the positions steering rewrote, where a loss of
   naturalness shows first (unchanged positions would dilute the ratio).
-- meets target: d_prob steered >= 2 |d_prob control| (and > 0) and pppl ratio <= 1.2 (issue #5).
+- meets target: d_prob steered >= 2 |d_prob control| (and > 0) and pppl ratio <= 1.2 (issue #5), on means;
+  `CI > 0` says whether the paired bootstrap interval of (steered - control) excludes zero.
+- composition L1 vs unsteered: L1 distance between the 20-amino-acid composition of the steered and the
+  unsteered output (0..2), because a falling PPPL can mean a drift to low-complexity, repetitive residues.
 
 Concepts: --concepts, else the SAE's concept entries in config order (ProtSAE: defined latents), skipping those
 whose unsteered mean probability on the inputs is already >= 0.9 (no room to rise); a SAE without concept
@@ -134,19 +137,24 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             pp_s = np.mean([steer[i]["pseudo_perplexity"] for i in idx])
             pp_c = np.mean([ctrl[i]["pseudo_perplexity"] for i in idx])
             pp_u = np.mean([steer[i]["unsteered_pseudo_perplexity"] for i in idx])
+            unsteered = {g.source_index: g.sequence for g in gen if g.condition == "unsteered"}
+            steered_seq = {g.source_index: g.sequence for g in gen if g.condition == "steered" and g.strength == s}
+            comp = np.mean([np.abs(st.composition(steered_seq[i]) - st.composition(unsteered[i])).sum()
+                            for i in idx])
             entry: dict[str, Any] = {
                 "concept": concept, "latents": targets, "strength": s, "n": len(idx),
                 "d_act_steered": float(das.mean()), "d_act_control": float(dac.mean()),
                 "pppl_unsteered": float(pp_u), "pppl_ratio_steered": float(pp_s / pp_u),
                 "pppl_ratio_control": float(pp_c / pp_u),
                 "identity_to_unsteered": float(np.mean([steer[i]["identity_to_unsteered"] for i in idx])),
+                "composition_l1_vs_unsteered": float(comp),
             }
             if dps is not None:
                 lo, hi = paired_bootstrap(dps - dpc, args.seed)
                 entry.update({
                     "d_prob_steered": float(dps.mean()), "d_prob_control": float(dpc.mean()),
                     "ratio": float(dps.mean() / abs(dpc.mean())) if dpc.mean() != 0 else float("inf"),
-                    "diff_ci95": [lo, hi],
+                    "diff_ci95": [lo, hi], "ci_excludes_zero": bool(lo > 0),
                     "meets_target": bool(dps.mean() > 0 and dps.mean() >= 2 * abs(dpc.mean())
                                          and pp_s / pp_u <= 1.2),
                 })
@@ -170,8 +178,9 @@ def markdown(result: dict[str, Any]) -> str:
     has_prob = any("d_prob_steered" in r for r in result["table"])
     head = ["concept", "s"]
     head += ["Δπ steered", "Δπ control", "ratio", "95% CI (Δπ s − c)"] if has_prob else []
-    head += ["Δact steered", "Δact control", "PPPL ratio steered", "PPPL ratio control", "identity to unsteered"]
-    head += ["meets target"] if has_prob else []
+    head += ["Δact steered", "Δact control", "PPPL ratio steered", "PPPL ratio control", "identity to unsteered",
+             "composition L1 vs unsteered"]
+    head += ["meets target", "CI > 0"] if has_prob else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["table"]:
         cells = [r["concept"], f"{r['strength']:g}"]
@@ -179,9 +188,10 @@ def markdown(result: dict[str, Any]) -> str:
             cells += [f"{r['d_prob_steered']:+.4f}", f"{r['d_prob_control']:+.4f}", f"{r['ratio']:.2f}",
                       f"[{r['diff_ci95'][0]:+.4f}, {r['diff_ci95'][1]:+.4f}]"]
         cells += [f"{r['d_act_steered']:+.4f}", f"{r['d_act_control']:+.4f}", f"{r['pppl_ratio_steered']:.3f}",
-                  f"{r['pppl_ratio_control']:.3f}", f"{r['identity_to_unsteered']:.3f}"]
+                  f"{r['pppl_ratio_control']:.3f}", f"{r['identity_to_unsteered']:.3f}",
+                  f"{r['composition_l1_vs_unsteered']:.3f}"]
         if has_prob:
-            cells += ["yes" if r["meets_target"] else "no"]
+            cells += ["yes" if r["meets_target"] else "no", "yes" if r["ci_excludes_zero"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
