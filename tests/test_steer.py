@@ -154,16 +154,20 @@ DEFAULT_SAE = REPO / "models" / "default_sae"
 
 @pytest.mark.skipif(not (DEFAULT_SAE / "config.json").exists(), reason="default SAE not installed")
 def test_shipped_sae_target_activation_rises_with_strength():
-    """The shipped SAE's first concept (its model card's first entry), on the repository's example proteins of
-    at most 200 residues: mean re-encoded activation non-decreasing over a doubling strength sweep."""
+    """The shipped SAE's first concept (its model card's first entry; for an SAE without concept labels, the
+    latent that fires most often on these proteins), on the repository's example proteins of at most 200
+    residues: mean re-encoded activation non-decreasing over a doubling strength sweep."""
     from protsae_cli.fasta import read_fasta
 
     m = st.load_models(None, None, "cpu")
     cfg = m.sae.cfg
-    assert cfg.concepts, "the shipped SAE should carry concept labels"
-    concept = cfg.concepts[0].concept_id
-    targets = st.resolve_concept(cfg, concept)
     recs = [r for r in read_fasta(REPO / "examples" / "proteins.fasta") if len(r.sequence) <= 200]
+    if cfg.concepts:
+        concept = cfg.concepts[0].concept_id
+    else:
+        freq = st.measure_latent_activity(m.runner, m.sae, m.hook, [r.sequence for r in recs]).frequency
+        concept = f"latent:{int(torch.argmax(freq))}"
+    targets = st.resolve_concept(cfg, concept)
     spec = st.SteerSpec(concept=concept, strengths=(0.0, 2.0, 4.0, 8.0), mask_ratio=0.5, seed=0, pppl=False)
     gen = st.steer_sequences(m.runner, m.sae, m.hook, [st.SteerInput(i, r.id, r.sequence)
                                                        for i, r in enumerate(recs)], spec, targets)
