@@ -24,10 +24,10 @@ from protsae_cli.batching import chunked_records, plan_batches, plan_windows
 from protsae_cli.errors import InputError, ResourceError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.fasta import InvalidRecord, ProteinRecord, read_fasta
+from protsae_cli.writers import FORMATS, output_paths  # noqa: F401  (re-exported for resume/multigpu)
 
 log = logging.getLogger("protsae.annotate")
 
-FORMATS = ("h5", "tsv", "gff3")
 
 
 @dataclass
@@ -102,21 +102,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as e:
         raise InputError(f"invalid --device {device!r} ({e})") from e
-
-
-def output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
-    """`-o out/run` -> out/run.h5, out/run.tsv, out/run.gff3 (a `-` prefix sends TSV to stdout)."""
-    paths = {}
-    for f in formats:
-        if f not in FORMATS:
-            raise InputError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
-        if prefix == "-":
-            if f != "tsv":
-                raise InputError("-o - writes TSV to stdout; use --formats tsv with it")
-            paths[f] = "-"
-        else:
-            paths[f] = f"{prefix}.{f}"
-    return paths
 
 
 class _Work:

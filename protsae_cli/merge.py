@@ -31,10 +31,9 @@ import numpy as np
 
 from protsae_cli.errors import InputError
 from protsae_cli.results import ProteinResult, Segment
+from protsae_cli.writers import FORMATS, output_paths
 
 log = logging.getLogger("protsae.merge")
-
-FORMATS = ("h5", "tsv", "gff3")
 
 # Root attributes in the order `Annotator.provenance` emits them, so a GFF3 regenerated from merged HDF5 lists
 # its `#key value` provenance lines in the same order as a direct run's (tests/test_merge_resume.py checks this
@@ -193,25 +192,6 @@ def detect_kind(path: str | Path) -> str:
     raise InputError(f"{p}: not a protsae HDF5, TSV or GFF3 output (unrecognised start {text[:20]!r})")
 
 
-def _output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
-    """PREFIX.h5/.tsv/.gff3, as `annotate` names them (`-`: TSV on stdout).
-
-    Not imported from protsae_cli.annotate, which imports torch: a merge job on a CPU node should start in
-    well under a second, not load a deep-learning stack it never uses.
-    """
-    paths = {}
-    for f in formats:
-        if f not in FORMATS:
-            raise InputError(f"unknown output format {f!r}; choose from {', '.join(FORMATS)}")
-        if prefix == "-":
-            if f != "tsv":
-                raise InputError("- writes TSV to stdout; use --formats tsv with it")
-            paths[f] = "-"
-        else:
-            paths[f] = f"{prefix}.{f}"
-    return paths
-
-
 @dataclass(frozen=True)
 class _Concept:
     """The concept fields the writers read, rebuilt from an HDF5 concept table without importing torch
@@ -333,7 +313,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     if not sequential:
         _check_no_shared_ordinals(nonempty)
 
-    out_paths = _output_paths(output_prefix, formats)
+    out_paths = output_paths(output_prefix, formats)
     for p in out_paths.values():
         if p != "-":
             Path(p).parent.mkdir(parents=True, exist_ok=True)
@@ -477,7 +457,7 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
             elif this != facts[0]:
                 raise InputError(f"{p}: hook/layer/plm {this} differ from {facts[1]}'s {facts[0]}; shards must "
                                  "come from the same models and settings")
-    out_path = _output_paths(output_prefix, ["tsv"])["tsv"]
+    out_path = output_paths(output_prefix, ["tsv"])["tsv"]
     out = TextOutput(out_path)
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
@@ -640,7 +620,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
         elif line.startswith("#shard"):
             line = f"#shard {shard}\n"
         header.append(line)
-    out_path = _output_paths(output_prefix, ["gff3"])["gff3"]
+    out_path = output_paths(output_prefix, ["gff3"])["gff3"]
     out = TextOutput(out_path)
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
