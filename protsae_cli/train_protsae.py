@@ -38,7 +38,7 @@ from protsae_cli.labels import ProteinLabels, ResidueLabels
 from protsae_cli.ontology import NormalForms, Ontology
 from protsae_cli.protsae_model import ProtSAE
 from protsae_cli.sae import SAEConfig
-from protsae_cli.train_topk import as_rows, finish_history, geometric_median
+from protsae_cli.train_topk import as_rows, finish_history, init_centre
 from protsae_cli.trainer import (TrainConfig, aux_rescale, finish_reconstruction, fit, new_reconstruction_sums,
                                  reconstruction_sums, reduce_sums)
 
@@ -78,10 +78,7 @@ class ProtSAEObjective(nn.Module):
 
     def init(self, sample: ActivationSet) -> None:
         """Normalisation and b_dec as for TopK, and b_pred at each concept's prior log-odds."""
-        x = sample.acts.float()
-        self.sae.fit_normalization(x)
-        with torch.no_grad():
-            self.sae.b_dec.copy_(geometric_median(self.sae.normalize(x)))
+        init_centre(self.sae, sample)
         self.sae.init_concept_bias(self.labels.prior(sample.protein, sample.position))
 
     def prepare(self, batch: Batch, device: torch.device, env: DistEnv) -> dict[str, Any]:

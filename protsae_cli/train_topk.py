@@ -45,6 +45,14 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
     return m
 
 
+def init_centre(sae: TopKSAE, sample: ActivationSet) -> None:
+    """Fit input normalisation on a sample, then start b_dec at the normalised data's geometric median."""
+    x = sample.acts.float()
+    sae.fit_normalization(x)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sae.normalize(x)))
+
+
 def topk_losses(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> dict[str, torch.Tensor]:
     """Reconstruction MSE in normalised space, plus AuxK on dead latents. Returns losses and the codes."""
     x_n = sae.normalize(x)
@@ -97,10 +105,7 @@ class TopKObjective(nn.Module):
         self.env = SINGLE  # set by trainer.fit
 
     def init(self, sample: ActivationSet) -> None:
-        x = sample.acts.float()
-        self.sae.fit_normalization(x)
-        with torch.no_grad():
-            self.sae.b_dec.copy_(geometric_median(self.sae.normalize(x)))
+        init_centre(self.sae, sample)
 
     def prepare(self, batch: Batch, device: torch.device, env: DistEnv) -> dict[str, Any]:
         return {"x": batch.acts.to(device, non_blocking=True).float()}
