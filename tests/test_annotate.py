@@ -197,3 +197,16 @@ def test_bad_fasta_exit_code(tiny_esm_path, tiny_sae_dir, tmp_path):
                           "--sae", str(tiny_sae_dir), "--device", "cpu", "-o", str(tmp_path / "j")],
                          capture_output=True, text=True)
     assert out.returncode == 3 and "junk.fa" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnx"])
+def test_backends_give_the_same_annotations(tiny_esm_path, tiny_sae_dir, small_fasta, tmp_path, backend):
+    pytest.importorskip("onnxruntime")
+    annotate(_opts(tiny_esm_path, tiny_sae_dir, small_fasta, tmp_path / "t", backend="torch"))
+    annotate(_opts(tiny_esm_path, tiny_sae_dir, small_fasta, tmp_path / "o", backend=backend))
+    with H5Annotations(tmp_path / "t.h5") as a, H5Annotations(tmp_path / "o.h5") as b:
+        assert a.attrs["backend"] == "torch" and b.attrs["backend"] == backend
+        for i in range(a.n_proteins):
+            np.testing.assert_allclose(a.codes(i).toarray(), b.codes(i).toarray(), rtol=2e-3, atol=2e-3)
+            assert [(s.latent, s.start, s.end) for s in a.segments(i)] == \
+                [(s.latent, s.start, s.end) for s in b.segments(i)]

@@ -84,3 +84,19 @@ def test_batching_does_not_change_activations_beyond_tolerance(tiny_plm, seqs):
     for i, s in enumerate(seqs):
         alone = r.hook_activations(r.tokenizer.batch([s]), hook)
         torch.testing.assert_close(together[i, 1:len(s) + 1], alone[0, 1:len(s) + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("point", ["resid_post", "attn_out"])
+def test_cuda_bf16_sdpa_matches_fp32_reference_within_bf16_tolerance(tiny_esm_path, point):
+    from protsae_cli.plm import load_plm
+
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ" * 5, "MKV", "ACDEFGHIKLMNPQRSTVWYXBUZO" * 3]
+    cpu = load_plm(str(tiny_esm_path))
+    ref = EsmRunner(cpu, attention="reference").hook_activations(_tokens(cpu, seqs), HookPoint(point, 2))
+    gpu = EsmRunner(load_plm(str(tiny_esm_path), "cuda"), device="cuda")  # sdpa + bf16 autocast by default
+    got = gpu.hook_activations(_tokens(cpu, seqs), HookPoint(point, 2)).cpu()
+    real = _tokens(cpu, seqs).ne(cpu.alphabet.padding_idx)
+    err = (got[real] - ref[real]).norm() / ref[real].norm()
+    assert err < 2e-2, err
