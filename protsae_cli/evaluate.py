@@ -1206,7 +1206,8 @@ def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
                                label=f"{n}: defined latent")
             ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
             ax.set_yticks(y)
-            ax.set_yticklabels([name for _, _, name in keys], fontsize=9)
+            multi = len({src for src, _, _ in keys}) > 1
+            ax.set_yticklabels([f"{name} [{src}]" if multi else name for src, _, name in keys], fontsize=9)
             ax.set_xlim(0, 1)
             ax.set_xlabel("test F1 (latent and threshold chosen on validation proteins)")
             ax.set_title("Per-concept best F1" + (" — " + " vs ".join(names) if len(names) > 1 else ""))
