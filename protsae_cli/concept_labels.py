@@ -135,8 +135,9 @@ class ConceptLabels:
 
     # -- what the checkpoint records -------------------------------------------------------------------
     def concept_entries(self) -> list[ConceptEntry]:
-        """Latent c <-> concept c; threshold 0.0 because a defined latent is positive exactly when pi_c > 0.5
-        (defined_bias="pred"), so any nonzero activation is the predictor calling the concept."""
+        """Latent c <-> concept c, threshold 0.0 (any nonzero activation) until `train_protsae` calibrates it on
+        validation proteins: with defined_bias="pred" a defined latent is positive exactly when pi_c > 0.5,
+        with "none" it is a graded score that needs the calibrated threshold."""
         out = []
         for j, c in enumerate(self.concepts):
             src = ",".join(Path(f).name for s in self._covering[c] for f in s.name.split(","))

@@ -20,11 +20,14 @@ Parameters (beyond the decoder, decoder bias and normalisation shared with `TopK
   rare concepts by BCE; tying it to a ball size would make the BCE and the subclass axioms fight over one
   number. (`radius_source="b_pred"` gives the DeepGO-SE-style coupling for comparison.)
 
-Defined pre-activation (`defined_bias="pred"`, the default): z_def = exp(r_pred) * (sg(W_pred) x~ + sg(b_pred)).
-With the predictor's own bias inside, a defined latent is positive exactly when pi_c > 0.5: the latent and the
-predictor agree on *whether* the concept is present, and exp(r_pred) only sets *how much* it contributes to
-the reconstruction. METHOD.md §1.10 suggests no bias by default; with "none" the latent is positive whenever
-W_pred x~ > 0, which for a rare concept (b_pred << 0) fires on many residues the predictor rejects.
+Defined pre-activation (`defined_bias="none"`, the default, METHOD.md §1.10): z_def = exp(r_pred) * sg(W_pred) x~.
+The defined latent is a graded concept score: positive wherever W_pred x~ > 0, which for a rare concept
+(b_pred << 0) includes many residues the predictor rejects, so `train_protsae` calibrates each concept's
+annotation threshold on validation proteins (`calibrate_thresholds`) and `annotate` calls residues at or above
+it. With `defined_bias="pred"` (the formula as the paper reads), z_def = exp(r_pred) * (sg(W_pred) x~ +
+sg(b_pred)) is positive exactly when pi_c > 0.5: the latent and the predictor agree on *whether* the concept is
+present and exp(r_pred) only sets *how much*. On the stand-in PLM (docs/RESULTS.md) "none" gave the higher
+concept F1 at the same reconstruction, mostly on rare concepts, whose predictor rarely reaches p > 0.5.
 
 Training vs inference (the decision that keeps `annotate` fast):
 
@@ -35,10 +38,9 @@ Training vs inference (the decision that keeps `annotate` fast):
 - *Inference* (`encode`, `encode_dense`, `forward`) is plain TopK on the affine pre-activations above. The
   forced bias needs the reference level, a nonlinear function of the unknown activations, so it cannot be
   folded into the (W, b) pair that every fast backend (torch, Triton, ONNX) consumes; with plain TopK,
-  `encoder_affine()` reproduces `encode()` exactly and a ProtSAE annotates like any TopK SAE. With the
-  default `defined_bias="pred"` nothing about *which* concepts can be on changes: forcing only lifts
-  magnitudes of latents that are already positive, so the cost is some TopK admissions at inference, not
-  wrong concept calls. `inference_forced=True` applies the forced bias at inference too (for measuring that
+  `encoder_affine()` reproduces `encode()` exactly and a ProtSAE annotates like any TopK SAE. Forcing only
+  lifts magnitudes of latents the predictor calls, so the cost is some TopK admissions at inference (measured
+  by `participation`), not different concept scores. `inference_forced=True` applies the forced bias at inference too (for measuring that
   cost); `encoder_affine()` then refuses, as it does for `topk_scope="unknown"`, whose "defined latents
   always kept" rule is not a single TopK over all latents either.
 
@@ -72,7 +74,7 @@ PROTSAE_DEFAULTS: dict[str, Any] = {
     "n_relations": 0,            # |R| relations in the NF3/NF4 axioms
     "topk_scope": "all",         # "all": TopK over all n latents | "unknown": defined always kept, TopK on unknown
     "bias_ref": "active_mean",   # forced-activation reference: "active_mean" | "all_mean" | "kth_value"
-    "defined_bias": "pred",      # "pred": z_def = e^r (W x + b_pred) | "none": z_def = e^r W x
+    "defined_bias": "none",      # "none": z_def = e^r W x (METHOD.md §1.10) | "pred": z_def = e^r (W x + b_pred)
     "lambda_annot": 10.0,        # released code 10; paper 1
     "lambda_axiom": 1.0,         # both 1
     "margin": 0.1,               # EL margin gamma

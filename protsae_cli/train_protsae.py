@@ -40,7 +40,7 @@ from protsae_cli.protsae_model import ProtSAE
 from protsae_cli.sae import SAEConfig
 from protsae_cli.train_topk import as_rows, finish_history, init_centre
 from protsae_cli.trainer import (TrainConfig, aux_rescale, finish_reconstruction, fit, new_reconstruction_sums,
-                                 reconstruction_sums, reduce_sums)
+                                 reconstruction_sums, reduce_sums, shard_for_rank)
 
 SAVE_AFTER_DEFAULT = 0.6  # released code: --save-after-epoch 30 of 50 epochs
 
@@ -235,4 +235,77 @@ def train_protsae(train: ActivationSet | InMemoryRows | ShuffleBufferStream, val
               progress=progress, save_after_default=SAVE_AFTER_DEFAULT)
     hist = finish_history(sae, res, rows, val, cfg, objective, env)
     sae.cfg.training["concept_labels"] = labels.describe()
+    if val is not None:
+        sae.cfg.training["threshold_calibration"] = calibrate_thresholds(
+            sae, shard_for_rank(val, env), labels, env=env, batch_size=cfg.eval_batch_size)
     return sae.cpu(), hist
+
+
+CALIBRATION_BINS = 200
+
+
+@torch.no_grad()
+def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels, *, env: DistEnv = SINGLE,
+                         batch_size: int = 8192,
+                         bins: int = CALIBRATION_BINS) -> dict:
+    """Set each concept's annotation threshold to the value that maximises the residue F1 of its defined latent
+    on the validation proteins, and return what was chosen (recorded in the checkpoint's provenance).
+
+    Why: with METHOD.md's recommended `defined_bias="none"` a defined latent is a graded score, positive on
+    many residues where the concept is merely plausible; `protsae annotate` calls a segment where the latent
+    is >= its threshold, so the threshold is what turns the score into a call. The candidates are a
+    `bins`-step grid from 0 to the latent's maximum over validation residues, scored on exactly the codes
+    `annotate` sees (TopK at inference, no forced activation), so a concept crowded out by TopK is judged as
+    such. Histogram counts make this two passes with O(m x bins) memory, and sum across DDP ranks.
+    Protein-level labels, and concepts without a positive validation residue, keep their threshold (0: any
+    nonzero activation), and the record says why.
+    """
+    m = sae.n_concepts
+    dev = next(sae.parameters()).device  # where training left it
+    out: dict = {"method": f"max residue F1 of the defined latent on validation proteins, {bins}-step grid "
+                           "from 0 to the latent's validation maximum", "per_concept": {}}
+    if labels.granularity != "residue":
+        out["skipped"] = "protein-level labels: no residue labels to calibrate against; thresholds kept at 0"
+        return out
+
+    def defined_codes(s: int) -> torch.Tensor:
+        idx, v = sae.encode(val.acts[s:s + batch_size].to(dev).float())
+        dense = torch.zeros((len(idx), m + 1), dtype=torch.float32, device=dev)
+        dense.scatter_(1, torch.where((idx >= 0) & (idx < m), idx, m), v.float())
+        return dense[:, :m]
+
+    vmax = torch.zeros(m, dtype=torch.float64, device=dev)
+    for s in range(0, len(val), batch_size):
+        vmax = torch.maximum(vmax, defined_codes(s).max(0).values.double())
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(vmax, op=dist.ReduceOp.MAX)
+    # counts[c, 0] = residues with activation 0; counts[c, 1 + j] = activation in [j, j+1) * vmax / bins.
+    pos = torch.zeros((m, bins + 1), dtype=torch.float64, device=dev)
+    neg = torch.zeros_like(pos)
+    scale = torch.where(vmax > 0, bins / vmax, torch.zeros_like(vmax))
+    for s in range(0, len(val), batch_size):
+        z = defined_codes(s).double()
+        y = labels.rows(val.protein[s:s + batch_size], val.position[s:s + batch_size]).to(dev)
+        b = torch.where(z > 0, 1 + (z * scale).floor().clamp_max(bins - 1), torch.zeros_like(z)).long()
+        for counts, mask in ((pos, y == 1), (neg, y == 0)):  # NaN (unobserved) is neither
+            counts.scatter_add_(1, b.T, mask.T.double())
+    all_reduce_sum(pos, env)
+    all_reduce_sum(neg, env)
+    # Calling "activation >= j * vmax / bins and > 0" keeps bins 1 + j.. (j = 0: every nonzero residue).
+    tp = pos[:, 1:].flip(1).cumsum(1).flip(1)
+    fp = neg[:, 1:].flip(1).cumsum(1).flip(1)
+    n_pos = pos.sum(1, keepdim=True)
+    f1 = 2 * tp / (tp + fp + n_pos).clamp_min(1)
+    for c, entry in enumerate(sae.cfg.concepts[:m]):
+        rec: dict = {"positives": int(n_pos[c].item()), "validation_max": float(vmax[c].item())}
+        if n_pos[c] == 0 or vmax[c] == 0:
+            rec.update(threshold=float(entry.threshold), valid_f1=None,
+                       kept="no positive validation residue" if n_pos[c] == 0 else "latent never active")
+        else:
+            j = int(torch.argmax(f1[c]).item())
+            entry.threshold = float(j * vmax[c].item() / bins)
+            rec.update(threshold=entry.threshold, valid_f1=float(f1[c, j].item()))
+        out["per_concept"][entry.concept_id] = rec
+    return out

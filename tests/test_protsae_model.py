@@ -374,7 +374,9 @@ def test_training_binds_defined_latents_to_planted_concepts(one_thread):
     dirs = torch.linalg.qr(torch.randn(d, d, generator=gen))[0][:11]  # 3 concepts + 8 other features
     x_train, y_train = _planted(4096, gen, dirs)
     x_test, y_test = _planted(2048, gen, dirs)
-    sae = make(d=d, n=32, k=4, m=3, seed=0, n_zero_classes=1)
+    # defined_bias "pred": "defined latent active" is itself the call (with "none" a calibrated threshold is,
+    # which tests/test_train_protsae.py covers end to end)
+    sae = make(d=d, n=32, k=4, m=3, seed=0, n_zero_classes=1, defined_bias="pred")
     sae.set_normal_forms(NormalForms(class_ids=["C0", "C1", "C2", "Z0"], relation_ids=[],
                                      nf1=torch.tensor([[0, 3], [1, 3], [2, 3]]),
                                      nf2=torch.empty(0, 3, dtype=torch.long), nf3=torch.empty(0, 3, dtype=torch.long),

@@ -11,6 +11,8 @@ import logging
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from protsae_cli.activations import ActivationSet
@@ -89,7 +91,14 @@ def test_checkpoint_names_its_concepts(trained):
     assert set(by_id) == {ZINC, DNA, "PSC:0000210", "PSC:0000200", "PSC:0000240"}
     assert by_id[ZINC].name == "zinc binding" and by_id[ZINC].ontology_id == ZINC
     assert [c.latent for c in sae.cfg.concepts] == list(range(len(by_id)))
-    assert all(c.threshold == 0.0 and c.source == "concepts.tsv" for c in sae.cfg.concepts)
+    assert all(c.source == "concepts.tsv" for c in sae.cfg.concepts)
+    # defined_bias "none" (the default): every threshold was calibrated on the validation proteins and recorded
+    assert sae.cfg.protsae["defined_bias"] == "none"
+    cal = sae.cfg.training["threshold_calibration"]["per_concept"]
+    for c in sae.cfg.concepts:
+        assert cal[c.concept_id]["threshold"] == c.threshold >= 0.0
+        assert c.threshold <= cal[c.concept_id]["validation_max"]
+    assert cal[ZINC]["valid_f1"] > 0.8 and cal[ZINC]["threshold"] > 0
     assert sae.cfg.protsae["n_concepts"] == 5 and sae.cfg.protsae["n_zero_classes"] == 1  # the root
     log = json.loads((out / "training_log.json").read_text())
     assert log["selection"]["rule"] == "min (val l_annot, val nmse)"
@@ -106,10 +115,15 @@ def test_defined_latents_fire_on_annotated_residues(trained, tiny_esm_path):
     seqs = [s for _, s in prots]
     h = runner.hook_activations(runner.tokenizer.batch(seqs), HookPoint("resid_post", 2))
     latent = {c.concept_id: c.latent for c in sae.cfg.concepts}
+    # "called" as annotate calls it: active and at or above the concept's calibrated threshold
+    tau = torch.zeros(sae.cfg.d_sae)
+    for c in sae.cfg.concepts:
+        tau[c.latent] = c.threshold
     fired, residues = [], []
     for i, s in enumerate(seqs):
-        idx, _ = sae.encode(h[i, 1:len(s) + 1])
-        fired.append(torch.zeros(len(s), sae.cfg.d_sae, dtype=torch.bool).scatter(1, idx.clamp_min(0), idx >= 0))
+        idx, val = sae.encode(h[i, 1:len(s) + 1])
+        on = (idx >= 0) & (val > 0) & (val >= tau[idx.clamp_min(0)])
+        fired.append(torch.zeros(len(s), sae.cfg.d_sae, dtype=torch.bool).scatter(1, idx.clamp_min(0), on))
         residues += list(s)
     fired_all = torch.cat(fired)
     aa = np.array(residues)
@@ -253,13 +267,34 @@ def test_ablation_flags_reach_the_checkpoint(trained, tiny_esm_path, tmp_path):
     out = tmp_path / "abl"
     res = cli(*common(fasta, out, tiny_esm_path), "-a", str(d / "concepts.tsv"), "--concepts",
               f"zinc binding,{DNA}", "--max-steps", "4", "--no-detach", "--no-r-pred", "--no-forced-activation",
-              "--no-axiom", "--lambda-annot", "2", "--margin", "0.3", "--topk-scope", "unknown")
+              "--no-axiom", "--lambda-annot", "2", "--margin", "0.3", "--topk-scope", "unknown",
+              "--defined-bias", "pred")
     assert res.exit_code == 0, res.output
     sae, _ = load_sae(out)
     o = sae.cfg.protsae
     assert [c.concept_id for c in sae.cfg.concepts] == [ZINC, DNA]
     assert (o["detach"], o["use_r_pred"], o["forced_activation"], o["use_axiom"]) == (False,) * 4
-    assert (o["lambda_annot"], o["margin"], o["topk_scope"]) == (2.0, 0.3, "unknown")
+    assert (o["lambda_annot"], o["margin"], o["topk_scope"], o["defined_bias"]) == (2.0, 0.3, "unknown", "pred")
+
+    # annotate runs such a ProtSAE (defined latents outside TopK) with its own encode: k + m slots per residue,
+    # the same codes as ProtSAE.encode; the fast affine backends refuse it by name instead of computing others.
+    from protsae_cli.encode import get_encoder
+    from protsae_cli.writers.h5 import H5Annotations
+
+    with pytest.raises(InputError, match="use --backend torch or auto"):
+        get_encoder("onnx", sae, "cpu")
+    annotate(AnnotateOptions(input=str(fasta), output_prefix=str(tmp_path / "ann"), model=str(tiny_esm_path),
+                             sae=str(out), formats=("h5",), device="cpu", progress=False))
+    runner = EsmRunner(load_plm(str(tiny_esm_path)), "cpu")
+    seq = proteins(60)[0][1]
+    h = runner.hook_activations(runner.tokenizer.batch([seq]), HookPoint("resid_post", 2))[0, 1:len(seq) + 1]
+    with torch.no_grad():
+        want_i, want_v = sae.encode(h)
+    with H5Annotations(tmp_path / "ann.h5") as ann:
+        assert ann.k == sae.cfg.k + 2 == want_i.shape[1]
+        got_i, got_v = ann.codes_topk(0)
+    assert np.array_equal(got_i, want_i.numpy())
+    np.testing.assert_allclose(got_v, want_v.numpy(), rtol=2e-3, atol=1e-3)  # stored as float16
 
 
 def test_clear_errors(trained, tiny_esm_path, tmp_path):
@@ -279,3 +314,70 @@ def test_clear_errors(trained, tiny_esm_path, tmp_path):
     res = cli(*common(fasta, tmp_path / "e4", tiny_esm_path), "-a", str(other), "--annotation-format",
               "generic-tsv", "--max-steps", "2")
     assert isinstance(res.exception, InputError) and "none of its proteins" in str(res.exception)
+
+
+# -- threshold calibration ----------------------------------------------------------------------------------
+
+class _OneLatentSAE(torch.nn.Module):
+    """Stands in for a ProtSAE whose single defined latent's code is the input's first column (ReLU'd)."""
+
+    n_concepts = 1
+
+    def __init__(self, concepts):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.cfg = SAEConfig(d_model=2, d_sae=4, k=2, concepts=concepts)
+
+    def encode(self, x):
+        v = x[:, :1].clamp_min(0)
+        idx = torch.where(v > 0, torch.zeros_like(v, dtype=torch.long), torch.full_like(v, -1, dtype=torch.long))
+        return torch.cat([idx, torch.full_like(idx, 3)], 1), torch.cat([v, torch.full_like(v, 0.01)], 1)
+
+
+class _Labels:
+    granularity = "residue"
+
+    def __init__(self, y):
+        self.y = y
+
+    def rows(self, protein, position):
+        return self.y[position].unsqueeze(1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.1, 0.9), st.integers(0, 10_000))
+def test_calibration_finds_the_separating_threshold(cut, seed):
+    from protsae_cli.sae import ConceptEntry
+    from protsae_cli.train_protsae import calibrate_thresholds
+
+    g = torch.Generator().manual_seed(seed)
+    n = 2000
+    score = torch.rand(n, generator=g)
+    y = (score >= cut).float()
+    y[torch.rand(n, generator=g) < 0.1] = float("nan")  # unobserved residues count for neither side
+    x = torch.stack([score * 5.0, torch.zeros(n)], 1)  # the latent's scale is not 1
+    val = ActivationSet(x.half().float(), torch.zeros(n, dtype=torch.long), torch.arange(n), ["P"], ["M" * n], {})
+    sae = _OneLatentSAE([ConceptEntry(latent=0, concept_id="C:1", name="c", threshold=0.0)])
+    out = calibrate_thresholds(sae, val, _Labels(y), batch_size=333, bins=100)
+    rec = out["per_concept"]["C:1"]
+    z = val.acts[:, 0]
+    obs = ~torch.isnan(y)
+    called = (z >= rec["threshold"]) & (z > 0)
+    tp = float((called & (y == 1) & obs).sum())
+    f1 = 2 * tp / (float((called & obs).sum()) + float((y == 1).sum()))
+    assert sae.cfg.concepts[0].threshold == rec["threshold"]
+    assert abs(rec["valid_f1"] - f1) < 1e-9  # the recorded F1 is the F1 of annotate's rule at that threshold
+    assert f1 > 0.97  # one grid step of 5.0 / 100 around the cut costs at most a few boundary residues
+    assert abs(rec["threshold"] - 5.0 * cut) <= 5.0 / 100 + 1e-6
+
+
+def test_calibration_keeps_thresholds_without_positives():
+    from protsae_cli.sae import ConceptEntry
+    from protsae_cli.train_protsae import calibrate_thresholds
+
+    n = 50
+    val = ActivationSet(torch.rand(n, 2), torch.zeros(n, dtype=torch.long), torch.arange(n), ["P"], ["M" * n], {})
+    sae = _OneLatentSAE([ConceptEntry(latent=0, concept_id="C:1", name="c", threshold=0.25)])
+    rec = calibrate_thresholds(sae, val, _Labels(torch.zeros(n)))["per_concept"]["C:1"]
+    assert rec["valid_f1"] is None and rec["kept"] == "no positive validation residue"
+    assert sae.cfg.concepts[0].threshold == 0.25

@@ -73,6 +73,11 @@ def command(
     margin: float = typer.Option(0.1, "--margin", rich_help_panel=CONCEPTS, help="EL margin gamma."),
     topk_scope: str = typer.Option("all", "--topk-scope", rich_help_panel=CONCEPTS,
                                    help="all: TopK over all latents; unknown: defined latents always kept."),
+    defined_bias: str = typer.Option(
+        "none", "--defined-bias", rich_help_panel=CONCEPTS,
+        help="none: a defined latent is a graded concept score, called above a threshold calibrated on the "
+             "validation proteins (METHOD.md's recommendation); pred: it includes the predictor's bias and is "
+             "positive exactly where the predictor says p > 0.5."),
     bias_ref: str = typer.Option("active_mean", "--bias-ref", rich_help_panel=CONCEPTS,
                                  help="Forced-activation level: active_mean, all_mean or kth_value."),
     no_detach: bool = typer.Option(False, "--no-detach", rich_help_panel=CONCEPTS,
@@ -132,7 +137,8 @@ def command(
     protsae = {}
     if arch == "protsae":
         protsae = {"pool": pool, "lambda_annot": lambda_annot, "lambda_axiom": lambda_axiom, "margin": margin,
-                   "topk_scope": topk_scope, "bias_ref": bias_ref, "detach": not no_detach,
+                   "topk_scope": topk_scope, "defined_bias": defined_bias, "bias_ref": bias_ref,
+                   "detach": not no_detach,
                    "use_r_pred": not no_r_pred, "forced_activation": not no_forced_activation,
                    "use_axiom": not no_axiom}
     opts = TrainOptions(
