@@ -142,6 +142,8 @@ class Annotator:
         self.hook = HookPoint(cfg.hook_point, cfg.layer)
         self.runner = EsmRunner(self.plm, self.device)
         self.encoder = get_encoder(backend, self.sae, self.device)
+        # Code slots per residue: k, or k + m for a ProtSAE that keeps its m defined latents outside TopK.
+        self.code_width = int(getattr(self.sae, "code_width", cfg.k))
         self.concepts = list(cfg.concepts)
 
     def provenance(self, opts: AnnotateOptions) -> dict[str, object]:
@@ -200,7 +202,7 @@ class Annotator:
         from protsae_cli.concepts import call_segments
         from protsae_cli.results import ProteinResult
 
-        k = self.sae.cfg.k
+        k = self.code_width
         works: list[_Work | InvalidRecord] = []
         items: list[tuple[_Work, int]] = []
         for rec in chunk:
@@ -302,12 +304,12 @@ class Annotator:
         t0 = time.perf_counter()
         try:
             if "h5" in paths:
-                writers.append(H5Writer(paths["h5"], prov, self.concepts, cfg.d_sae, cfg.k,
+                writers.append(H5Writer(paths["h5"], prov, self.concepts, cfg.d_sae, self.code_width,
                                         dtype=opts.h5_dtype, compression=opts.compression))
             if "tsv" in paths:
-                writers.append(TSVWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, cfg.k))
+                writers.append(TSVWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, self.code_width))
             if "gff3" in paths:
-                writers.append(GFF3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, cfg.k))
+                writers.append(GFF3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, self.code_width))
             records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
             if opts.shard:
                 i, n = opts.shard

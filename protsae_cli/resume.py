@@ -218,7 +218,7 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
                     reused += 1
                 else:
                     # Parts are temporary and only read back by protsae, so lzf: much faster than gzip.
-                    with H5Writer(store.path(n), prov, ann.concepts, cfg.d_sae, cfg.k, dtype=opts.h5_dtype,
+                    with H5Writer(store.path(n), prov, ann.concepts, cfg.d_sae, ann.code_width, dtype=opts.h5_dtype,
                                   compression="lzf") as w:
                         for res in ann.iter_results(chunk, opts):
                             w.write(canonical_result(res))

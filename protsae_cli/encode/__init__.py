@@ -43,6 +43,14 @@ def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) ->
     if Triton cannot compile or fails its self-check on this GPU.
     """
     device = torch.device(device)
+    if not getattr(sae, "supports_affine_encode", True):
+        if name not in ("auto", "torch"):
+            from protsae_cli.errors import InputError
+
+            raise InputError(f"the {name} backend encodes TopK over affine pre-activations; this ProtSAE keeps its "
+                             f"defined latents outside TopK (topk_scope={sae.opts['topk_scope']!r}, "
+                             f"inference_forced={sae.opts['inference_forced']}); use --backend torch or auto")
+        name = "torch"
     if name == "auto":
         return _auto_encoder(sae, device, **kwargs)
     if name == "torch":
