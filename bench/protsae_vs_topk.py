@@ -2,9 +2,15 @@
 
     python bench/protsae_vs_topk.py prepare      # splits, FASTAs, CB513 labels, activation caches (once)
     python bench/protsae_vs_topk.py train        # TopK, ProtSAE and the METHOD.md §1.9(d) ablations
+    python bench/protsae_vs_topk.py calibrate    # annotation thresholds for ProtSAEs trained before calibration
     python bench/protsae_vs_topk.py eval         # protsae_cli.evaluate on the cached valid/test activations
     python bench/protsae_vs_topk.py report       # tables (Markdown) from the eval JSON
-    python bench/protsae_vs_topk.py all          # the four in order
+    python bench/protsae_vs_topk.py ceiling      # converged linear probes per concept (a defined latent's ceiling)
+    python bench/protsae_vs_topk.py ship         # install the ProtSAE as models/default_sae with its model card
+    python bench/protsae_vs_topk.py all          # prepare, train, eval, report
+
+The budget (defaults): d_sae 4096, k 32, 400 Adam steps of 2,048 residues (~2 epochs), lr 2e-3 with cosine
+decay, seed 0, the same for every variant; ~7-8 min per ProtSAE run on a shared 2-core CPU.
 
 Everything derived from ../shared/data (FASTAs, label TSVs, activation caches, checkpoints, results) goes to
 --work (default /tmp/protsae_vs_topk), never into the repository: CB513 has no licence and must only be read
@@ -174,13 +180,23 @@ def prepare(args: argparse.Namespace) -> None:
 
 # ================================================================================================ training
 # The comparison and METHOD.md §1.9(d)'s ablations; every ProtSAE variant changes one switch of the full model.
+# The full model is METHOD.md §1.10's recommended form: defined latents without the predictor's bias,
+# z_def = exp(r) W x~, a graded concept score (thresholded at evaluation and annotation) rather than a latent that
+# fires only where p > 0.5, which rare concepts (binding residues, beta strands) never reach.
+FULL = {"defined_bias": "none"}
 VARIANTS: dict[str, dict] = {
     "topk": {"arch": "topk"},
-    "protsae": {"arch": "protsae", "protsae": {}},
-    "protsae_no_detach": {"arch": "protsae", "protsae": {"detach": False}},
-    "protsae_no_axiom": {"arch": "protsae", "protsae": {"use_axiom": False}},
-    "protsae_no_zbias": {"arch": "protsae", "protsae": {"forced_activation": False}},
-    "protsae_no_rpred": {"arch": "protsae", "protsae": {"use_r_pred": False}},
+    "protsae": {"arch": "protsae", "protsae": dict(FULL)},
+    "protsae_no_detach": {"arch": "protsae", "protsae": {**FULL, "detach": False}},
+    "protsae_no_axiom": {"arch": "protsae", "protsae": {**FULL, "use_axiom": False}},
+    "protsae_no_zbias": {"arch": "protsae", "protsae": {**FULL, "forced_activation": False}},
+    "protsae_no_rpred": {"arch": "protsae", "protsae": {**FULL, "use_r_pred": False}},
+    # The defined latent as the paper's formula reads: z_def = exp(r) (W x~ + b_pred), positive only where p > 0.5.
+    "protsae_bias_pred": {"arch": "protsae", "protsae": {**FULL, "defined_bias": "pred"}},
+    # Defined latents outside TopK (always reported) and TopK over the unknown latents with k - m slots, so L0
+    # stays at most k: a rare concept's score is never crowded out by TopK at inference.
+    "protsae_scope_unknown": {"arch": "protsae", "k_minus_concepts": True,
+                              "protsae": {**FULL, "topk_scope": "unknown"}},
 }
 # The annotation vocabulary itself (no propagated parents): TMbed topology and signal peptides, bindPredict classes.
 CONCEPTS = ["PSC:0000101", "PSC:0000102", "PSC:0000120", "PSC:0000111", "PSC:0000112",
@@ -235,35 +251,22 @@ def train_config(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> None:
     """Every variant from the same cached activations, with the same TrainConfig (the budget)."""
-    from protsae_cli.activations import ActivationSet
-    from protsae_cli.annotation_sources import concept_ontology
     from protsae_cli.plm import load_plm
     from protsae_cli.sae import SAEConfig, save_sae
     from protsae_cli.train import model_card
-    from protsae_cli.train_protsae import prepare_concepts, train_protsae
+    from protsae_cli.train_protsae import train_protsae
     from protsae_cli.train_topk import train_topk
 
     torch.set_num_threads(args.threads)
-    data, work = Path(args.data), Path(args.work)
-    tr, va = ActivationSet.load(work / "cache" / "train"), ActivationSet.load(work / "cache" / "valid")
-    both = _concat_sets([tr, va])
-    n_tr = len(tr.protein_ids)
-    train_idx = list(range(n_tr))
-    # Checkpoint selection on every third validation protein: enough tokens for a stable FVU / BCE, a third of
-    # the cost at each of the evaluations.
-    sel_idx = list(range(n_tr, len(both.protein_ids), 3))
-    train_set, sel_set = both.subset_proteins(train_idx), both.subset_proteins(sel_idx)
-    seqs = dict(zip(both.protein_ids, both.sequences))
-    onto = concept_ontology()
-    label_sets = _label_sets(data, seqs, TMBED_SPLITS["train"] + TMBED_SPLITS["valid"])
-    labels, nf = prepare_concepts(label_sets, both.protein_ids, both.sequences, train_idx, [onto],
-                                  concepts=CONCEPTS, granularity="residue")
+    work = Path(args.work)
+    train_set, sel_set, labels, nf, train_idx, sel_idx = _training_data(args)
     plm = load_plm(None)
     only = args.only.split(",") if args.only else list(VARIANTS)
     summary = {}
     for name in only:
         v = VARIANTS[name]
-        cfg = SAEConfig(d_model=plm.d_model, d_sae=args.d_sae, k=args.k, hook_point=HOOK_POINT, layer=LAYER,
+        k = args.k - len(CONCEPTS) if v.get("k_minus_concepts") else args.k
+        cfg = SAEConfig(d_model=plm.d_model, d_sae=args.d_sae, k=k, hook_point=HOOK_POINT, layer=LAYER,
                         plm_name=plm.name, plm_sha256=plm.sha256, plm_num_layers=plm.num_layers, arch=v["arch"],
                         protsae=dict(v.get("protsae", {})))
         cfg.training.update({"command": "python " + shlex.join(["bench/protsae_vs_topk.py", *sys.argv[1:]]),
@@ -289,6 +292,52 @@ def train(args: argparse.Namespace) -> None:
     old = json.loads((work / "train_summary.json").read_text()) if (work / "train_summary.json").exists() else {}
     old.update(summary)
     (work / "train_summary.json").write_text(json.dumps(old, indent=1, default=float))
+
+
+def _training_data(args: argparse.Namespace):
+    """(train set, checkpoint-selection set, concept labels, normal forms, train / selection protein indices)."""
+    from protsae_cli.activations import ActivationSet
+    from protsae_cli.annotation_sources import concept_ontology
+    from protsae_cli.train_protsae import prepare_concepts
+
+    data, work = Path(args.data), Path(args.work)
+    tr, va = ActivationSet.load(work / "cache" / "train"), ActivationSet.load(work / "cache" / "valid")
+    both = _concat_sets([tr, va])
+    n_tr = len(tr.protein_ids)
+    train_idx = list(range(n_tr))
+    # Checkpoint selection on every third validation protein: enough tokens for a stable FVU / BCE, a third of
+    # the cost at each of the evaluations.
+    sel_idx = list(range(n_tr, len(both.protein_ids), 3))
+    train_set, sel_set = both.subset_proteins(train_idx), both.subset_proteins(sel_idx)
+    seqs = dict(zip(both.protein_ids, both.sequences))
+    label_sets = _label_sets(data, seqs, TMBED_SPLITS["train"] + TMBED_SPLITS["valid"])
+    labels, nf = prepare_concepts(label_sets, both.protein_ids, both.sequences, train_idx, [concept_ontology()],
+                                  concepts=CONCEPTS, granularity="residue")
+    return train_set, sel_set, labels, nf, train_idx, sel_idx
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    """Annotation thresholds for ProtSAE checkpoints trained before `train_protsae` calibrated them: the same
+    `calibrate_thresholds` call on the same checkpoint-selection proteins that training now makes at its end."""
+    from protsae_cli.sae import load_sae, save_sae
+    from protsae_cli.train import model_card
+    from protsae_cli.train_protsae import calibrate_thresholds
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    _, sel_set, labels, _, _, _ = _training_data(args)
+    for name in (args.only.split(",") if args.only else list(VARIANTS)):
+        d = work / "saes" / name
+        if not d.exists() or VARIANTS[name]["arch"] != "protsae":
+            continue
+        sae, _ = load_sae(d)
+        if "threshold_calibration" in sae.cfg.training:
+            continue
+        cal = calibrate_thresholds(sae, sel_set, labels, batch_size=8192)
+        cal["applied_by"] = "python " + shlex.join(["bench/protsae_vs_topk.py", *sys.argv[1:]]) + " (after training)"
+        sae.cfg.training["threshold_calibration"] = cal
+        save_sae(sae, d, card=model_card(sae.cfg))
+        log.info("%s: thresholds %s", name, {c: round(r["threshold"], 4) for c, r in cal["per_concept"].items()})
 
 
 # ================================================================================================== evaluation
@@ -440,6 +489,63 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
+# ===================================================================================================== ceiling
+def ceiling(args: argparse.Namespace) -> None:
+    """What a converged linear probe on the same activations reaches per concept: the ceiling of a defined latent
+    (whose predictor is a linear probe trained for only the SAE's few hundred steps) at p > 0.5, and with a
+    threshold chosen on validation proteins. Same splits, same labels; logistic regression, L-BFGS, tiny L2."""
+    from protsae_cli.activations import ActivationSet
+    from protsae_cli.concept_labels import build_concept_labels
+
+    torch.set_num_threads(args.threads)
+    data, work = Path(args.data), Path(args.work)
+    sets = [ActivationSet.load(work / "cache" / n) for n in ("train", "valid", "test")]
+    both = _concat_sets(sets)
+    seqs = dict(zip(both.protein_ids, both.sequences))
+    lab = build_concept_labels(_label_sets(data, seqs, TMBED_SPLITS["train"] + TMBED_SPLITS["valid"]
+                                           + TMBED_SPLITS["test"]), both.protein_ids, both.sequences, CONCEPTS)
+    n_tr, n_va = len(sets[0].protein_ids), len(sets[1].protein_ids)
+
+    def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        m = (both.protein >= lo) & (both.protein < hi)
+        return both.acts[m].float(), lab.rows(both.protein[m], both.position[m])
+
+    (xtr, ytr), (xva, yva), (xte, yte) = part(0, n_tr), part(n_tr, n_tr + n_va), part(n_tr + n_va, 1 << 40)
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xva, xte = ((x - mu) / sd for x in (xtr, xva, xte))
+
+    def f1(pred: torch.Tensor, y: torch.Tensor) -> float:
+        ok = ~torch.isnan(y)
+        p, t = pred[ok], y[ok] > 0
+        tp = int((p & t).sum())
+        den = int(p.sum()) + int(t.sum())
+        return 2 * tp / den if den else 0.0
+
+    out = {}
+    grid = np.linspace(0.02, 0.98, 49)
+    for j, c in enumerate(CONCEPTS):
+        ok = ~torch.isnan(ytr[:, j])
+        X, y = xtr[ok], ytr[ok, j]
+        w = torch.zeros(X.shape[1], requires_grad=True)
+        b = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w + b, y) + 1e-4 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            pv, pt = torch.sigmoid(xva @ w + b), torch.sigmoid(xte @ w + b)
+        g = float(grid[int(np.argmax([f1(pv > t, yva[:, j]) for t in grid]))])
+        out[c] = {"name": lab.names[j], "test_f1_at_0.5": f1(pt > 0.5, yte[:, j]), "valid_threshold": g,
+                  "test_f1_at_valid_threshold": f1(pt > g, yte[:, j])}
+        log.info("%s %s: %s", c, lab.names[j], out[c])
+    (work / "ceiling.json").write_text(json.dumps(out, indent=1))
+
+
 # ======================================================================================================== ship
 def ship(args: argparse.Namespace) -> None:
     """Install the chosen variant as models/default_sae with a model card built from the measured evaluation."""
@@ -455,6 +561,12 @@ def ship(args: argparse.Namespace) -> None:
     t["activation_cache"] = f"stand-in PLM {HOOK_POINT}@{LAYER}, every residue of the training proteins"
     t["fasta"] = "TMbed cv_00+cv_01 (all TM / signal-peptide proteins + 150 globular each) + bindPredict splits 1-3"
     t["eval"] = {"json_format": "protsae-eval v1", "command": res["command"], "commit": _git_commit()}
+    # Annotation thresholds: calibrated by train_protsae on the checkpoint-selection proteins (a third of the
+    # validation split), recorded in training["threshold_calibration"]; none may be left uncalibrated.
+    cal = t.get("threshold_calibration", {}).get("per_concept", {})
+    missing = [e.concept_id for e in sae.cfg.concepts if cal.get(e.concept_id, {}).get("valid_f1") is None]
+    if missing:
+        raise SystemExit(f"{name}: no calibrated annotation threshold for {', '.join(missing)}; retrain it")
     card = model_card_text(name, sae, res, man)
     dest = REPO / "models" / "default_sae"
     save_sae(sae, dest, card=card)
@@ -476,19 +588,28 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
          "(`protsae train --model esm2_t33_650M_UR50D --arch protsae --annotations ...`).", "",
          "## What it is", "",
          f"- A ProtSAE (semantically guided TopK SAE): d_model {cfg.d_model}, {cfg.d_sae} latents, k = {cfg.k}. "
-         f"Latents 0-{len(cfg.concepts) - 1} are *defined* latents bound to the concepts below (the latent is "
-         "positive exactly when the built-in concept predictor says p > 0.5 and it survives TopK); the other "
-         f"{cfg.d_sae - len(cfg.concepts)} latents are unsupervised, as in a TopK SAE.",
+         f"Latents 0-{len(cfg.concepts) - 1} are *defined* latents bound to the concepts below ("
+         + ("the latent is positive exactly when the built-in concept predictor says p > 0.5 and it survives "
+            "TopK" if cfg.protsae.get("defined_bias") == "pred" else
+            "the latent is a graded concept score, exp(r) W_pred x, called above the threshold listed below when "
+            "it survives TopK")
+         + f"); the other {cfg.d_sae - len(cfg.concepts)} latents are unsupervised, as in a TopK SAE.",
          f"- Hook: {cfg.hook_point}@{cfg.layer} (output of transformer block {cfg.layer} of 6); PLM sha256 "
          f"{cfg.plm_sha256}.",
          f"- Options: {json.dumps({k: v for k, v in cfg.protsae.items() if k in ('lambda_annot', 'lambda_axiom', 'topk_scope', 'bias_ref', 'defined_bias', 'detach', 'forced_activation', 'use_r_pred', 'use_axiom')})}.",
          "- Concept ids are from the shipped residue concept ontology `models/residue_concepts.obo` (PSC), with "
          "their GO / SO cross-references there.", "",
-         "| latent | concept | id | ontology id | test F1 (defined latent) | test F1 (predictor p > 0.5) |",
-         "|---|---|---|---|---|---|"]
+         "Annotate threshold: the activation at or above which `protsae annotate` calls the concept, calibrated "
+         "by `protsae train` to the best residue F1 on validation proteins (that F1 in the next column). Test "
+         "F1: the defined latent at the threshold the InterPLM protocol picks on validation proteins, and the "
+         "built-in predictor at p > 0.5, on held-out test proteins.", "",
+         "| latent | concept | id | ontology id | annotate threshold | validation F1 at it | "
+         "test F1 (defined latent) | test F1 (predictor p > 0.5) |", "|---|---|---|---|---|---|---|---|"]
+    cal = t.get("threshold_calibration", {}).get("per_concept", {})
     for e in cfg.concepts:
         r = next((v for (src, c), v in rows.items() if c == e.concept_id), None)
-        L.append(f"| {e.latent} | {e.name} | {e.concept_id} | {e.ontology_id or '–'} | "
+        L.append(f"| {e.latent} | {e.name} | {e.concept_id} | {e.ontology_id or '–'} | {e.threshold:.3g} | "
+                 f"{_f(cal.get(e.concept_id, {}).get('valid_f1'))} | "
                  f"{_f(r['defined_test_f1']) if r else '–'} | {_f(r['pi_test_f1']) if r else '–'} |")
     L += ["", "## Data", "",
           "- TMbed (Apache-2.0) cross-validation splits 0-1 for training (every protein with a transmembrane or "
@@ -518,16 +639,18 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
     L += [f"- Concepts (InterPLM protocol, best latent and threshold chosen on validation proteins, F1 on test "
           f"proteins): mean best F1 {_f(summ['mean_best_test_f1'])} over the {summ['n']} training concepts, "
           f"defined latents alone {_f(summ['defined_test_f1'])}.",
-          "- Known weaknesses: the predictor rarely calls the rare binding classes (p stays below 0.5), so those "
-          "defined latents are mostly silent; 'cytoplasmic side' follows TMbed's convention and covers soluble "
-          "proteins entirely.", ""]
+          "- Known weaknesses: " + (", ".join(f"{r['name']} (test F1 {_f(r['defined_test_f1'])})"
+                                              for r in con["per_concept"] if r["defined_latent"] is not None
+                                              and (r["defined_test_f1"] or 0) < 0.3) or "none below F1 0.3")
+          + " are called with low precision or recall on this small model; 'cytoplasmic side' follows TMbed's "
+          "convention and covers soluble proteins entirely.", ""]
     return "\n".join(L)
 
 
 # ==================================================================================================== main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("prepare", "train", "eval", "report", "ship", "all"))
+    p.add_argument("stage", choices=("prepare", "train", "calibrate", "eval", "report", "ceiling", "ship", "all"))
     p.add_argument("--data", default=os.environ.get("PROTSAE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--work", default=os.environ.get("PROTSAE_BENCH_WORK", "/tmp/protsae_vs_topk"))
     p.add_argument("--seed", type=int, default=0)
@@ -537,11 +660,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=80)
     p.add_argument("--save-after", type=float, default=0.6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lm-proteins", type=int, default=48)
@@ -552,7 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     stages = ("prepare", "train", "eval", "report") if args.stage == "all" else (args.stage,)
-    run = {"prepare": prepare, "train": train, "eval": evaluate, "report": report, "ship": ship}
+    run = {"prepare": prepare, "train": train, "calibrate": calibrate, "eval": evaluate, "report": report,
+           "ceiling": ceiling, "ship": ship}
     for st in stages:
         run[st](args)
 
