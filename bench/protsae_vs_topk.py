@@ -600,7 +600,11 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
          "- Concept ids are from the shipped residue concept ontology `models/residue_concepts.obo` (PSC), with "
          "their GO / SO cross-references there.", "",
          "Annotate threshold: the activation at or above which `protsae annotate` calls the concept, calibrated "
-         "by `protsae train` to the best residue F1 on validation proteins (that F1 in the next column). Test "
+         "by `train_protsae.calibrate_thresholds` (what `protsae train` runs at its end"
+         + (f"; here applied after training by `{t['threshold_calibration']['applied_by'].split(' (')[0]}`"
+            if t.get("threshold_calibration", {}).get("applied_by") else "")
+         + ") to the best residue F1 on the checkpoint-selection validation proteins (that F1 in the next "
+         "column). Test "
          "F1: the defined latent at the threshold the InterPLM protocol picks on validation proteins, and the "
          "built-in predictor at p > 0.5, on held-out test proteins.", "",
          "| latent | concept | id | ontology id | annotate threshold | validation F1 at it | "
@@ -621,7 +625,8 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
           f"- {man['sets']['train']} training proteins, {t.get('train_tokens')} training residues (every residue "
           "of each protein, activations collected once).", "",
           "## Training", "",
-          f"- `{t.get('command')}` (repository `bench/protsae_vs_topk.py`), protsae {t.get('protsae_version', '')}",
+          f"- `{t.get('command')}` (repository `bench/protsae_vs_topk.py`; `--work` is a scratch directory "
+          f"holding the activation caches), evaluation commit {t['eval']['commit']}.",
           f"- {t.get('steps')} steps of {tc.get('batch_size')} residues, Adam lr {tc.get('lr')} with cosine "
           f"decay, seed {tc.get('seed')}; checkpoint from step {t.get('selected_step')} (smallest validation "
           f"concept BCE among the last 40 % of the run); {t.get('seconds', 0):.0f} s on a shared 2-core CPU.", "",
