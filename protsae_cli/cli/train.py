@@ -72,7 +72,8 @@ def command(
                                        help="Weight of the ELEmbeddings axiom loss."),
     margin: float = typer.Option(0.1, "--margin", rich_help_panel=CONCEPTS, help="EL margin gamma."),
     topk_scope: str = typer.Option("all", "--topk-scope", rich_help_panel=CONCEPTS,
-                                   help="all: TopK over all latents; unknown: defined latents always kept."),
+                                   help="all: TopK over all latents; unknown: defined latents always kept "
+                                        "(L0 up to k + concepts; annotate then encodes with the torch backend)."),
     defined_bias: str = typer.Option(
         "none", "--defined-bias", rich_help_panel=CONCEPTS,
         help="none: a defined latent is a graded concept score, called above a threshold calibrated on the "
