@@ -369,8 +369,9 @@ def evaluate(args: argparse.Namespace) -> None:
     sources[0].name, sources[1].name, sources[2].name = "TMbed", "bindPredict", "CB513"
     lengths = [len(s) for s in seqs]
     t0 = time.perf_counter()
+    grid = tuple(float(t) for t in args.thresholds.split(","))
     main = evaluate_activations(saes, names, ids, lengths, cached_activation_batches(both), sources, split,
-                                workdir=str(work))
+                                thresholds=grid, workdir=str(work))
     t_main = time.perf_counter() - t0
     mean_act = main.pop("mean_activation")
     plm = load_plm(None)
@@ -674,6 +675,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lm-proteins", type=int, default=48)
     p.add_argument("--lm-max-len", type=int, default=400)
+    p.add_argument("--thresholds", default="0,0.15,0.5,0.6,0.8",
+                   help="eval: concept threshold grid on max-normalised activations (default: InterPLM's)")
     p.add_argument("--out-name", default="eval", help="eval/report file stem in --work")
     p.add_argument("--ship", default="protsae", help="variant installed as models/default_sae by the ship stage")
     args = p.parse_args(argv)
