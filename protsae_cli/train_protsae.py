@@ -61,6 +61,14 @@ def prepare_concepts(label_sets: Sequence[tuple[str, ResidueLabels | ProteinLabe
     return labels, concept_normal_forms(ontologies, chosen)
 
 
+def defined_activations(idx: torch.Tensor, val: torch.Tensor, m: int) -> torch.Tensor:
+    """Dense [N, m] activations of the defined latents (latents 0..m-1) from sparse codes, 0 where TopK did
+    not keep them: without a full [N, d_sae] scatter (slot m absorbs every other latent)."""
+    dense = torch.zeros((len(idx), m + 1), dtype=torch.float32, device=idx.device)
+    dense.scatter_(1, torch.where((idx >= 0) & (idx < m), idx, m), val.float())
+    return dense[:, :m]
+
+
 class ProtSAEObjective(nn.Module):
     """ProtSAE loss for the shared loop (see module docstring); selection on (valid l_annot, valid nmse)."""
 
@@ -120,13 +128,9 @@ class ProtSAEObjective(nn.Module):
             pool_sum, pool_max, pool_n = z64(P, m), torch.full((P, m), -torch.inf, device=device), z64(P)
         for s in range(0, len(val), batch_size):
             x = val.acts[s:s + batch_size].to(device).float()
-            idx, _ = reconstruction_sums(sae, x, sums)
+            idx, values = reconstruction_sums(sae, x, sums)
             logits = sae._concept_logits(sae.normalize(x))
-            # Which defined latents are active: scatter only the first m columns (slot m absorbs the rest).
-            in_def = (idx >= 0) & (idx < m)
-            defined = torch.zeros((len(x), m + 1), dtype=torch.bool, device=device)
-            defined.scatter_(1, torch.where(in_def, idx, m), True)
-            defined = defined[:, :m]
+            defined = defined_activations(idx, values, m) > 0
             called = logits > 0
             extra["called"] += called.sum()
             extra["kept"] += (called & defined).sum()
@@ -269,10 +273,7 @@ def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels
         return out
 
     def defined_codes(s: int) -> torch.Tensor:
-        idx, v = sae.encode(val.acts[s:s + batch_size].to(dev).float())
-        dense = torch.zeros((len(idx), m + 1), dtype=torch.float32, device=dev)
-        dense.scatter_(1, torch.where((idx >= 0) & (idx < m), idx, m), v.float())
-        return dense[:, :m]
+        return defined_activations(*sae.encode(val.acts[s:s + batch_size].to(dev).float()), m)
 
     vmax = torch.zeros(m, dtype=torch.float64, device=dev)
     for s in range(0, len(val), batch_size):

@@ -12,13 +12,12 @@ class TorchEncoder:
 
     def __init__(self, sae, device: torch.device, chunk_rows: int = 8192, dtype: torch.dtype | None = None):
         self.chunk_rows = chunk_rows
-        # A ProtSAE whose inference is not one TopK over affine pre-activations (topk_scope="unknown":
-        # defined latents always kept) runs its own encode(), in fp32; its rows have code_width slots.
-        self.module = None if getattr(sae, "supports_affine_encode", True) else sae.to(device).float().eval()
-        if self.module is not None:
-            self.k = sae.code_width
-            self.W = next(sae.parameters())
-            self.dtype = torch.float32
+        self.device = device
+        if not getattr(sae, "supports_affine_encode", True):
+            # A ProtSAE whose inference is not one TopK over affine pre-activations (topk_scope="unknown":
+            # defined latents always kept) runs its own encode(), in fp32; its rows have code_width slots.
+            self.k, self.dtype = sae.code_width, torch.float32
+            self._encode_chunk = sae.to(device).float().eval().encode
             return
         W, b = sae.encoder_affine()
         # bf16 GEMM on CUDA (fp32 accumulate in cuBLAS); exact fp32 on CPU.
@@ -26,23 +25,21 @@ class TorchEncoder:
         self.W = W.to(device=device, dtype=self.dtype)
         self.b = b.to(device=device, dtype=torch.float32)
         self.k = sae.cfg.k
+        self._encode_chunk = self._affine_topk
+
+    def _affine_topk(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = torch.addmm(self.b, xc.float(), self.W.float().T) if self.dtype == torch.float32 else \
+            (xc @ self.W.T).float() + self.b
+        return topk_relu(pre, self.k)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idxs, vals = [], []
         for s in range(0, x.shape[0], self.chunk_rows):
-            xc = x[s:s + self.chunk_rows].to(self.W.device, self.dtype)
-            if self.module is not None:
-                i, v = self.module.encode(xc)
-                idxs.append(i)
-                vals.append(v)
-                continue
-            pre = torch.addmm(self.b, xc.float(), self.W.float().T) if self.dtype == torch.float32 else \
-                (xc @ self.W.T).float() + self.b
-            i, v = topk_relu(pre, self.k)
+            i, v = self._encode_chunk(x[s:s + self.chunk_rows].to(self.device, self.dtype))
             idxs.append(i)
             vals.append(v)
         if not idxs:
-            return (torch.empty(0, self.k, dtype=torch.int64, device=self.W.device),
-                    torch.empty(0, self.k, dtype=torch.float32, device=self.W.device))
+            return (torch.empty(0, self.k, dtype=torch.int64, device=self.device),
+                    torch.empty(0, self.k, dtype=torch.float32, device=self.device))
         return torch.cat(idxs), torch.cat(vals)
