@@ -33,6 +33,16 @@ def level_for(verbose: int = 0, quiet: int = 0) -> int:
     return logging.INFO
 
 
+def remove_handlers() -> None:
+    """Take off (and close) the handlers `setup_logging` installed; other handlers stay."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, _MARK, False):
+            root.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
+
+
 def setup_logging(verbose: int = 0, quiet: int = 0, log_file: str | None = None,
                   stream: TextIO | None = None) -> int:
     """Install the stderr handler (and optionally a file handler) and return the chosen level.
@@ -45,12 +55,8 @@ def setup_logging(verbose: int = 0, quiet: int = 0, log_file: str | None = None,
     level = level_for(verbose, quiet)
     _level = level
     stream = stream if stream is not None else sys.stderr
+    remove_handlers()
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, _MARK, False):
-            root.removeHandler(h)
-            if isinstance(h, logging.FileHandler):
-                h.close()
 
     console: logging.Handler
     if _interactive(stream):

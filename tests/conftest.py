@@ -83,3 +83,22 @@ def small_fasta(tmp_path) -> Path:
     p.write_text(">P1 first protein\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n>sp|P2/x second one\nmkvlaagiv*\n"
                  ">P1 duplicate id\nACDEFGHIKLMNPQRSTVWYXBUZO\n")
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: intra-op threads only add contention on a loaded 2-core box (x70 slower), and one thread
+    makes CPU results bit-reproducible, which the resume tests rely on."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def drop_cli_log_handlers():
+    """CliRunner gives the CLI a temporary stderr; the log handler the CLI installs on it must not outlive it."""
+    from protsae_cli.logging_setup import remove_handlers
+
+    yield
+    remove_handlers()

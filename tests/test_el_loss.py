@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -121,17 +120,7 @@ def test_standardize_centres_and_loss_finite():
 
 
 def test_from_normal_forms_object():
-    try:
-        from protsae_cli.ontology import NormalForms
-    except ImportError:  # the ontology module is built concurrently; the contract is the four attributes
-        @dataclass
-        class NormalForms:  # type: ignore[no-redef]
-            class_ids: list
-            relation_ids: list
-            nf1: torch.Tensor
-            nf2: torch.Tensor
-            nf3: torch.Tensor
-            nf4: torch.Tensor
+    from protsae_cli.ontology import NormalForms
 
     nf = NormalForms(class_ids=["A", "B", "C"], relation_ids=["part_of"], nf1=L([0, 2]),
                      nf2=torch.empty(0, 3, dtype=torch.long), nf3=torch.empty(0, 3, dtype=torch.long),

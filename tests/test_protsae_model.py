@@ -3,7 +3,6 @@ and a short training run on planted concepts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,17 +13,7 @@ from protsae_cli.errors import InputError
 from protsae_cli.protsae_model import ProtSAE, pool_by_protein
 from protsae_cli.sae import ConceptEntry, SAEConfig, build_sae, load_sae, save_sae, topk_relu
 
-try:
-    from protsae_cli.ontology import NormalForms
-except ImportError:  # built concurrently; the model relies only on these attributes
-    @dataclass
-    class NormalForms:  # type: ignore[no-redef]
-        class_ids: list
-        relation_ids: list
-        nf1: torch.Tensor
-        nf2: torch.Tensor
-        nf3: torch.Tensor
-        nf4: torch.Tensor
+from protsae_cli.ontology import NormalForms
 
 
 def make(d: int = 8, n: int = 24, k: int = 4, m: int = 3, seed: int = 0, **opts) -> ProtSAE:
@@ -356,15 +345,6 @@ def _planted(n_tok: int, gen: torch.Generator, dirs: torch.Tensor, p: float = 0.
 def _f1(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     tp = (pred & y).sum(0).float()
     return 2 * tp / (pred.sum(0) + y.sum(0)).clamp_min(1)
-
-
-@pytest.fixture
-def one_thread():
-    # Tiny matmuls: intra-op threads only add contention (x70 slower on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_training_binds_defined_latents_to_planted_concepts(one_thread):

@@ -4,7 +4,6 @@ bounded shuffle buffer, mismatch refusals). Small enough to run in seconds on a 
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -25,24 +24,7 @@ from protsae_cli.trainer import STATE_NAME, TrainConfig, fit, load_state
 from tests.train_helpers import proteins, write_fasta
 
 
-@pytest.fixture(autouse=True)
-def drop_cli_log_handlers():
-    # CliRunner gives the CLI a temporary stderr; the log handler the CLI installs on it must not outlive it.
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_protsae_handler", False):
-            root.removeHandler(h)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: intra-op threads only add contention on a loaded 2-core box, and one thread makes CPU
-    # results bit-reproducible, which the resume tests rely on.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("drop_cli_log_handlers", "one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -30,22 +29,7 @@ from protsae_cli.trainer import TrainConfig
 from tests.train_helpers import DNA, RULES, ZINC, proteins, write_concept_tsv, write_fasta
 
 
-@pytest.fixture(autouse=True)
-def drop_cli_log_handlers():
-    # CliRunner gives the CLI a temporary stderr; the log handler the CLI installs on it must not outlive it.
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_protsae_handler", False):
-            root.removeHandler(h)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("drop_cli_log_handlers", "one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +195,7 @@ def test_protein_granularity_pools_and_residue_granularity_broadcasts():
 
 
 def test_concept_selection(psc):
-    ids, seqs = ["A", "B"], ["M" * 50, "M" * 50]
+    ids = ["A", "B"]
     src = _residue_source({"A": {ZINC: list(range(10))}, "B": {DNA: [1, 2]}}, {"A": 50, "B": 50}).propagate(psc)
     sets = [("s", src)]
     auto = select_concepts(sets, ids, [0, 1], [psc], min_count=5)
