@@ -21,7 +21,7 @@ import torch
 
 from protsae_cli import __version__
 from protsae_cli.batching import chunked_records, plan_batches, plan_windows
-from protsae_cli.errors import InputError, ResourceError
+from protsae_cli.errors import InputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.fasta import InvalidRecord, ProteinRecord, read_fasta
 from protsae_cli.writers import FORMATS, output_paths  # noqa: F401  (re-exported for resume/multigpu)

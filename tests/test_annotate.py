@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,6 @@ from typer.testing import CliRunner
 from protsae_cli.annotate import AnnotateOptions, Annotator, annotate
 from protsae_cli.cli.app import build_app
 from protsae_cli.errors import CompatibilityError, InputError
-from protsae_cli.esm_forward import HookPoint
 from protsae_cli.sae import load_sae
 from protsae_cli.writers.h5 import H5Annotations
 

@@ -123,7 +123,6 @@ def test_swissprot_synthetic_ligands_and_fuzzy_positions(psc: Ontology) -> None:
 
 
 def test_swissprot_with_sequences(tmp_path: Path) -> None:
-    text = (DATA / "uniprot_synthetic.txt").read_text()
     seq1 = "MACSSGKTLVVACLLLAAVLCSGAAVLLALIVGALLVLAFLLAWRKCPECHKCFRRGDLK"
     # the secondary accession and an `sp|...|...` FASTA id both find their entry
     seqs = {"Q00099": seq1, "sp|Q00002|TEST2_HUMAN": "MKLVAEELKKGW"}

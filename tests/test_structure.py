@@ -321,7 +321,7 @@ def test_alignment_handles_gaps_and_offsets():
 def test_cli(h5, tmp_path):
     from typer.testing import CliRunner
 
-    from protsae_cli.cli.app import build_app, main
+    from protsae_cli.cli.app import build_app
 
     out = tmp_path / "cli.pdb"
     res = CliRunner().invoke(build_app(), ["export-structure", "--h5", str(h5), "--protein", "P1", "--concept",
