@@ -179,10 +179,15 @@ def prepare(args: argparse.Namespace) -> None:
 
 # ================================================================================================ training
 # The comparison and METHOD.md §1.9(d)'s ablations; every ProtSAE variant changes one switch of the full model.
-# The full model is METHOD.md §1.10's recommended form: defined latents without the predictor's bias,
-# z_def = exp(r) W x~, a graded concept score (thresholded at evaluation and annotation) rather than a latent that
-# fires only where p > 0.5, which rare concepts (binding residues, beta strands) never reach.
-FULL = {"defined_bias": "none"}
+# The full model is `train_protsae.RESIDUE_RECIPE`, what `protsae train` uses for residue-level concepts:
+# - defined_bias "calibrated": z_def = exp(r) (W x~ - theta), zero below a cut fitted to validation F1 at every
+#   validation (between METHOD.md §1.10's "none", a graded score positive wherever W x~ > 0, and the paper's
+#   b_pred, positive only where p > 0.5, which rare concepts never reach);
+# - topk_scope "defined_first": a called concept is admitted to TopK before any free latent (L0 <= k);
+# - predictor_lr 3e-2: the predictor, a logistic regression under the stop-gradient, at its own peak lr.
+FULL = {"defined_bias": "calibrated", "topk_scope": "defined_first", "predictor_lr": 3e-2}
+# The full model of the first comparison (kept to reproduce the earlier tables): METHOD.md §1.10's defaults.
+V1 = {"defined_bias": "none", "topk_scope": "all", "predictor_lr": None}
 VARIANTS: dict[str, dict] = {
     "topk": {"arch": "topk"},
     "protsae": {"arch": "protsae", "protsae": dict(FULL)},
@@ -190,12 +195,18 @@ VARIANTS: dict[str, dict] = {
     "protsae_no_axiom": {"arch": "protsae", "protsae": {**FULL, "use_axiom": False}},
     "protsae_no_zbias": {"arch": "protsae", "protsae": {**FULL, "forced_activation": False}},
     "protsae_no_rpred": {"arch": "protsae", "protsae": {**FULL, "use_r_pred": False}},
+    # One switch of the recipe at a time.
+    "protsae_same_lr": {"arch": "protsae", "protsae": {**FULL, "predictor_lr": None}},
+    "protsae_scope_all": {"arch": "protsae", "protsae": {**FULL, "topk_scope": "all"}},
     # The defined latent as the paper's formula reads: z_def = exp(r) (W x~ + b_pred), positive only where p > 0.5.
     "protsae_bias_pred": {"arch": "protsae", "protsae": {**FULL, "defined_bias": "pred"}},
     # Defined latents outside TopK (always reported) and TopK over the unknown latents with k - m slots, so L0
-    # stays at most k: a rare concept's score is never crowded out by TopK at inference.
+    # stays at most k.
     "protsae_scope_unknown": {"arch": "protsae", "k_minus_concepts": True,
                               "protsae": {**FULL, "topk_scope": "unknown"}},
+    # The first comparison's full model (METHOD.md §1.10's defaults), and its own one-switch variants.
+    "protsae_v1": {"arch": "protsae", "protsae": dict(V1)},
+    "protsae_v1_bias_pred": {"arch": "protsae", "protsae": {**V1, "defined_bias": "pred"}},
 }
 # The annotation vocabulary itself (no propagated parents): TMbed topology and signal peptides, bindPredict classes.
 CONCEPTS = ["PSC:0000101", "PSC:0000102", "PSC:0000120", "PSC:0000111", "PSC:0000112",

@@ -78,8 +78,14 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
         helper.make_node("MatMul", [INPUT_NAME, "W_enc_folded_T"], ["xw"], name="encoder_gemm"),
         helper.make_node("Add", ["xw", "b_enc_folded"], ["pre"], name="encoder_bias"),
         helper.make_node("Relu", ["pre"], ["act"], name="relu"),
-        helper.make_node("TopK", ["act", "k"], [OUTPUT_VALUES, "topk_indices"], name="topk", axis=-1,
-                         largest=1, sorted=1),
+    ]
+    p = int(getattr(sae, "priority_latents", 0))
+    if p:
+        nodes += _priority_topk_nodes(p, n, opset, inits)
+    else:
+        nodes.append(helper.make_node("TopK", ["act", "k"], [OUTPUT_VALUES, "topk_indices"], name="topk", axis=-1,
+                                      largest=1, sorted=1))
+    nodes += [
         helper.make_node("Greater", [OUTPUT_VALUES, "zero"], ["nonzero"], name="is_nonzero"),
         helper.make_node("Where", ["nonzero", "topk_indices", "empty_index"], [OUTPUT_INDICES],
                          name="empty_slots_to_minus_one"),
@@ -91,7 +97,8 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
          helper.make_tensor_value_info(OUTPUT_VALUES, TensorProto.FLOAT, ["rows", k])],
         initializer=inits,
         doc_string=f"TopK_{k}(ReLU(x @ W^T + b)) of a protsae SAE ({cfg.arch}, d_model={d}, d_sae={n}); "
-                   "values descending, ties to the lower latent index, empty slots idx -1 / value 0.")
+                   + (f"positive latents 0..{p - 1} admitted first; " if p else "")
+                   + "values descending, ties to the lower latent index, empty slots idx -1 / value 0.")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="protsae",
                               producer_version=__version__,
                               doc_string="protsae SAE encoder; config in metadata_props['protsae_config']")
@@ -107,6 +114,37 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
     if w_t.nbytes < _EXTERNAL_DATA_BYTES:  # the checker serialises the model: impossible past 2 GiB
         onnx.checker.check_model(model)
     return model
+
+
+def _priority_topk_nodes(p: int, n: int, opset: int, inits: list) -> list:
+    """Nodes from `act` to (OUTPUT_VALUES, "topk_indices") for `sae.priority_topk_relu`: TopK on a key that lifts
+    positive latents 0..p-1 above the row maximum, then the selected activations re-sorted by value (a second
+    TopK over k entries) so the output keeps the reference order."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits += [numpy_helper.from_array(np.arange(n) < p, "is_priority"),
+              helper.make_tensor("one", 1, [], [1.0])]  # 1 = TensorProto.FLOAT
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        inits.append(helper.make_tensor("last_axis", 7, [1], [-1]))  # 7 = TensorProto.INT64
+        rmax = helper.make_node("ReduceMax", ["act", "last_axis"], ["row_max"], name="row_max", keepdims=1)
+    else:
+        rmax = helper.make_node("ReduceMax", ["act"], ["row_max"], name="row_max", axes=[-1], keepdims=1)
+    return [
+        rmax,
+        helper.make_node("Add", ["row_max", "one"], ["lift"], name="lift"),
+        helper.make_node("Greater", ["act", "zero"], ["act_positive"], name="act_positive"),
+        helper.make_node("And", ["act_positive", "is_priority"], ["lifted"], name="priority_and_positive"),
+        helper.make_node("Add", ["act", "lift"], ["act_lifted"], name="act_plus_lift"),
+        helper.make_node("Where", ["lifted", "act_lifted", "act"], ["key"], name="priority_key"),
+        helper.make_node("TopK", ["key", "k"], ["key_top", "selected"], name="topk_by_key", axis=-1, largest=1,
+                         sorted=1),
+        helper.make_node("GatherElements", ["act", "selected"], ["selected_values"], name="selected_values",
+                         axis=-1),
+        helper.make_node("TopK", ["selected_values", "k"], [OUTPUT_VALUES, "order"], name="sort_by_value",
+                         axis=-1, largest=1, sorted=1),
+        helper.make_node("GatherElements", ["selected", "order"], ["topk_indices"], name="topk_indices", axis=-1),
+    ]
 
 
 def _ir_version_for(opset: int) -> int:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from protsae_cli.el_loss import check_normal_form_ranges, el_losses
 from protsae_cli.errors import InputError
-from protsae_cli.sae import SAEConfig, TopKSAE, topk_relu
+from protsae_cli.sae import SAEConfig, TopKSAE, priority_topk_relu, topk_relu
 
 # lambda_annot: the released code's default is 10 (train_protsae.py); the paper (per the AAAI summary) uses 1.
 PROTSAE_DEFAULTS: dict[str, Any] = {
@@ -73,8 +73,11 @@ PROTSAE_DEFAULTS: dict[str, Any] = {
     "n_zero_classes": 0,         # m0: ontology classes in axioms that are not predicted concepts
     "n_relations": 0,            # |R| relations in the NF3/NF4 axioms
     "topk_scope": "all",         # "all": TopK over all n latents | "unknown": defined always kept, TopK on unknown
+                                 # | "defined_first": active defined latents admitted first, L0 <= k
     "bias_ref": "active_mean",   # forced-activation reference: "active_mean" | "all_mean" | "kth_value"
     "defined_bias": "none",      # "none": z_def = e^r W x (METHOD.md §1.10) | "pred": z_def = e^r (W x + b_pred)
+                                 # | "calibrated": z_def = e^r (W x - theta), theta fitted on validation F1
+    "predictor_lr": None,        # peak lr of the predictor and EL embedding (None: the SAE's lr), same schedule
     "lambda_annot": 10.0,        # released code 10; paper 1
     "lambda_axiom": 1.0,         # both 1
     "margin": 0.1,               # EL margin gamma
@@ -90,9 +93,9 @@ PROTSAE_DEFAULTS: dict[str, Any] = {
 }
 
 _CHOICES = {
-    "topk_scope": ("all", "unknown"),
+    "topk_scope": ("all", "unknown", "defined_first"),
     "bias_ref": ("active_mean", "all_mean", "kth_value"),
-    "defined_bias": ("pred", "none"),
+    "defined_bias": ("pred", "none", "calibrated"),
     "label_granularity": ("residue", "protein"),
     "pool": ("mean", "max"),
     "radius_source": ("param", "b_pred"),
@@ -113,6 +116,14 @@ def resolve_protsae_options(cfg: SAEConfig) -> dict[str, Any]:
             raise InputError(f"ProtSAE option {key} must be >= 0, got {opts[key]}")
     for key in ("lambda_annot", "lambda_axiom", "margin"):
         opts[key] = float(opts[key])
+    if opts["predictor_lr"] is not None:
+        try:
+            opts["predictor_lr"] = float(opts["predictor_lr"])
+        except (TypeError, ValueError):
+            raise InputError(f"ProtSAE option predictor_lr must be a number, got {opts['predictor_lr']!r} "
+                             "(\"auto\" is resolved by train_protsae.build_protsae)") from None
+        if not opts["predictor_lr"] > 0:
+            raise InputError(f"ProtSAE option predictor_lr must be > 0, got {opts['predictor_lr']}")
     for key in ("detach", "use_r_pred", "forced_activation", "use_axiom", "inference_forced", "el_standardize"):
         opts[key] = bool(opts[key])
     for key, choices in _CHOICES.items():
@@ -123,8 +134,11 @@ def resolve_protsae_options(cfg: SAEConfig) -> dict[str, Any]:
         raise InputError("ProtSAE needs at least one concept (protsae.n_concepts or cfg.concepts)")
     if m >= n:
         raise InputError(f"ProtSAE needs unknown latents: n_concepts={m} must be < d_sae={n}")
-    if opts["topk_scope"] == "unknown" and k > n - m:
-        raise InputError(f"topk_scope='unknown' needs k={k} <= number of unknown latents {n - m}")
+    if opts["defined_bias"] == "calibrated" and opts["label_granularity"] != "residue":
+        raise InputError("defined_bias='calibrated' fits each defined latent's cut to residue labels; with "
+                         "protein-level labels use 'none' or 'pred'")
+    if opts["topk_scope"] in ("unknown", "defined_first") and k > n - m:
+        raise InputError(f"topk_scope={opts['topk_scope']!r} needs k={k} <= number of unknown latents {n - m}")
     return opts
 
 
@@ -149,6 +163,26 @@ def pool_by_protein(values: torch.Tensor, protein_index: torch.Tensor, n_protein
     else:
         raise InputError(f"unknown pooling {how!r}; expected mean or max")
     return pooled, counts
+
+
+def defined_first_codes(defined: torch.Tensor, unknown: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense codes [N, m + u] with every active defined latent admitted before any unknown one, L0 <= k.
+
+    `defined` [N, m] and `unknown` [N, u] are post-ReLU. Each token keeps its active defined latents (the k
+    largest if more than k are active) and fills the remaining k - a slots with its largest unknown latents,
+    so a concept the model calls is never crowded out of the code by entangled unknown latents. Ties among
+    unknown latents break as torch.topk does; differentiable through the kept values.
+    """
+    m = defined.shape[-1]
+    if m > k:
+        dv, di = torch.topk(defined, k, dim=-1, sorted=False)
+        defined = torch.zeros_like(defined).scatter(-1, di, dv)
+    n_active = (defined > 0).sum(-1, keepdim=True)
+    kk = min(k, unknown.shape[-1])
+    vals, idx = torch.topk(unknown, kk, dim=-1, sorted=True)
+    slot = torch.arange(kk, device=unknown.device)
+    vals = vals * (slot < (k - n_active)).to(vals.dtype)
+    return torch.cat([defined, torch.zeros_like(unknown).scatter(-1, idx, vals)], -1)
 
 
 class ProtSAE(TopKSAE):
@@ -176,6 +210,9 @@ class ProtSAE(TopKSAE):
         self.class_radius = nn.Parameter(torch.ones(m + m0))
         self.zero_emb = nn.Parameter(torch.empty(m0, d))
         self.rel_emb = nn.Parameter(torch.zeros(n_rel + 1, d))
+        if self.opts["defined_bias"] == "calibrated":
+            # Fitted, not learned: set by `train_protsae.calibrate_defined_offsets` at each validation.
+            self.register_buffer("defined_offset", torch.zeros(m))
         for name, cols in (("nf1", 2), ("nf2", 3), ("nf3", 3), ("nf4", 3)):
             # Axioms are training data, re-read from the ontology; they are not part of the checkpoint.
             self.register_buffer(name, torch.empty(0, cols, dtype=torch.long), persistent=False)
@@ -194,7 +231,13 @@ class ProtSAE(TopKSAE):
     @property
     def supports_affine_encode(self) -> bool:
         """True when `encoder_affine()` + TopK-k reproduces `encode()` (what the fast backends need)."""
-        return self.opts["topk_scope"] == "all" and not self.opts["inference_forced"]
+        return self.opts["topk_scope"] != "unknown" and not self.opts["inference_forced"]
+
+    @property
+    def priority_latents(self) -> int:
+        """Latents 0..p-1 that TopK admits first when positive (`topk_scope="defined_first"`), else 0: what an
+        affine backend needs besides (W, b, k) to reproduce `encode()` (`sae.priority_topk_relu`)."""
+        return self.n_concepts if self.opts["topk_scope"] == "defined_first" else 0
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """Tied init as TopKSAE (encoder rows = decoder rows, unit norm), including the predictor rows.
@@ -290,19 +333,27 @@ class ProtSAE(TopKSAE):
         return torch.ones_like(self.r_pred)
 
     def _defined_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Effective defined encoder rows and bias, unscaled: (sg(W_pred), sg(b_pred) or None)."""
+        """Effective defined encoder rows and bias, unscaled: (sg(W_pred), sg(b_pred) | -theta | None)."""
         W, b = self.W_pred, self.b_pred
         if self.opts["detach"]:
             W, b = W.detach(), b.detach()
-        return W, (b if self.opts["defined_bias"] == "pred" else None)
+        how = self.opts["defined_bias"]
+        if how == "calibrated":
+            return W, -self.defined_offset
+        return W, (b if how == "pred" else None)
+
+    def defined_scores(self, x_n: torch.Tensor) -> torch.Tensor:
+        """Unscaled, unbiased defined scores W_pred (x_n - b_dec) [N, m]: what `defined_offset` is cut on."""
+        return F.linear(x_n - self.b_dec, self.W_pred)
+
+    def defined_pre(self, x_n: torch.Tensor) -> torch.Tensor:
+        """Defined pre-activations [N, m] from normalised input (no forced bias, before TopK)."""
+        W, b = self._defined_weights()
+        return F.linear(x_n - self.b_dec, W, b) * self._defined_scale()
 
     def _pre_parts(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(defined pre-activations [N, m], unknown pre-activations [N, n-m]) from normalised input."""
-        x_c = x_n - self.b_dec
-        W, b = self._defined_weights()
-        z_def = F.linear(x_c, W, b) * self._defined_scale()
-        h_unk = F.linear(x_c, self.W_unk, self.b_unk)
-        return z_def, h_unk
+        return self.defined_pre(x_n), F.linear(x_n - self.b_dec, self.W_unk, self.b_unk)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Inference pre-activations [N, n] (defined then unknown), differentiable; no forced bias."""
@@ -324,8 +375,8 @@ class ProtSAE(TopKSAE):
         with torch.no_grad():
             scale = self._defined_scale().unsqueeze(-1)
             W_def = self.W_pred * scale
-            b_def = self.b_pred * scale.squeeze(-1) if self.opts["defined_bias"] == "pred" \
-                else torch.zeros_like(self.b_pred)
+            _, b = self._defined_weights()
+            b_def = b * scale.squeeze(-1) if b is not None else torch.zeros_like(self.b_pred)
             W_full = torch.cat([W_def, self.W_unk], 0)
             b_full = torch.cat([b_def, self.b_unk], 0)
             W = W_full / self.norm_scale
@@ -343,7 +394,7 @@ class ProtSAE(TopKSAE):
         "kth_value" = the TopK admission level, the smallest raise that can make a latent compete.
         """
         m, k = self.n_concepts, self.k
-        if self.opts["topk_scope"] == "all":
+        if self.opts["topk_scope"] != "unknown":
             vals, idx = torch.topk(F.relu(torch.cat([z_def, h_unk], -1)), k, dim=-1)
             unk = (idx >= m) & (vals > 0)
         else:
@@ -357,13 +408,18 @@ class ProtSAE(TopKSAE):
             return total / h_unk.shape[-1]
         return total / unk.sum(-1, keepdim=True).clamp_min(1)
 
-    def _force(self, z_def: torch.Tensor, h_unk: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """z_def + 1[pi > 0.5] * ReLU(ref - z_def), with ref detached (see module doc on gradients).
+    def concept_calls(self, z_def: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Where the model calls each concept [N, m] (bool): pi > 0.5 (tested as logit > 0, without sigmoid
+        rounding), or with `defined_bias="calibrated"` the defined latent's own cut (z_def > 0), so forced
+        activation protects exactly the calls the latent makes."""
+        if self.opts["defined_bias"] == "calibrated":
+            return z_def.detach() > 0
+        return logits.detach() > 0
 
-        pi > 0.5 is tested as logit > 0: the same predicate, without sigmoid rounding to exactly 0.5.
-        """
+    def _force(self, z_def: torch.Tensor, h_unk: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """z_def + 1[called] * ReLU(ref - z_def), with ref detached (see module doc on gradients)."""
         ref = self._reference_level(z_def.detach(), h_unk.detach())
-        on = (logits.detach() > 0).to(z_def.dtype)
+        on = self.concept_calls(z_def, logits).to(z_def.dtype)
         return z_def + on * F.relu(ref - z_def)
 
     def _sparsify(self, z_def: torch.Tensor, h_unk: torch.Tensor) -> torch.Tensor:
@@ -373,8 +429,10 @@ class ProtSAE(TopKSAE):
             vals, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, idx, vals)
         unk = F.relu(h_unk)
-        vals, idx = torch.topk(unk, self.k, dim=-1, sorted=False)
-        return torch.cat([F.relu(z_def), torch.zeros_like(unk).scatter(-1, idx, vals)], -1)
+        if self.opts["topk_scope"] == "unknown":
+            vals, idx = torch.topk(unk, self.k, dim=-1, sorted=False)
+            return torch.cat([F.relu(z_def), torch.zeros_like(unk).scatter(-1, idx, vals)], -1)
+        return defined_first_codes(F.relu(z_def), unk, self.k)
 
     def _codes(self, x_n: torch.Tensor, forced: bool) -> dict[str, torch.Tensor]:
         z_def, h_unk = self._pre_parts(x_n)
@@ -391,7 +449,7 @@ class ProtSAE(TopKSAE):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse inference codes (idx [N, code_width], val), reference order, idx -1 in empty slots."""
         if self.supports_affine_encode:
-            return topk_relu(self.pre_activations(x.float()), self.k)
+            return priority_topk_relu(self.pre_activations(x.float()), self.k, self.priority_latents)
         return topk_relu(self.encode_dense(x), self.code_width)
 
     def concept_probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -481,7 +539,7 @@ class ProtSAE(TopKSAE):
             var = (x_n - x_n.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
             nmse = err.mean() / var
             l0 = (z > 0).sum(-1).float().mean()
-            called = logits > 0
+            called = self.concept_calls(codes["z_def_pre"], logits)
             kept = z[:, :self.n_concepts] > 0
             n_called = called.sum()
             participation = torch.where(n_called > 0, (called & kept).sum() / n_called.clamp_min(1),

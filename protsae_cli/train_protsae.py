@@ -84,6 +84,21 @@ class ProtSAEObjective(nn.Module):
         self.k_aux = cfg.k_aux or sae.cfg.d_model // 2
         self.env = SINGLE  # set by trainer.fit
 
+    # The concept embedding: the predictor and the EL tables its axiom loss ties it to. With the stop-gradient
+    # these see only BCE and the axiom loss, i.e. they are a logistic regression (plus geometry), which needs
+    # a far larger step than the dictionary to converge within an SAE's budget (`predictor_lr`).
+    PREDICTOR_PARAMS = ("W_pred", "b_pred", "class_radius", "zero_emb", "rel_emb")
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Adam groups: everything at the run's lr, the concept embedding at `predictor_lr` (same schedule)."""
+        plr = self.sae.opts["predictor_lr"]
+        named = [(n, q) for n, q in self.sae.named_parameters() if q.requires_grad]
+        if plr is None or plr == lr:
+            return [{"params": [q for _, q in named]}]
+        base = [q for n, q in named if n not in self.PREDICTOR_PARAMS]
+        pred = [q for n, q in named if n in self.PREDICTOR_PARAMS]
+        return [{"params": base, "lr_scale": 1.0}, {"params": pred, "lr_scale": plr / lr}]
+
     def init(self, sample: ActivationSet) -> None:
         """Normalisation and b_dec as for TopK, and b_pred at each concept's prior log-odds."""
         init_centre(self.sae, sample)
@@ -129,9 +144,10 @@ class ProtSAEObjective(nn.Module):
         for s in range(0, len(val), batch_size):
             x = val.acts[s:s + batch_size].to(device).float()
             idx, values = reconstruction_sums(sae, x, sums)
-            logits = sae._concept_logits(sae.normalize(x))
+            x_n = sae.normalize(x)
+            logits = sae._concept_logits(x_n)
             defined = defined_activations(idx, values, m) > 0
-            called = logits > 0
+            called = sae.concept_calls(sae.defined_pre(x_n), logits)
             extra["called"] += called.sum()
             extra["kept"] += (called & defined).sum()
             if protein_level:
@@ -181,6 +197,18 @@ class ProtSAEObjective(nn.Module):
                 out[name + "_per_concept"] = dict(zip(self.labels.concepts, f1.tolist()))
         return out
 
+    @torch.no_grad()
+    def refit(self, val: ActivationSet, device: torch.device, env: DistEnv, batch_size: int) -> dict:
+        """Before each validation (the trainer calls this, then `evaluate`): re-fit each defined latent's cut
+        (`defined_bias="calibrated"`) to the predictor as it is now, so the metrics, and the checkpoint that
+        selection may keep, describe the model with its current cut. Returns metrics to record with the
+        validation: the mean validation F1 at the cuts and the per-concept record."""
+        if self.sae.opts["defined_bias"] != "calibrated":
+            return {}
+        rec = calibrate_defined_offsets(self.sae, val, self.labels, env=env, batch_size=batch_size)
+        f1s = [r["valid_f1"] for r in rec["per_concept"].values() if r["valid_f1"] is not None]
+        return {"offset_f1": sum(f1s) / len(f1s) if f1s else float("nan"), "offset_per_concept": rec["per_concept"]}
+
     def selection_key(self, metrics: dict) -> tuple[float, ...]:
         return (metrics["l_annot"], metrics["nmse"])
 
@@ -191,17 +219,49 @@ class ProtSAEObjective(nn.Module):
                 "concepts": list(self.labels.concepts), "granularity": self.labels.granularity}
 
 
+# What "auto" resolves to for residue-level concepts: the combination measured best on the stand-in PLM
+# (docs/RESULTS.md, "ProtSAE vs TopK"). Protein-level labels get METHOD.md §1.10's defaults instead (cutting a
+# defined latent needs residue labels, and the rest is unmeasured there).
+RESIDUE_RECIPE: dict[str, Any] = {"defined_bias": "calibrated", "topk_scope": "defined_first", "predictor_lr": 3e-2}
+
+
+def resolve_recipe(opts: dict[str, Any], granularity: str, has_validation: bool = True) -> dict[str, Any]:
+    """Options given as "auto" (what `protsae train` passes by default) resolved for this label granularity.
+
+    The calibrated cut is fitted on validation proteins, so without any the recipe falls back to METHOD.md's
+    defaults, and an explicit "calibrated" is refused rather than trained with every cut left at 0.
+    """
+    from protsae_cli.protsae_model import PROTSAE_DEFAULTS
+
+    if opts.get("defined_bias") == "calibrated" and not has_validation:
+        raise InputError("defined_bias='calibrated' fits each defined latent's cut on validation proteins and "
+                         "this run has none: give validation proteins (--val-fraction > 0) or choose "
+                         "--defined-bias none or pred")
+    use_recipe = granularity == "residue" and has_validation
+    out = dict(opts)
+    for key, value in RESIDUE_RECIPE.items():
+        if out.get(key) == "auto":
+            out[key] = value if use_recipe else PROTSAE_DEFAULTS[key]
+    # Admitting defined latents first only makes sense when they are sparse calls, not graded scores that are
+    # positive on most residues (defined_bias "none" would fill TopK with them).
+    if opts.get("topk_scope") == "auto" and out.get("topk_scope") == "defined_first" \
+            and out.get("defined_bias", PROTSAE_DEFAULTS["defined_bias"]) == "none":
+        out["topk_scope"] = PROTSAE_DEFAULTS["topk_scope"]
+    return out
+
+
 def build_protsae(sae_cfg: SAEConfig, labels: ConceptLabels, normal_forms: NormalForms | None,
-                  seed: int) -> ProtSAE:
+                  seed: int, has_validation: bool = True) -> ProtSAE:
     """The ProtSAE for these concepts: latent c <-> labels.concepts[c], zero-class/relation tables sized from
-    the normal forms, concept entries recorded in the config (what `annotate` names segments after)."""
+    the normal forms, concept entries recorded in the config (what `annotate` names segments after); options
+    given as "auto" resolved by `resolve_recipe`."""
     m = len(labels)
     sae_cfg.arch = "protsae"
     if not sae_cfg.concepts:
         sae_cfg.concepts = labels.concept_entries()
     elif [e.concept_id for e in sae_cfg.concepts[:m]] != labels.concepts:
         raise InputError("sae_cfg.concepts do not list the label concepts in latent order")
-    opts = dict(sae_cfg.protsae)
+    opts = resolve_recipe(sae_cfg.protsae, labels.granularity, has_validation)
     opts.update(n_concepts=m, label_granularity=labels.granularity)
     if normal_forms is not None:
         if list(normal_forms.class_ids[:m]) != list(labels.concepts):
@@ -232,13 +292,19 @@ def train_protsae(train: ActivationSet | InMemoryRows | ShuffleBufferStream, val
     "metrics": {"train", "val", "val_last"}, "last_state": final weights, "stopped", "step", ...}.
     """
     torch.manual_seed(cfg.seed)
-    sae = build_protsae(sae_cfg, labels, normal_forms, cfg.seed)
+    sae = build_protsae(sae_cfg, labels, normal_forms, cfg.seed, has_validation=val is not None and len(val) > 0)
     rows = as_rows(train, cfg, env)
     objective = ProtSAEObjective(sae, labels, cfg)
     res = fit(objective, rows, val, cfg, env=env, device=device or cfg.device, state_dir=state_dir, resume=resume,
               progress=progress, save_after_default=SAVE_AFTER_DEFAULT)
     hist = finish_history(sae, res, rows, val, cfg, objective, env)
     sae.cfg.training["concept_labels"] = labels.describe()
+    best = (hist.get("best") or {}).get("metrics") or {}
+    if "offset_per_concept" in best:
+        sae.cfg.training["defined_offset_calibration"] = {
+            "method": "cut of each defined latent re-fitted at every validation: max residue F1 of W_pred x~ >= "
+                      f"theta on the validation proteins ({OFFSET_BINS}-step grid over the score's range)",
+            "selected_step": hist["best"].get("step"), "per_concept": best["offset_per_concept"]}
     if val is not None:
         sae.cfg.training["threshold_calibration"] = calibrate_thresholds(
             sae, shard_for_rank(val, env), labels, env=env, batch_size=cfg.eval_batch_size)
@@ -246,6 +312,64 @@ def train_protsae(train: ActivationSet | InMemoryRows | ShuffleBufferStream, val
 
 
 CALIBRATION_BINS = 200
+OFFSET_BINS = 1000
+
+
+@torch.no_grad()
+def _f1_optimal_cuts(scores: Callable[[int], torch.Tensor], val: ActivationSet, labels: ConceptLabels, m: int,
+                     dev: torch.device, env: DistEnv, batch_size: int, bins: int, positive_only: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per concept, the cut c maximising the residue F1 of "score >= c" on the validation rows.
+
+    `scores(s)` gives the [B, m] scores of rows s..s+B. Two passes: the score range over rows whose label is
+    observed, then per-concept histograms of positives and negatives on a `bins`-step grid over that range
+    (O(m x bins) memory, summed across DDP ranks). `positive_only`: a score of 0 is never a call (sparse codes:
+    a latent TopK did not keep says nothing), and the range starts at 0.
+    Returns (cut [m], best F1 [m], positives [m], range low [m], range high [m]).
+    """
+    inf = torch.full((m,), torch.inf, dtype=torch.float64, device=dev)
+    lo, hi = inf.clone(), -inf
+
+    def rows(s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = scores(s).double()
+        y = labels.rows(val.protein[s:s + batch_size], val.position[s:s + batch_size]).to(dev)
+        ok = ~torch.isnan(y)
+        if positive_only:
+            ok &= z > 0
+        return z, y, ok
+
+    for s in range(0, len(val), batch_size):
+        z, _, ok = rows(s)
+        lo = torch.minimum(lo, torch.where(ok, z, torch.inf).min(0).values)
+        hi = torch.maximum(hi, torch.where(ok, z, -torch.inf).max(0).values)
+    if env.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if positive_only:
+        lo = torch.zeros_like(lo)
+    empty = ~torch.isfinite(hi) | ~(hi > lo)
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    scale = torch.where(empty, 0.0, bins / (hi - lo).clamp_min(1e-300))
+    # counts[c, j]: eligible rows with score in [lo + j w, lo + (j+1) w); "score >= lo + j w" keeps bins j..
+    pos = torch.zeros((m, bins), dtype=torch.float64, device=dev)
+    neg = torch.zeros_like(pos)
+    n_pos = torch.zeros(m, dtype=torch.float64, device=dev)
+    for s in range(0, len(val), batch_size):
+        z, y, ok = rows(s)
+        b = ((z - lo) * scale).floor().clamp(0, bins - 1).long()
+        for counts, mask in ((pos, (y == 1) & ok), (neg, (y == 0) & ok)):  # NaN (unobserved) is neither
+            counts.scatter_add_(1, b.T, mask.T.double())
+        n_pos += (y == 1).sum(0).double()
+    for t in (pos, neg, n_pos):
+        all_reduce_sum(t, env)
+    tp = pos.flip(1).cumsum(1).flip(1)
+    fp = neg.flip(1).cumsum(1).flip(1)
+    f1 = 2 * tp / (tp + fp + n_pos[:, None]).clamp_min(1)
+    j = torch.argmax(f1, 1)
+    cut = lo + j.double() * (hi - lo) / bins
+    return cut, f1.gather(1, j[:, None]).squeeze(1), n_pos, lo, hi
 
 
 @torch.no_grad()
@@ -260,9 +384,8 @@ def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels
     is >= its threshold, so the threshold is what turns the score into a call. The candidates are a
     `bins`-step grid from 0 to the latent's maximum over validation residues, scored on exactly the codes
     `annotate` sees (TopK at inference, no forced activation), so a concept crowded out by TopK is judged as
-    such. Histogram counts make this two passes with O(m x bins) memory, and sum across DDP ranks.
-    Protein-level labels, and concepts without a positive validation residue, keep their threshold (0: any
-    nonzero activation), and the record says why.
+    such. Protein-level labels, and concepts without a positive validation residue, keep their threshold
+    (0: any nonzero activation), and the record says why.
     """
     m = sae.n_concepts
     dev = next(sae.parameters()).device  # where training left it
@@ -272,41 +395,50 @@ def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels
         out["skipped"] = "protein-level labels: no residue labels to calibrate against; thresholds kept at 0"
         return out
 
-    def defined_codes(s: int) -> torch.Tensor:
+    def codes(s: int) -> torch.Tensor:
         return defined_activations(*sae.encode(val.acts[s:s + batch_size].to(dev).float()), m)
 
-    vmax = torch.zeros(m, dtype=torch.float64, device=dev)
-    for s in range(0, len(val), batch_size):
-        vmax = torch.maximum(vmax, defined_codes(s).max(0).values.double())
-    if env.enabled:
-        import torch.distributed as dist
-
-        dist.all_reduce(vmax, op=dist.ReduceOp.MAX)
-    # counts[c, 0] = residues with activation 0; counts[c, 1 + j] = activation in [j, j+1) * vmax / bins.
-    pos = torch.zeros((m, bins + 1), dtype=torch.float64, device=dev)
-    neg = torch.zeros_like(pos)
-    scale = torch.where(vmax > 0, bins / vmax, torch.zeros_like(vmax))
-    for s in range(0, len(val), batch_size):
-        z = defined_codes(s).double()
-        y = labels.rows(val.protein[s:s + batch_size], val.position[s:s + batch_size]).to(dev)
-        b = torch.where(z > 0, 1 + (z * scale).floor().clamp_max(bins - 1), torch.zeros_like(z)).long()
-        for counts, mask in ((pos, y == 1), (neg, y == 0)):  # NaN (unobserved) is neither
-            counts.scatter_add_(1, b.T, mask.T.double())
-    all_reduce_sum(pos, env)
-    all_reduce_sum(neg, env)
-    # Calling "activation >= j * vmax / bins and > 0" keeps bins 1 + j.. (j = 0: every nonzero residue).
-    tp = pos[:, 1:].flip(1).cumsum(1).flip(1)
-    fp = neg[:, 1:].flip(1).cumsum(1).flip(1)
-    n_pos = pos.sum(1, keepdim=True)
-    f1 = 2 * tp / (tp + fp + n_pos).clamp_min(1)
+    cut, f1, n_pos, _, vmax = _f1_optimal_cuts(codes, val, labels, m, dev, env, batch_size, bins, True)
     for c, entry in enumerate(sae.cfg.concepts[:m]):
         rec: dict = {"positives": int(n_pos[c].item()), "validation_max": float(vmax[c].item())}
         if n_pos[c] == 0 or vmax[c] == 0:
             rec.update(threshold=float(entry.threshold), valid_f1=None,
                        kept="no positive validation residue" if n_pos[c] == 0 else "latent never active")
         else:
-            j = int(torch.argmax(f1[c]).item())
-            entry.threshold = float(j * vmax[c].item() / bins)
-            rec.update(threshold=entry.threshold, valid_f1=float(f1[c, j].item()))
+            entry.threshold = float(cut[c].item())
+            rec.update(threshold=entry.threshold, valid_f1=float(f1[c].item()))
+        out["per_concept"][entry.concept_id] = rec
+    return out
+
+
+@torch.no_grad()
+def calibrate_defined_offsets(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels, *, env: DistEnv = SINGLE,
+                              batch_size: int = 8192, bins: int = OFFSET_BINS) -> dict:
+    """`defined_bias="calibrated"`: set each defined latent's cut theta_c (z_def = e^r (W x~ - theta)) to the
+    score at which "W x~ >= theta" has the best residue F1 on the validation proteins, and return the record.
+
+    Why: a defined latent without the predictor's bias is positive wherever W x~ > 0, a graded score over
+    many residues without the concept; with the paper's bias it fires only where pi > 0.5, which a rare
+    concept's predictor seldom reaches. The F1-optimal cut lies between the two and differs per concept, so it
+    is fitted, on the scores before TopK (a property of the predictor; forced activation then keeps these
+    calls in TopK during training). Concepts without a positive validation residue keep their cut.
+    """
+    m = sae.n_concepts
+    dev = sae.defined_offset.device
+
+    def scores(s: int) -> torch.Tensor:
+        return sae.defined_scores(sae.normalize(val.acts[s:s + batch_size].to(dev).float()))
+
+    cut, f1, n_pos, _, _ = _f1_optimal_cuts(scores, val, labels, m, dev, env, batch_size, bins, False)
+    out: dict = {"method": f"max residue F1 of W_pred x~ >= theta on validation proteins, {bins}-step grid over "
+                           "the score's validation range", "per_concept": {}}
+    for c, entry in enumerate(sae.cfg.concepts[:m]):
+        rec: dict = {"positives": int(n_pos[c].item())}
+        if n_pos[c] > 0:
+            sae.defined_offset[c] = cut[c].to(sae.defined_offset.dtype)
+            rec["valid_f1"] = float(f1[c].item())
+        else:
+            rec.update(valid_f1=None, kept="no positive validation residue")
+        rec["offset"] = float(sae.defined_offset[c].item())
         out["per_concept"][entry.concept_id] = rec
     return out

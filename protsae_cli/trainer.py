@@ -322,8 +322,13 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
         objective.init(train.sample(cfg.init_rows))
     sae.to(device).train()
     tokens_since = reduce_tokens_since(tokens_since.to(device), env)
-    params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    # An objective may give parameter groups their own peak lr ("lr_scale" x the run's schedule), e.g. ProtSAE's
+    # concept predictor, a logistic regression that converges at a far larger step than the dictionary.
+    groups = objective.param_groups(cfg.lr) if hasattr(objective, "param_groups") else \
+        [{"params": [p for p in sae.parameters() if p.requires_grad]}]
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999))
     if resumed is not None:
         opt.load_state_dict(resumed["optimizer"])
     model: nn.Module = objective  # type: ignore[assignment]
@@ -356,7 +361,10 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
                "seconds": elapsed + time.perf_counter() - t0}
         if val_local is not None:
             sae.eval()
-            rec["val"] = objective.evaluate(val_local, device, env, cfg.eval_batch_size)
+            # `refit` (optional) updates fitted, non-learned state on validation data before it is measured.
+            fitted = objective.refit(val_local, device, env, cfg.eval_batch_size) \
+                if hasattr(objective, "refit") else {}
+            rec["val"] = {**objective.evaluate(val_local, device, env, cfg.eval_batch_size), **fitted}
             sae.train()
             if step >= eligible_from:
                 key = list(objective.selection_key(rec["val"]))
@@ -375,8 +383,9 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
     while step < total and not stopped:
         epoch, skip = divmod(step, spe)
         for batch in train.epoch(epoch, skip):
+            lr = learning_rate(step, total, cfg)
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, total, cfg)
+                group["lr"] = lr * group["lr_scale"]
             inputs = objective.prepare(batch, device, env)
             dead = tokens_since > cfg.dead_after_tokens
             out = model(dead=dead, **inputs)

@@ -76,13 +76,21 @@ def test_checkpoint_names_its_concepts(trained):
     assert by_id[ZINC].name == "zinc binding" and by_id[ZINC].ontology_id == ZINC
     assert [c.latent for c in sae.cfg.concepts] == list(range(len(by_id)))
     assert all(c.source == "concepts.tsv" for c in sae.cfg.concepts)
-    # defined_bias "none" (the default): every threshold was calibrated on the validation proteins and recorded
-    assert sae.cfg.protsae["defined_bias"] == "none"
+    # residue labels: the recipe (calibrated cuts, defined latents admitted first, the predictor's own lr)
+    o = sae.cfg.protsae
+    assert (o["defined_bias"], o["topk_scope"], o["predictor_lr"]) == ("calibrated", "defined_first", 0.03)
+    # each defined latent's cut was fitted on the validation proteins, is in the weights, and is recorded
+    offs = sae.cfg.training["defined_offset_calibration"]
+    assert offs["selected_step"] == sae.cfg.training["selected_step"]
+    for c in sae.cfg.concepts:
+        assert offs["per_concept"][c.concept_id]["offset"] == pytest.approx(float(sae.defined_offset[c.latent]))
+    assert offs["per_concept"][ZINC]["valid_f1"] > 0.8
+    # and the annotation threshold on top of the cut was calibrated and recorded too
     cal = sae.cfg.training["threshold_calibration"]["per_concept"]
     for c in sae.cfg.concepts:
         assert cal[c.concept_id]["threshold"] == c.threshold >= 0.0
         assert c.threshold <= cal[c.concept_id]["validation_max"]
-    assert cal[ZINC]["valid_f1"] > 0.8 and cal[ZINC]["threshold"] > 0
+    assert cal[ZINC]["valid_f1"] > 0.8
     assert sae.cfg.protsae["n_concepts"] == 5 and sae.cfg.protsae["n_zero_classes"] == 1  # the root
     log = json.loads((out / "training_log.json").read_text())
     assert log["selection"]["rule"] == "min (val l_annot, val nmse)"

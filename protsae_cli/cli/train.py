@@ -71,14 +71,23 @@ def command(
     lambda_axiom: float = typer.Option(1.0, "--lambda-axiom", rich_help_panel=CONCEPTS,
                                        help="Weight of the ELEmbeddings axiom loss."),
     margin: float = typer.Option(0.1, "--margin", rich_help_panel=CONCEPTS, help="EL margin gamma."),
-    topk_scope: str = typer.Option("all", "--topk-scope", rich_help_panel=CONCEPTS,
-                                   help="all: TopK over all latents; unknown: defined latents always kept "
-                                        "(L0 up to k + concepts; annotate then encodes with the torch backend)."),
+    topk_scope: str = typer.Option(
+        "auto", "--topk-scope", rich_help_panel=CONCEPTS,
+        help="defined_first: a concept the model calls is admitted to TopK before any free latent (L0 <= k); "
+             "all: one TopK over all latents (METHOD.md's default); unknown: defined latents always kept, L0 up "
+             "to k + concepts, encoded by the torch backend only [default auto: defined_first with residue "
+             "labels, all with protein labels]."),
     defined_bias: str = typer.Option(
-        "none", "--defined-bias", rich_help_panel=CONCEPTS,
-        help="none: a defined latent is a graded concept score, called above a threshold calibrated on the "
-             "validation proteins (METHOD.md's recommendation); pred: it includes the predictor's bias and is "
-             "positive exactly where the predictor says p > 0.5."),
+        "auto", "--defined-bias", rich_help_panel=CONCEPTS,
+        help="calibrated: a defined latent is zero below a cut fitted to validation F1 at every validation, "
+             "graded above it; none: a graded score wherever W x > 0, called above a threshold calibrated at "
+             "the end (METHOD.md's default); pred: includes the predictor's bias, positive where p > 0.5 "
+             "[default auto: calibrated with residue labels, none with protein labels]."),
+    predictor_lr: Optional[float] = typer.Option(
+        None, "--predictor-lr", rich_help_panel=CONCEPTS,
+        help="Peak learning rate of the concept predictor (a logistic regression under the stop-gradient, "
+             "which converges at a far larger step than the dictionary); same schedule as --lr "
+             "[default: 0.03 with residue labels, --lr with protein labels]."),
     bias_ref: str = typer.Option("active_mean", "--bias-ref", rich_help_panel=CONCEPTS,
                                  help="Forced-activation level: active_mean, all_mean or kth_value."),
     no_detach: bool = typer.Option(False, "--no-detach", rich_help_panel=CONCEPTS,
@@ -139,6 +148,7 @@ def command(
     if arch == "protsae":
         protsae = {"pool": pool, "lambda_annot": lambda_annot, "lambda_axiom": lambda_axiom, "margin": margin,
                    "topk_scope": topk_scope, "defined_bias": defined_bias, "bias_ref": bias_ref,
+                   "predictor_lr": "auto" if predictor_lr is None else predictor_lr,
                    "detach": not no_detach,
                    "use_r_pred": not no_r_pred, "forced_activation": not no_forced_activation,
                    "use_axiom": not no_axiom}

@@ -1,6 +1,7 @@
 """SAE encode backends. Every backend computes TopK(ReLU(x W^T + b)) from `TopKSAE.encoder_affine()` and
 returns (idx int64 [N,k], val float32 [N,k]) with the reference's conventions (see docs/ARCHITECTURE.md):
-ordered by (value desc, index asc), empty slots idx -1 / val 0.
+ordered by (value desc, index asc), empty slots idx -1 / val 0. A ProtSAE with `priority_latents` p > 0
+(topk_scope="defined_first") admits its first p latents first when positive (`sae.priority_topk_relu`).
 
 `torch` is the reference every other backend is tested against.
 """
@@ -33,6 +34,24 @@ def canonical_order(idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor,
     idx, val = idx.gather(-1, o), val.gather(-1, o)
     idx = torch.where(val > 0, idx, torch.full_like(idx, -1))
     return idx, torch.clamp_min(val, 0)
+
+
+def merge_priority(pri_val: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of a priority encode from its two halves: `pri_val` [N, p] = ReLU'd activations of latents 0..p-1,
+    and (idx, val) [N, k] = the plain top-k of the other latents (their indices already offset by p).
+
+    Why it is exact: the priority selection keeps every positive priority latent (the top k of them if more)
+    and fills the remaining slots with the largest other latents, which are all among the other latents'
+    top k. So the top-k of the p + k candidates under the priority key is the full selection.
+    """
+    from protsae_cli.sae import priority_topk_relu
+
+    p = pri_val.shape[-1]
+    cand = torch.cat([pri_val.float(), val.float()], -1)
+    cand_idx = torch.cat([torch.arange(p, device=idx.device).expand(idx.shape[0], p), idx], -1)
+    sel, v = priority_topk_relu(cand, k, p)
+    return torch.where(sel >= 0, cand_idx.gather(-1, sel.clamp_min(0)), sel), v
 
 
 def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) -> Encoder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protsae_cli.sae import topk_relu
+from protsae_cli.sae import priority_topk_relu
 
 
 class TorchEncoder:
@@ -25,12 +25,13 @@ class TorchEncoder:
         self.W = W.to(device=device, dtype=self.dtype)
         self.b = b.to(device=device, dtype=torch.float32)
         self.k = sae.cfg.k
+        self.priority = int(getattr(sae, "priority_latents", 0))
         self._encode_chunk = self._affine_topk
 
     def _affine_topk(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = torch.addmm(self.b, xc.float(), self.W.float().T) if self.dtype == torch.float32 else \
             (xc @ self.W.T).float() + self.b
-        return topk_relu(pre, self.k)
+        return priority_topk_relu(pre, self.k, self.priority)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,11 +50,18 @@ class TritonEncoder:
         if chunk_rows < 1:
             raise InputError(f"chunk_rows must be positive, got {chunk_rows}")
         W, b = sae.encoder_affine()
+        # Priority latents (ProtSAE defined_first) are a few rows: a small GEMM beside the kernel, which runs
+        # plain top-k over the rest; `merge_priority` combines the two exactly.
+        p = int(getattr(sae, "priority_latents", 0))
         self._tk = tk
         self.device = device
         self.dtype = dtype
-        self.W = W.to(device=device, dtype=dtype).contiguous()
-        self.b = b.to(device=device, dtype=torch.float32).contiguous()
+        self.d_model = int(W.shape[1])
+        self.priority = p
+        self.W_pri = W[:p].to(device=device, dtype=dtype).contiguous()
+        self.b_pri = b[:p].to(device=device, dtype=torch.float32).contiguous()
+        self.W = W[p:].to(device=device, dtype=dtype).contiguous()
+        self.b = b[p:].to(device=device, dtype=torch.float32).contiguous()
         self.k = k
         self.chunk_rows = int(chunk_rows)
         self.config = config
@@ -82,12 +89,17 @@ class TritonEncoder:
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx int64 [N, k], val float32 [N, k]) on the encoder's device, already in the canonical order
         (the kernel emits value desc / index asc with -1 / 0 padding, so no re-sort is needed)."""
-        if x.dim() != 2 or x.shape[1] != self.W.shape[1]:
-            raise InputError(f"expected activations [N, {self.W.shape[1]}], got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.d_model:
+            raise InputError(f"expected activations [N, {self.d_model}], got {tuple(x.shape)}")
         idxs, vals = [], []
         for s in range(0, x.shape[0], self.chunk_rows):
             xc = x[s:s + self.chunk_rows].to(device=self.device, dtype=self.dtype)
             i, v = self._tk.topk_encode(xc, self.W, self.b, self.k, self.config)
+            if self.priority:
+                from protsae_cli.encode import merge_priority
+
+                pri = torch.relu((xc @ self.W_pri.T).float() + self.b_pri)
+                i, v = merge_priority(pri, torch.where(i >= 0, i + self.priority, i), v, self.k)
             idxs.append(i)
             vals.append(v)
         if not idxs:
