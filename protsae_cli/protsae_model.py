@@ -165,21 +165,38 @@ def pool_by_protein(values: torch.Tensor, protein_index: torch.Tensor, n_protein
     return pooled, counts
 
 
+def stable_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest per row, sorted, equal values resolved towards the lower index;
+    differentiable through the values.
+
+    Why not plain torch.topk: forced activation lifts every called concept of a token to the *same* reference
+    level, so exact ties at the admission boundary are common, and torch.topk resolves them differently for
+    different batch shapes, which made a DDP run (two half batches) train differently from one process.
+    """
+    with torch.no_grad():
+        v, idx = torch.topk(values, k, dim=-1, sorted=True)
+        tied = (values >= v[:, -1:]).sum(-1) > k
+        if tied.any():
+            rows = tied.nonzero().squeeze(1)
+            idx[rows] = torch.sort(values[rows], dim=-1, descending=True, stable=True).indices[:, :k]
+    return values.gather(-1, idx), idx
+
+
 def defined_first_codes(defined: torch.Tensor, unknown: torch.Tensor, k: int) -> torch.Tensor:
     """Dense codes [N, m + u] with every active defined latent admitted before any unknown one, L0 <= k.
 
     `defined` [N, m] and `unknown` [N, u] are post-ReLU. Each token keeps its active defined latents (the k
     largest if more than k are active) and fills the remaining k - a slots with its largest unknown latents,
     so a concept the model calls is never crowded out of the code by entangled unknown latents. Ties among
-    unknown latents break as torch.topk does; differentiable through the kept values.
+    unknown latents break towards the lower index; differentiable through the kept values.
     """
     m = defined.shape[-1]
     if m > k:
-        dv, di = torch.topk(defined, k, dim=-1, sorted=False)
+        dv, di = stable_topk(defined, k)
         defined = torch.zeros_like(defined).scatter(-1, di, dv)
     n_active = (defined > 0).sum(-1, keepdim=True)
     kk = min(k, unknown.shape[-1])
-    vals, idx = torch.topk(unknown, kk, dim=-1, sorted=True)
+    vals, idx = stable_topk(unknown, kk)
     slot = torch.arange(kk, device=unknown.device)
     vals = vals * (slot < (k - n_active)).to(vals.dtype)
     return torch.cat([defined, torch.zeros_like(unknown).scatter(-1, idx, vals)], -1)
@@ -417,20 +434,26 @@ class ProtSAE(TopKSAE):
         return logits.detach() > 0
 
     def _force(self, z_def: torch.Tensor, h_unk: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """z_def + 1[called] * ReLU(ref - z_def), with ref detached (see module doc on gradients)."""
+        """z_def + 1[called] * ReLU(ref - z_def), with ref detached (see module doc on gradients).
+
+        Written as a select so that a forced latent's value is exactly `ref` (z + (ref - z) can round off it):
+        with one active unknown latent ref equals that latent's value, and an exact tie at the TopK boundary is
+        then resolved by index (`stable_topk`) instead of by rounding noise that differs between batch shapes.
+        The gradient is the formula's: zero where forced, identity elsewhere.
+        """
         ref = self._reference_level(z_def.detach(), h_unk.detach())
-        on = self.concept_calls(z_def, logits).to(z_def.dtype)
-        return z_def + on * F.relu(ref - z_def)
+        forced = self.concept_calls(z_def, logits) & (ref > z_def.detach())
+        return torch.where(forced, ref.expand_as(z_def), z_def)
 
     def _sparsify(self, z_def: torch.Tensor, h_unk: torch.Tensor) -> torch.Tensor:
         """Dense codes [N, n] after TopK over the configured scope (differentiable through kept values)."""
         if self.opts["topk_scope"] == "all":
             pre = F.relu(torch.cat([z_def, h_unk], -1))
-            vals, idx = torch.topk(pre, self.k, dim=-1, sorted=False)
+            vals, idx = stable_topk(pre, self.k)
             return torch.zeros_like(pre).scatter(-1, idx, vals)
         unk = F.relu(h_unk)
         if self.opts["topk_scope"] == "unknown":
-            vals, idx = torch.topk(unk, self.k, dim=-1, sorted=False)
+            vals, idx = stable_topk(unk, self.k)
             return torch.cat([F.relu(z_def), torch.zeros_like(unk).scatter(-1, idx, vals)], -1)
         return defined_first_codes(F.relu(z_def), unk, self.k)
 

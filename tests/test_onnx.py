@@ -200,3 +200,34 @@ def test_cli_export_onnx_errors(tmp_path):
     assert isinstance(res.exception, InputError) or "not found" in res.output.lower()
     res = _invoke(["export-onnx", "-o", str(tmp_path / "o.onnx")])
     assert res.exit_code == 2  # usage error: --sae is required
+
+
+@pytest.mark.parametrize("opset", [11, 17, 18])
+def test_priority_graph_matches_a_defined_first_protsae(tmp_path, opset):
+    """A ProtSAE that admits its called concepts first (topk_scope="defined_first") exports with the priority
+    rule in the graph (ReduceMax's axes moved from attribute to input at opset 18), and the file alone gives the
+    module's codes."""
+    import onnx
+
+    from protsae_cli.encode.onnx_backend import OnnxEncoder
+    from protsae_cli.sae import build_sae
+
+    if opset > onnx.defs.onnx_opset_version():
+        pytest.skip(f"this onnx package stops at opset {onnx.defs.onnx_opset_version()}")
+    m = 5
+    cfg = SAEConfig(d_model=12, d_sae=64, k=6, arch="protsae",
+                    protsae={"n_concepts": m, "defined_bias": "calibrated", "topk_scope": "defined_first"},
+                    concepts=[ConceptEntry(latent=c, concept_id=f"C:{c}", name=f"c{c}") for c in range(m)])
+    sae = build_sae(cfg)
+    sae.reset_parameters(0)
+    with torch.no_grad():
+        sae.defined_offset.copy_(torch.tensor([-0.5, 0.0, 0.3, 0.8, 2.0]))
+        sae.r_pred.fill_(-2.0)  # small defined values: plain TopK would drop many of these calls
+    x = torch.randn(400, 12, generator=torch.Generator().manual_seed(opset))
+    path = export_onnx(sae, tmp_path / "p.onnx", opset=opset)
+    ref_idx, ref_val = sae.encode(x)
+    idx, val = OnnxEncoder(path).encode(x)
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(val, ref_val, atol=1e-5)
+    plain_idx, _ = topk_relu(sae.pre_activations(x), 6)
+    assert not torch.equal(plain_idx, ref_idx)  # the rule matters on these inputs

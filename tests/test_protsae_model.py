@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protsae_cli.errors import InputError
-from protsae_cli.protsae_model import ProtSAE, pool_by_protein
-from protsae_cli.sae import ConceptEntry, SAEConfig, build_sae, load_sae, save_sae, topk_relu
+import torch.nn.functional as F
+
+from protsae_cli.protsae_model import ProtSAE, defined_first_codes, pool_by_protein
+from protsae_cli.sae import ConceptEntry, SAEConfig, build_sae, load_sae, priority_topk_relu, save_sae, topk_relu
 
 from protsae_cli.ontology import NormalForms
 
@@ -126,6 +128,111 @@ def test_forced_activation_raises_participation():
     assert with_bias > without
     codes = sae_off._codes(x, forced=False)
     assert torch.equal(codes["z_def_forced"], codes["z_def_pre"])
+
+
+# -- defined_first admission and calibrated cuts -------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 12), m=st.integers(1, 6), u=st.integers(1, 16),
+       k=st.integers(1, 8), sparse_defined=st.booleans())
+def test_defined_first_admits_every_call_before_free_latents(seed, rows, m, u, k, sparse_defined):
+    k = min(k, u)
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(rows, m + u, generator=g)
+    if sparse_defined:
+        pre[:, :m] -= 1.0  # few calls per row, as calibrated cuts give
+    act = F.relu(pre)
+    z = defined_first_codes(act[:, :m], act[:, m:], k)
+    assert ((z > 0).sum(-1) <= k).all()
+    assert torch.equal(z[z > 0], act[z > 0])  # codes are the activations themselves
+    for r in range(rows):
+        calls = act[r, :m]
+        kept_def = z[r, :m] > 0
+        if (calls > 0).sum() <= k:  # every call kept
+            assert torch.equal(kept_def, calls > 0)
+        else:  # the k strongest calls, and no free latent
+            assert kept_def.sum() == k and calls[kept_def].min() >= calls[~kept_def].max()
+        free, kept_free = act[r, m:], z[r, m:] > 0
+        slots = k - int(kept_def.sum())
+        assert int(kept_free.sum()) == min(slots, int((free > 0).sum()))
+        if kept_free.any() and (~kept_free & (free > 0)).any():  # the largest free latents fill the rest
+            assert free[kept_free].min() >= free[~kept_free].max()
+    # the sparse selection every encode backend reproduces gives the same codes
+    idx, val = priority_topk_relu(pre, k, m)
+    dense = torch.zeros_like(z).scatter_add(-1, idx.clamp_min(0), torch.where(idx >= 0, val, torch.zeros_like(val)))
+    assert torch.allclose(dense, z)
+    assert (val[:, :-1] >= val[:, 1:]).all() and torch.equal(idx == -1, val == 0)
+
+
+def _calibrated(**opts) -> ProtSAE:
+    sae = make(n=40, k=5, m=6, defined_bias="calibrated", topk_scope="defined_first", **opts)
+    scramble(sae)
+    with torch.no_grad():
+        sae.defined_offset.copy_(torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, 1.5]))
+    return sae
+
+
+def test_calibrated_cut_is_where_defined_latents_and_calls_start():
+    sae = _calibrated()
+    x = torch.randn(300, 8) * 2.5 + 1.0
+    x_n = sae.normalize(x)
+    u = sae.defined_scores(x_n)
+    z_def = sae.defined_pre(x_n)
+    assert torch.allclose(z_def, torch.exp(sae.r_pred) * (u - sae.defined_offset), atol=1e-5)
+    calls = sae.concept_calls(z_def, sae._concept_logits(x_n))
+    assert torch.equal(calls, u > sae.defined_offset)  # the cut, not pi > 0.5
+    # forced activation (training) lifts exactly the calls; defined_first admits them all at inference
+    codes = sae._codes(x_n, forced=True)
+    ref = sae._reference_level(codes["z_def_pre"], codes["h_unk"])
+    assert (codes["z_def_forced"][calls] >= ref.expand_as(z_def)[calls] - 1e-6).all()
+    idx, val = sae.encode(x)
+    kept = torch.zeros(len(x), 6, dtype=torch.bool)
+    for c in range(6):
+        kept[:, c] = (idx == c).any(-1)
+    few = calls.sum(-1) <= sae.k
+    assert torch.equal(kept[few], calls[few])
+    assert few.sum() > 250 and (~few).sum() < 50  # the check above covers most rows
+    z_train = sae.forward_train(x)["z"]  # training (forced activation) admits the same calls
+    assert torch.equal((z_train[:, :6] > 0)[few], calls[few])
+
+
+@pytest.mark.parametrize("opts", [{"defined_bias": "calibrated"}, {"defined_bias": "calibrated", "topk_scope":
+                                  "defined_first"}, {"defined_bias": "pred", "topk_scope": "defined_first"}])
+def test_calibrated_and_defined_first_run_on_every_affine_backend(opts, monkeypatch):
+    """encoder_affine + the priority rule reproduce encode(): torch, onnx and the Triton kernel (interpreter)."""
+    sae = make(n=40, k=5, m=6, **opts)
+    scramble(sae)
+    if "defined_offset" in dict(sae.named_buffers()):
+        with torch.no_grad():
+            sae.defined_offset.copy_(torch.linspace(-1, 2, 6))
+    x = torch.randn(120, 8) * 2.5 + 1.0
+    W, b = sae.encoder_affine()
+    assert torch.allclose(x @ W.T + b, sae.pre_activations(x), atol=1e-5)
+    idx, val = sae.encode(x)
+    ref_idx, ref_val = priority_topk_relu(x @ W.T + b, 5, sae.priority_latents)
+    assert torch.equal(idx, ref_idx) and torch.allclose(val, ref_val, atol=1e-5)
+    z = sae.encode_dense(x)  # the training-time selection (defined_first_codes) agrees with the sparse one
+    assert torch.allclose(sae.decode(z), sae.decode_sparse(idx, val), atol=1e-4)
+    from protsae_cli.encode import get_encoder
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name in ("torch", "onnx", "triton"):
+        if name != "torch":
+            pytest.importorskip("onnxruntime" if name == "onnx" else "triton")
+        i2, v2 = get_encoder(name, sae, "cpu").encode(x)
+        assert torch.equal(i2, idx), name
+        assert torch.allclose(v2, val, atol=1e-4), name
+
+
+def test_defined_offset_round_trips_and_older_checkpoints_still_load(tmp_path):
+    sae = _calibrated()
+    save_sae(sae, tmp_path / "cal")
+    loaded, _ = load_sae(tmp_path / "cal")
+    assert torch.equal(loaded.defined_offset, sae.defined_offset)
+    x = torch.randn(30, 8)
+    assert torch.equal(loaded.encode(x)[0], sae.encode(x)[0])
+    plain = make()  # defined_bias "none": no such buffer, so checkpoints written before it load unchanged
+    assert "defined_offset" not in plain.state_dict()
 
 
 @settings(max_examples=25, deadline=None)
@@ -314,6 +421,14 @@ def test_config_validation():
         make(topk_scope="some")
     with pytest.raises(InputError, match="unknown latents"):
         make(n=8, k=6, m=4, topk_scope="unknown")
+    with pytest.raises(InputError, match="unknown latents"):
+        make(n=8, k=6, m=4, topk_scope="defined_first")
+    with pytest.raises(InputError, match="residue labels"):
+        make(defined_bias="calibrated", label_granularity="protein")
+    with pytest.raises(InputError, match="predictor_lr"):
+        make(predictor_lr="auto")
+    with pytest.raises(InputError, match="predictor_lr"):
+        make(predictor_lr=0)
     sae = make()
     assert sae.cfg.protsae["lambda_annot"] == 10.0 and sae.cfg.protsae["detach"] is True
 

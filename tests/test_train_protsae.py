@@ -260,13 +260,14 @@ def test_ablation_flags_reach_the_checkpoint(trained, tiny_esm_path, tmp_path):
     res = cli(*common(fasta, out, tiny_esm_path), "-a", str(d / "concepts.tsv"), "--concepts",
               f"zinc binding,{DNA}", "--max-steps", "4", "--no-detach", "--no-r-pred", "--no-forced-activation",
               "--no-axiom", "--lambda-annot", "2", "--margin", "0.3", "--topk-scope", "unknown",
-              "--defined-bias", "pred")
+              "--defined-bias", "pred", "--predictor-lr", "0.02")
     assert res.exit_code == 0, res.output
     sae, _ = load_sae(out)
     o = sae.cfg.protsae
     assert [c.concept_id for c in sae.cfg.concepts] == [ZINC, DNA]
     assert (o["detach"], o["use_r_pred"], o["forced_activation"], o["use_axiom"]) == (False,) * 4
     assert (o["lambda_annot"], o["margin"], o["topk_scope"], o["defined_bias"]) == (2.0, 0.3, "unknown", "pred")
+    assert o["predictor_lr"] == 0.02
 
     # annotate runs such a ProtSAE (defined latents outside TopK) with its own encode: k + m slots per residue,
     # the same codes as ProtSAE.encode; the fast affine backends refuse it by name instead of computing others.
@@ -373,3 +374,96 @@ def test_calibration_keeps_thresholds_without_positives():
     rec = calibrate_thresholds(sae, val, _Labels(torch.zeros(n)))["per_concept"]["C:1"]
     assert rec["valid_f1"] is None and rec["kept"] == "no positive validation residue"
     assert sae.cfg.concepts[0].threshold == 0.25
+
+
+# -- calibrated cuts, the residue recipe, the predictor's learning rate --------------------------------------
+
+def _one_concept_protsae(**opts):
+    from protsae_cli.protsae_model import ProtSAE
+    from protsae_cli.sae import ConceptEntry, build_sae
+
+    cfg = SAEConfig(d_model=2, d_sae=8, k=2, arch="protsae", protsae={"n_concepts": 1, **opts},
+                    concepts=[ConceptEntry(latent=0, concept_id="C:1", name="c")])
+    sae = build_sae(cfg)
+    assert isinstance(sae, ProtSAE)
+    with torch.no_grad():
+        sae.W_pred.copy_(torch.tensor([[1.0, 0.0]]))  # the score W x~ is the first input column
+    return sae
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(-2.0, 2.0), st.floats(0.0, 1.0), st.integers(0, 10_000))
+def test_defined_offset_is_the_f1_optimal_cut(cut, noise, seed):
+    from protsae_cli.train_protsae import calibrate_defined_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    n = 3000
+    score = 6 * torch.rand(n, generator=g) - 3  # negative scores too: the range is not [0, max]
+    y = (score + noise * torch.randn(n, generator=g) >= cut).float()
+    y[torch.rand(n, generator=g) < 0.1] = float("nan")
+    val = ActivationSet(torch.stack([score, torch.zeros(n)], 1), torch.zeros(n, dtype=torch.long),
+                        torch.arange(n), ["P"], ["M" * n], {})
+    sae = _one_concept_protsae(defined_bias="calibrated")
+    rec = calibrate_defined_offsets(sae, val, _Labels(y), batch_size=700, bins=300)["per_concept"]["C:1"]
+    theta = float(sae.defined_offset[0])
+    assert rec["offset"] == pytest.approx(theta)
+    obs, pos = ~torch.isnan(y), y == 1
+
+    def f1(t: float) -> float:
+        called = (score >= t) & obs
+        return 2 * float((called & pos).sum()) / (float(called.sum()) + float(pos.sum()))
+
+    assert rec["valid_f1"] == pytest.approx(f1(theta), abs=2e-3)  # what the record says is what the cut gives
+    best = max(f1(float(t)) for t in score[obs])  # exhaustive: every observed score as the cut
+    assert f1(theta) >= best - 0.01  # one grid step (6 / 300) from the optimum costs little
+    # the model's defined latent is zero exactly below the cut
+    z_def = sae.defined_pre(sae.normalize(val.acts))[:, 0]
+    assert torch.equal(z_def > 0, score > theta)
+
+
+def test_residue_recipe_resolution():
+    from protsae_cli.train_protsae import RESIDUE_RECIPE, resolve_recipe
+
+    auto = {"defined_bias": "auto", "topk_scope": "auto", "predictor_lr": "auto", "lambda_annot": 2.0}
+    assert resolve_recipe(auto, "residue") == {**RESIDUE_RECIPE, "lambda_annot": 2.0}
+    assert resolve_recipe(auto, "protein") == {"defined_bias": "none", "topk_scope": "all", "predictor_lr": None,
+                                               "lambda_annot": 2.0}
+    assert resolve_recipe(auto, "residue", has_validation=False)["defined_bias"] == "none"
+    # an explicit choice wins; "auto" admission is not defined_first for graded (bias "none") latents
+    mixed = resolve_recipe({**auto, "defined_bias": "none"}, "residue")
+    assert (mixed["defined_bias"], mixed["topk_scope"], mixed["predictor_lr"]) == ("none", "all", 3e-2)
+    with pytest.raises(InputError, match="validation proteins"):
+        resolve_recipe({"defined_bias": "calibrated"}, "residue", has_validation=False)
+
+
+def test_predictor_trains_at_its_own_learning_rate():
+    """One Adam step moves each parameter by about its group's lr: the predictor by predictor_lr."""
+    from protsae_cli.train_protsae import build_protsae, ProtSAEObjective
+
+    g = torch.Generator().manual_seed(0)
+    n_prot, per, d = 40, 50, 8
+    x = torch.randn(n_prot * per, d, generator=g)
+    prot = torch.arange(n_prot).repeat_interleave(per)
+    ids = [f"P{i}" for i in range(n_prot)]
+    acts = ActivationSet(x, prot, torch.arange(per).repeat(n_prot), ids, ["A" * per] * n_prot, {})
+    label_set = _residue_source({ids[i]: {"C:1": [p for p in range(per) if x[i * per + p, 0] > 0.5]}
+                                 for i in range(n_prot)}, {pid: per for pid in ids})
+    labels, nf = prepare_concepts([("l", label_set)], ids, acts.sequences, np.arange(30), concepts=["C:1"])
+    lr, plr = 1e-3, 5e-2
+    cfg = TrainConfig(d_sae=32, k=4, lr=lr, lr_schedule="constant", warmup_frac=0.0, batch_size=256, max_steps=1,
+                      eval_every=1, save_after=0.0, state_every=None)
+    sae_cfg = SAEConfig(d_model=d, d_sae=32, k=4, protsae={"predictor_lr": plr, "defined_bias": "none"})
+    fresh = lambda: build_protsae(  # noqa: E731 - the model train_protsae builds, before any step
+        SAEConfig(d_model=d, d_sae=32, k=4, protsae=dict(sae_cfg.protsae)), labels, nf, 0)
+    probe = fresh()
+    groups = ProtSAEObjective(probe, labels, cfg).param_groups(lr)
+    assert [gr["lr_scale"] for gr in groups] == [1.0, pytest.approx(plr / lr)]
+    assert {id(probe.W_pred), id(probe.b_pred)} <= {id(q) for q in groups[1]["params"]}
+    assert id(probe.W_unk) in {id(q) for q in groups[0]["params"]}
+    before = fresh()
+    sae, _ = train_protsae(acts.subset_proteins(range(30)), acts.subset_proteins(range(30, 40)), labels, sae_cfg,
+                           cfg, normal_forms=nf)
+    step_pred = (sae.W_pred - before.W_pred).abs().max().item()
+    step_unk = (sae.W_unk - before.W_unk).abs().max().item()
+    assert 0.5 * plr < step_pred <= 1.01 * plr
+    assert 0.5 * lr < step_unk <= 1.01 * lr
