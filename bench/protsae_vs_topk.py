@@ -600,14 +600,18 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
          "## What it is", "",
          f"- A ProtSAE (semantically guided TopK SAE): d_model {cfg.d_model}, {cfg.d_sae} latents, k = {cfg.k}. "
          f"Latents 0-{len(cfg.concepts) - 1} are *defined* latents bound to the concepts below ("
-         + ("the latent is positive exactly when the built-in concept predictor says p > 0.5 and it survives "
-            "TopK" if cfg.protsae.get("defined_bias") == "pred" else
-            "the latent is a graded concept score, exp(r) W_pred x, called above the threshold listed below when "
-            "it survives TopK")
+         + {"pred": "the latent is positive exactly when the built-in concept predictor says p > 0.5 and it "
+                    "survives TopK",
+            "calibrated": "the latent is exp(r) (W_pred x - theta): zero below its cut theta, fitted to the best "
+                          "validation F1 during training, and graded above it"
+                          + (", and admitted to the code before any unsupervised latent"
+                             if cfg.protsae.get("topk_scope") == "defined_first" else "")}.get(
+             cfg.protsae.get("defined_bias"), "the latent is a graded concept score, exp(r) W_pred x, called above "
+                                              "the threshold listed below when it survives TopK")
          + f"); the other {cfg.d_sae - len(cfg.concepts)} latents are unsupervised, as in a TopK SAE.",
          f"- Hook: {cfg.hook_point}@{cfg.layer} (output of transformer block {cfg.layer} of 6); PLM sha256 "
          f"{cfg.plm_sha256}.",
-         f"- Options: {json.dumps({k: v for k, v in cfg.protsae.items() if k in ('lambda_annot', 'lambda_axiom', 'topk_scope', 'bias_ref', 'defined_bias', 'detach', 'forced_activation', 'use_r_pred', 'use_axiom')})}.",
+         f"- Options: {json.dumps({k: v for k, v in cfg.protsae.items() if k in ('lambda_annot', 'lambda_axiom', 'topk_scope', 'bias_ref', 'defined_bias', 'predictor_lr', 'detach', 'forced_activation', 'use_r_pred', 'use_axiom')})}.",
          "- Concept ids are from the shipped residue concept ontology `models/residue_concepts.obo` (PSC), with "
          "their GO / SO cross-references there.", "",
          "Annotate threshold: the activation at or above which `protsae annotate` calls the concept, calibrated "
@@ -639,7 +643,8 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
           f"- `{t.get('command')}` (repository `bench/protsae_vs_topk.py`; `--work` is a scratch directory "
           f"holding the activation caches), evaluation commit {t['eval']['commit']}.",
           f"- {t.get('steps')} steps of {tc.get('batch_size')} residues, Adam lr {tc.get('lr')} with cosine "
-          f"decay, seed {tc.get('seed')}; checkpoint from step {t.get('selected_step')} (smallest validation "
+          f"decay" + (f" (concept predictor {cfg.protsae['predictor_lr']})" if cfg.protsae.get("predictor_lr")
+                      else "") + f", seed {tc.get('seed')}; checkpoint from step {t.get('selected_step')} (smallest validation "
           f"concept BCE among the last 40 % of the run); {t.get('seconds', 0):.0f} s on a shared 2-core CPU.", "",
           "## Measured quality (held-out proteins; `protsae eval`, see docs/RESULTS.md)", "",
           f"- Reconstruction over {rec['n_tokens']} validation + test + CB513 residues: FVE {rec['fve']:.3f}, "

@@ -20,14 +20,28 @@ Parameters (beyond the decoder, decoder bias and normalisation shared with `TopK
   rare concepts by BCE; tying it to a ball size would make the BCE and the subclass axioms fight over one
   number. (`radius_source="b_pred"` gives the DeepGO-SE-style coupling for comparison.)
 
-Defined pre-activation (`defined_bias="none"`, the default, METHOD.md §1.10): z_def = exp(r_pred) * sg(W_pred) x~.
-The defined latent is a graded concept score: positive wherever W_pred x~ > 0, which for a rare concept
-(b_pred << 0) includes many residues the predictor rejects, so `train_protsae` calibrates each concept's
-annotation threshold on validation proteins (`calibrate_thresholds`) and `annotate` calls residues at or above
-it. With `defined_bias="pred"` (the formula as the paper reads), z_def = exp(r_pred) * (sg(W_pred) x~ +
-sg(b_pred)) is positive exactly when pi_c > 0.5: the latent and the predictor agree on *whether* the concept is
-present and exp(r_pred) only sets *how much*. On the stand-in PLM (docs/RESULTS.md) "none" gave the higher
-concept F1 at the same reconstruction, mostly on rare concepts, whose predictor rarely reaches p > 0.5.
+Defined pre-activation, three forms (`defined_bias`):
+
+- "none" (the library default, METHOD.md §1.10): z_def = exp(r_pred) * sg(W_pred) x~. A graded concept score,
+  positive wherever W_pred x~ > 0, which for a rare concept (b_pred << 0) includes many residues the predictor
+  rejects; `train_protsae.calibrate_thresholds` sets each concept's annotation threshold on validation proteins.
+- "pred" (the formula as the paper reads): z_def = exp(r_pred) * (sg(W_pred) x~ + sg(b_pred)), positive exactly
+  when pi_c > 0.5, which a rare concept's predictor seldom reaches.
+- "calibrated": z_def = exp(r_pred) * (sg(W_pred) x~ - theta_c), with theta_c (buffer `defined_offset`) the cut of
+  best validation residue F1, re-fitted before every validation (`train_protsae.calibrate_defined_offsets`). The
+  latent is zero where the model does not call the concept and graded where it does, like any SAE latent.
+  `protsae train` uses it for residue-level concepts (train_protsae.RESIDUE_RECIPE; docs/RESULTS.md measures all
+  three). Forced activation then protects the latent's own calls (z_def > 0) instead of pi > 0.5.
+
+TopK admission (`topk_scope`): "all" is one TopK over all n latents; "unknown" keeps defined latents outside TopK
+(code width k + m); "defined_first" admits every active defined latent before any unknown one (L0 <= k), so a call
+is never crowded out by the entangled unknown latents at inference, which with plain TopK dropped most calls of
+rare concepts. It is still a single selection over affine pre-activations (`sae.priority_topk_relu`: TopK on a key
+that lifts positive defined latents above the row maximum), so every fast backend runs it.
+
+The predictor and the EL tables may train at their own learning rate (`predictor_lr`): under the stop-gradient the
+predictor is a logistic regression, which needs a much larger step than the dictionary to converge within an
+SAE's budget.
 
 Training vs inference (the decision that keeps `annotate` fast):
 
@@ -38,7 +52,8 @@ Training vs inference (the decision that keeps `annotate` fast):
 - *Inference* (`encode`, `encode_dense`, `forward`) is plain TopK on the affine pre-activations above. The
   forced bias needs the reference level, a nonlinear function of the unknown activations, so it cannot be
   folded into the (W, b) pair that every fast backend (torch, Triton, ONNX) consumes; with plain TopK,
-  `encoder_affine()` reproduces `encode()` exactly and a ProtSAE annotates like any TopK SAE. Forcing only
+  `encoder_affine()` (with `priority_latents` for "defined_first") reproduces `encode()` exactly and a ProtSAE
+  annotates like any TopK SAE. Forcing only
   lifts magnitudes of latents the predictor calls, so the cost is some TopK admissions at inference (measured
   by `participation`), not different concept scores. `inference_forced=True` applies the forced bias at inference too (for measuring that
   cost); `encoder_affine()` then refuses, as it does for `topk_scope="unknown"`, whose "defined latents
