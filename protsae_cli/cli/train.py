@@ -37,7 +37,7 @@ def command(
                                                    help="Directory to save activation shards to, or reuse them from."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", rich_help_panel=DATA, show_default=False,
                                           help="Stream the activation cache through a shuffle buffer, or load it "
-                                               "whole [default: stream when it exceeds a quarter of RAM]."),
+                                               "whole \\[default: stream when it exceeds a quarter of RAM]."),
     shuffle_buffer: int = typer.Option(262_144, "--shuffle-buffer", rich_help_panel=DATA,
                                        help="Rows held by the streaming shuffle buffer (bounds its memory)."),
     cache_only: bool = typer.Option(False, "--cache-only", rich_help_panel=DATA,
@@ -50,20 +50,20 @@ def command(
     annotation_format: Optional[List[str]] = typer.Option(
         None, "--annotation-format", rich_help_panel=CONCEPTS,
         help="Format of each --annotations file (one for all, or one per file in order): swissprot, uniprot-xml, "
-             "uniprot-tsv, tmbed, binding, gaf, go-tsv, generic-tsv, auto [default: auto]."),
+             "uniprot-tsv, tmbed, binding, gaf, go-tsv, generic-tsv, auto \\[default: auto]."),
     ontology: Optional[List[str]] = typer.Option(
         None, "--ontology", rich_help_panel=CONCEPTS,
         help="OBO ontology for label propagation and the axiom loss (repeatable, e.g. go.obo) "
-             "[default: the shipped residue-concept ontology]."),
+             "\\[default: the shipped residue-concept ontology]."),
     concepts: Optional[str] = typer.Option(None, "--concepts", rich_help_panel=CONCEPTS,
                                            help="Comma-separated concept ids or names, in latent order "
-                                                "[default: all with --min-concept-residues positives]."),
+                                                "\\[default: all with --min-concept-residues positives]."),
     min_concept_residues: int = typer.Option(10, "--min-concept-residues", rich_help_panel=CONCEPTS,
                                              help="Least positive residues (proteins, at protein granularity) "
                                                   "among training proteins for a concept to get a latent."),
     label_granularity: Optional[str] = typer.Option(
         None, "--label-granularity", rich_help_panel=CONCEPTS,
-        help="residue (per-residue BCE) or protein (BCE on pooled probabilities) [default: residue when any "
+        help="residue (per-residue BCE) or protein (BCE on pooled probabilities) \\[default: residue when any "
              "source is residue-level]."),
     pool: str = typer.Option("mean", "--pool", rich_help_panel=CONCEPTS, help="Protein pooling: mean or max."),
     lambda_annot: float = typer.Option(10.0, "--lambda-annot", rich_help_panel=CONCEPTS,
@@ -75,19 +75,19 @@ def command(
         "auto", "--topk-scope", rich_help_panel=CONCEPTS,
         help="defined_first: a concept the model calls is admitted to TopK before any free latent (L0 <= k); "
              "all: one TopK over all latents (METHOD.md's default); unknown: defined latents always kept, L0 up "
-             "to k + concepts, encoded by the torch backend only [default auto: defined_first with residue "
-             "labels, all with protein labels]."),
+             "to k + concepts, encoded by the torch backend only. auto: defined_first with residue labels, all "
+             "with protein labels."),
     defined_bias: str = typer.Option(
         "auto", "--defined-bias", rich_help_panel=CONCEPTS,
         help="calibrated: a defined latent is zero below a cut fitted to validation F1 at every validation, "
              "graded above it; none: a graded score wherever W x > 0, called above a threshold calibrated at "
-             "the end (METHOD.md's default); pred: includes the predictor's bias, positive where p > 0.5 "
-             "[default auto: calibrated with residue labels, none with protein labels]."),
+             "the end (METHOD.md's default); pred: includes the predictor's bias, positive where p > 0.5. "
+             "auto: calibrated with residue labels (and validation proteins), none otherwise."),
     predictor_lr: Optional[float] = typer.Option(
         None, "--predictor-lr", rich_help_panel=CONCEPTS,
         help="Peak learning rate of the concept predictor (a logistic regression under the stop-gradient, "
-             "which converges at a far larger step than the dictionary); same schedule as --lr "
-             "[default: 0.03 with residue labels, --lr with protein labels]."),
+             "which converges at a far larger step than the dictionary); same schedule as --lr. Default: 0.03 "
+             "with residue labels, --lr with protein labels."),
     bias_ref: str = typer.Option("active_mean", "--bias-ref", rich_help_panel=CONCEPTS,
                                  help="Forced-activation level: active_mean, all_mean or kth_value."),
     no_detach: bool = typer.Option(False, "--no-detach", rich_help_panel=CONCEPTS,
@@ -114,10 +114,10 @@ def command(
                              help="Seeds residue sampling, the train/validation split, initialisation and order."),
     device: str = typer.Option("auto", "--device", rich_help_panel=OPT, help="auto, cpu, cuda or cuda:N."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", rich_help_panel=RUN,
-                                             help="Validate every N steps [default: once per epoch]."),
+                                             help="Validate every N steps \\[default: once per epoch]."),
     save_after: Optional[float] = typer.Option(
         None, "--save-after", rich_help_panel=RUN,
-        help="Fraction of the run before which checkpoints cannot be selected [default: 0.6 for protsae, as the "
+        help="Fraction of the run before which checkpoints cannot be selected \\[default: 0.6 for protsae, as the "
              "released code's epoch 30 of 50; 0 for topk]."),
     state_every: int = typer.Option(1000, "--state-every", rich_help_panel=RUN,
                                     help="Write the resumable training state every N steps (and at the end)."),
