@@ -156,9 +156,10 @@ DEFAULT_SAE = REPO / "models" / "default_sae"
 def test_shipped_sae_target_activation_rises_with_strength():
     """A concept of the shipped SAE, on the repository's example proteins of at most 200 residues: mean
     re-encoded activation non-decreasing over a doubling strength sweep. The concept is "extracellular or
-    lumenal side" when the SAE has it (docs/RESULTS.md: the shipped ProtSAE's steering rises monotonically for
-    it at every strength, while transmembrane helix, the first concept, reverses above s = 2 - a property of
-    the model recorded there, not of the code), else the first concept, else the most frequent latent."""
+    lumenal side" when the SAE has it (docs/RESULTS.md: steering it works at every strength up to 4 on the
+    TMbed inputs, for both shipped ProtSAEs), else the first concept, else the most frequent latent. A
+    property of the shipped model as much as of the code: a retrained default must keep it, or this test
+    must say why not."""
     from protsae_cli.fasta import read_fasta
 
     m = st.load_models(None, None, "cpu")
