@@ -9,7 +9,9 @@ backend shares:
 * TopK with constant k on the last axis, largest, sorted -- ONNX specifies that equal values come out
   lower index first, which is our tie rule;
 * zeros after ReLU reported as idx -1 (an in-graph Where), values stay 0;
-* only the row axis is dynamic ("rows").
+* only the row axis is dynamic ("rows");
+* a ProtSAE that admits its calls first (`priority_latents` p > 0) gets a second small GEMM for latents 0..p-1
+  and the priority selection over the p + k candidates (`_priority_topk_nodes`), as the Triton backend does.
 
 The file carries the full SAE config JSON (`protsae_config`) and the weights' sha256 (`protsae_sae_sha256`)
 as model metadata, so the file alone can be checked against a PLM (`load_onnx_config`).
@@ -67,8 +69,10 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
     cfg: SAEConfig = sae.cfg
     W, b = sae.encoder_affine()
     d, n, k = int(W.shape[1]), int(W.shape[0]), int(cfg.k)
-    w_t = W.detach().to("cpu", torch.float32).T.contiguous().numpy()  # [d, n] so that pre = x @ w_t + b
-    bias = b.detach().to("cpu", torch.float32).contiguous().numpy()
+    p = int(getattr(sae, "priority_latents", 0))
+    # The main GEMM covers latents p..n-1 (all of them for a plain SAE); priority latents get their own small one.
+    w_t = W[p:].detach().to("cpu", torch.float32).T.contiguous().numpy()  # [d, n - p]: pre = x @ w_t + b
+    bias = b[p:].detach().to("cpu", torch.float32).contiguous().numpy()
     inits = [numpy_helper.from_array(w_t, "W_enc_folded_T"),
              numpy_helper.from_array(bias, "b_enc_folded"),
              helper.make_tensor("k", TensorProto.INT64, [1], [k]),
@@ -79,9 +83,8 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
         helper.make_node("Add", ["xw", "b_enc_folded"], ["pre"], name="encoder_bias"),
         helper.make_node("Relu", ["pre"], ["act"], name="relu"),
     ]
-    p = int(getattr(sae, "priority_latents", 0))
     if p:
-        nodes += _priority_topk_nodes(p, n, opset, inits)
+        nodes += _priority_topk_nodes(W[:p], b[:p], k, opset, inits)
     else:
         nodes.append(helper.make_node("TopK", ["act", "k"], [OUTPUT_VALUES, "topk_indices"], name="topk", axis=-1,
                                       largest=1, sorted=1))
@@ -116,34 +119,55 @@ def build_onnx_model(sae, opset: int = 17, sae_sha256: str | None = None):
     return model
 
 
-def _priority_topk_nodes(p: int, n: int, opset: int, inits: list) -> list:
-    """Nodes from `act` to (OUTPUT_VALUES, "topk_indices") for `sae.priority_topk_relu`: TopK on a key that lifts
-    positive latents 0..p-1 above the row maximum, then the selected activations re-sorted by value (a second
-    TopK over k entries) so the output keeps the reference order."""
+def _priority_topk_nodes(W_pri: torch.Tensor, b_pri: torch.Tensor, k: int, opset: int, inits: list) -> list:
+    """Nodes from `act` (latents p..n-1) to (OUTPUT_VALUES, "topk_indices") for `sae.priority_topk_relu`, as the
+    Triton backend does it (`encode.merge_priority`): the plain top-k of the other latents, the p priority latents
+    from their own small GEMM, and the priority selection over those p + k candidates only, so no extra
+    [rows, d_sae] tensor is materialised. The selected candidates are re-sorted by value (a second TopK over k
+    entries) to keep the reference order."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    inits += [numpy_helper.from_array(np.arange(n) < p, "is_priority"),
-              helper.make_tensor("one", 1, [], [1.0])]  # 1 = TensorProto.FLOAT
+    p = int(W_pri.shape[0])
+    inits += [numpy_helper.from_array(W_pri.detach().to("cpu", torch.float32).T.contiguous().numpy(), "W_pri_folded_T"),
+              numpy_helper.from_array(b_pri.detach().to("cpu", torch.float32).contiguous().numpy(), "b_pri_folded"),
+              numpy_helper.from_array(np.arange(p, dtype=np.int64)[None, :], "priority_index_row"),
+              numpy_helper.from_array(np.arange(p + k) < p, "is_priority_candidate"),
+              helper.make_tensor("n_priority", TensorProto.INT64, [], [p]),
+              helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])]
     if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
-        inits.append(helper.make_tensor("last_axis", 7, [1], [-1]))  # 7 = TensorProto.INT64
-        rmax = helper.make_node("ReduceMax", ["act", "last_axis"], ["row_max"], name="row_max", keepdims=1)
+        inits.append(helper.make_tensor("last_axis", TensorProto.INT64, [1], [-1]))
+        rmax = helper.make_node("ReduceMax", ["cand_values", "last_axis"], ["row_max"], name="row_max", keepdims=1)
     else:
-        rmax = helper.make_node("ReduceMax", ["act"], ["row_max"], name="row_max", axes=[-1], keepdims=1)
+        rmax = helper.make_node("ReduceMax", ["cand_values"], ["row_max"], name="row_max", axes=[-1], keepdims=1)
     return [
+        helper.make_node("TopK", ["act", "k"], ["free_values", "free_top"], name="topk_free", axis=-1, largest=1,
+                         sorted=1),
+        helper.make_node("Add", ["free_top", "n_priority"], ["free_indices"], name="free_indices"),
+        helper.make_node("MatMul", [INPUT_NAME, "W_pri_folded_T"], ["xw_pri"], name="priority_gemm"),
+        helper.make_node("Add", ["xw_pri", "b_pri_folded"], ["pre_pri"], name="priority_bias"),
+        helper.make_node("Relu", ["pre_pri"], ["act_pri"], name="priority_relu"),
+        helper.make_node("Shape", ["act_pri"], ["pri_shape"], name="priority_shape"),
+        helper.make_node("Expand", ["priority_index_row", "pri_shape"], ["pri_indices"], name="priority_indices"),
+        helper.make_node("Concat", ["act_pri", "free_values"], ["cand_values"], name="candidates", axis=-1),
+        helper.make_node("Concat", ["pri_indices", "free_indices"], ["cand_indices"], name="candidate_indices",
+                         axis=-1),
         rmax,
         helper.make_node("Add", ["row_max", "one"], ["lift"], name="lift"),
-        helper.make_node("Greater", ["act", "zero"], ["act_positive"], name="act_positive"),
-        helper.make_node("And", ["act_positive", "is_priority"], ["lifted"], name="priority_and_positive"),
-        helper.make_node("Add", ["act", "lift"], ["act_lifted"], name="act_plus_lift"),
-        helper.make_node("Where", ["lifted", "act_lifted", "act"], ["key"], name="priority_key"),
+        helper.make_node("Greater", ["cand_values", "zero"], ["cand_positive"], name="candidate_positive"),
+        helper.make_node("And", ["cand_positive", "is_priority_candidate"], ["lifted"], name="priority_and_positive"),
+        helper.make_node("Add", ["cand_values", "lift"], ["cand_lifted"], name="candidate_plus_lift"),
+        helper.make_node("Where", ["lifted", "cand_lifted", "cand_values"], ["key"], name="priority_key"),
         helper.make_node("TopK", ["key", "k"], ["key_top", "selected"], name="topk_by_key", axis=-1, largest=1,
                          sorted=1),
-        helper.make_node("GatherElements", ["act", "selected"], ["selected_values"], name="selected_values",
+        helper.make_node("GatherElements", ["cand_values", "selected"], ["selected_values"], name="selected_values",
                          axis=-1),
         helper.make_node("TopK", ["selected_values", "k"], [OUTPUT_VALUES, "order"], name="sort_by_value",
                          axis=-1, largest=1, sorted=1),
-        helper.make_node("GatherElements", ["selected", "order"], ["topk_indices"], name="topk_indices", axis=-1),
+        helper.make_node("GatherElements", ["selected", "order"], ["selected_sorted"], name="selected_sorted",
+                         axis=-1),
+        helper.make_node("GatherElements", ["cand_indices", "selected_sorted"], ["topk_indices"],
+                         name="topk_indices", axis=-1),
     ]
 
 
