@@ -80,7 +80,7 @@ import torch.nn.functional as F
 
 from protsae_cli.el_loss import check_normal_form_ranges, el_losses
 from protsae_cli.errors import InputError
-from protsae_cli.sae import SAEConfig, TopKSAE, priority_topk_relu, topk_relu
+from protsae_cli.sae import SAEConfig, TopKSAE, priority_key, priority_topk_relu, topk_relu
 
 # lambda_annot: the released code's default is 10 (train_protsae.py); the paper (per the AAAI summary) uses 1.
 PROTSAE_DEFAULTS: dict[str, Any] = {
@@ -202,19 +202,13 @@ def defined_first_codes(defined: torch.Tensor, unknown: torch.Tensor, k: int) ->
 
     `defined` [N, m] and `unknown` [N, u] are post-ReLU. Each token keeps its active defined latents (the k
     largest if more than k are active) and fills the remaining k - a slots with its largest unknown latents,
-    so a concept the model calls is never crowded out of the code by entangled unknown latents. Ties among
-    unknown latents break towards the lower index; differentiable through the kept values.
+    so a concept the model calls is never crowded out of the code by entangled unknown latents: TopK over
+    `sae.priority_key`, the key inference uses, with ties towards the lower index; differentiable through the
+    kept values.
     """
-    m = defined.shape[-1]
-    if m > k:
-        dv, di = stable_topk(defined, k)
-        defined = torch.zeros_like(defined).scatter(-1, di, dv)
-    n_active = (defined > 0).sum(-1, keepdim=True)
-    kk = min(k, unknown.shape[-1])
-    vals, idx = stable_topk(unknown, kk)
-    slot = torch.arange(kk, device=unknown.device)
-    vals = vals * (slot < (k - n_active)).to(vals.dtype)
-    return torch.cat([defined, torch.zeros_like(unknown).scatter(-1, idx, vals)], -1)
+    act = torch.cat([defined, unknown], -1)
+    _, idx = stable_topk(priority_key(act.detach(), defined.shape[-1]), k)
+    return torch.zeros_like(act).scatter(-1, idx, act.gather(-1, idx))
 
 
 class ProtSAE(TopKSAE):
@@ -374,9 +368,14 @@ class ProtSAE(TopKSAE):
             return W, -self.defined_offset
         return W, (b if how == "pred" else None)
 
-    def defined_scores(self, x_n: torch.Tensor) -> torch.Tensor:
-        """Unscaled, unbiased defined scores W_pred (x_n - b_dec) [N, m]: what `defined_offset` is cut on."""
-        return F.linear(x_n - self.b_dec, self.W_pred)
+    def defined_scores(self, x_n: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Unscaled, unbiased defined scores W_pred (x_n - b_dec) [N, m]: what `defined_offset` is cut on
+        (`dtype`: compute in another precision, e.g. float64 for a cut that must not depend on batch shape)."""
+        x_c = x_n - self.b_dec
+        W = self.W_pred
+        if dtype is not None:
+            x_c, W = x_c.to(dtype), W.to(dtype)
+        return F.linear(x_c, W)
 
     def defined_pre(self, x_n: torch.Tensor) -> torch.Tensor:
         """Defined pre-activations [N, m] from normalised input (no forced bias, before TopK)."""

@@ -131,21 +131,27 @@ def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, vals
 
 
+def priority_key(act: torch.Tensor, n_priority: int) -> torch.Tensor:
+    """Selection key [N, n] of ProtSAE's `topk_scope="defined_first"`: post-ReLU activations with every positive
+    latent among the first `n_priority` lifted above the row's maximum (act + max_j act_j + 1), so TopK over it
+    admits those first, and orders by value among them and among the rest. Shared by inference
+    (`priority_topk_relu`) and training (`protsae_model.defined_first_codes`) so both select alike."""
+    lift = act.amax(-1, keepdim=True) + 1.0
+    col = torch.arange(act.shape[-1], device=act.device)
+    return torch.where((col < n_priority) & (act > 0), act + lift, act)
+
+
 def priority_topk_relu(pre: torch.Tensor, k: int, n_priority: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_relu` where the first `n_priority` latents, when positive, are admitted before all others.
 
     ProtSAE's `topk_scope="defined_first"`: a concept the model calls is never crowded out of the code. The
-    selection is plain TopK over a key that lifts every positive priority latent above the row's maximum
-    (key = act + max_j act_j + 1), so among priority latents, and among the rest, order is by value; the codes
-    are the activations themselves, in the reference order (value desc, index asc), empty slots -1 / 0.
+    selection is plain TopK over `priority_key`; the codes are the activations themselves, in the reference
+    order (value desc, index asc), empty slots -1 / 0.
     """
     if n_priority <= 0:
         return topk_relu(pre, k)
     act = F.relu(pre.float())
-    lift = act.amax(-1, keepdim=True) + 1.0
-    col = torch.arange(act.shape[-1], device=act.device)
-    key = torch.where((col < n_priority) & (act > 0), act + lift, act)
-    idx, _ = topk_relu(key, k)
+    idx, _ = topk_relu(priority_key(act, n_priority), k)
     val = torch.where(idx >= 0, act.gather(-1, idx.clamp_min(0)), torch.zeros((), device=act.device))
     from protsae_cli.encode import canonical_order
 

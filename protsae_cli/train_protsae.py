@@ -429,8 +429,7 @@ def calibrate_defined_offsets(sae: ProtSAE, val: ActivationSet, labels: ConceptL
     def scores(s: int) -> torch.Tensor:
         # In float64: a float32 GEMM's rounding depends on the batch shape, so DDP ranks (other row blocks)
         # would see a score on a bin edge on different sides and fit a different cut than one process.
-        x_c = sae.normalize(val.acts[s:s + batch_size].to(dev).float()) - sae.b_dec
-        return F.linear(x_c.double(), sae.W_pred.double())
+        return sae.defined_scores(sae.normalize(val.acts[s:s + batch_size].to(dev).float()), torch.float64)
 
     cut, f1, n_pos, _, _ = _f1_optimal_cuts(scores, val, labels, m, dev, env, batch_size, bins, False)
     out: dict = {"method": f"max residue F1 of W_pred x~ >= theta on validation proteins, {bins}-step grid over "

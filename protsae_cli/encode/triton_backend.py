@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from protsae_cli.encode import merge_priority
 from protsae_cli.errors import InputError
 
 
@@ -96,8 +97,6 @@ class TritonEncoder:
             xc = x[s:s + self.chunk_rows].to(device=self.device, dtype=self.dtype)
             i, v = self._tk.topk_encode(xc, self.W, self.b, self.k, self.config)
             if self.priority:
-                from protsae_cli.encode import merge_priority
-
                 pri = torch.relu((xc @ self.W_pri.T).float() + self.b_pri)
                 i, v = merge_priority(pri, torch.where(i >= 0, i + self.priority, i), v, self.k)
             idxs.append(i)
