@@ -75,28 +75,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--seeds", default="0,1")
     a = p.parse_args()
-    from protsae_cli.activations import ActivationSet
-    from protsae_cli.concept_labels import build_concept_labels
     from protsae_cli.sae import load_sae
 
     torch.set_num_threads(2)
-    data, work = Path(a.data), Path(a.work)
-    sets = [ActivationSet.load(work / "cache" / n) for n in ("train", "valid", "test")]
-    both = B._concat_sets(sets)
-    seqs = dict(zip(both.protein_ids, both.sequences))
-    splits = B.TMBED_SPLITS["train"] + B.TMBED_SPLITS["valid"] + B.TMBED_SPLITS["test"]
-    lab = build_concept_labels(B._label_sets(data, seqs, splits), both.protein_ids, both.sequences, B.CONCEPTS)
-    n_tr, n_va = len(sets[0].protein_ids), len(sets[1].protein_ids)
+    splits, names = B.probe_splits(Path(a.data), Path(a.work))
     sae, _ = load_sae(a.sae)
-
-    def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        m = (both.protein >= lo) & (both.protein < hi)
-        with torch.no_grad():
-            x = sae.normalize(both.acts[m].float()) - sae.b_dec
-        return x, lab.rows(both.protein[m], both.position[m])
-
-    (xtr, ytr), (xva, yva), (xte, yte) = part(0, n_tr), part(n_tr, n_tr + n_va), part(n_tr + n_va, 1 << 40)
-    names = [lab.names[j] for j in range(len(B.CONCEPTS))]
+    with torch.no_grad():  # the predictor's input: x~ = normalised activations minus b_dec
+        (xtr, ytr), (xva, yva), (xte, yte) = ((sae.normalize(x) - sae.b_dec, y) for x, y in splits)
     print("| predictor | " + " | ".join(names) + " | mean |")
     print("|---|" + "---|" * (len(names) + 1))
     with torch.no_grad():

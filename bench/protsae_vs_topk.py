@@ -505,27 +505,32 @@ def report(args: argparse.Namespace) -> None:
 
 
 # ===================================================================================================== ceiling
-def ceiling(args: argparse.Namespace) -> None:
-    """What a converged linear probe on the same activations reaches per concept: the ceiling of a defined latent
-    (whose predictor is a linear probe trained for only the SAE's few hundred steps) at p > 0.5, and with a
-    threshold chosen on validation proteins. Same splits, same labels; logistic regression, L-BFGS, tiny L2."""
+def probe_splits(data: Path, work: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """[(activations [N, d] float32, concept labels [N, 8] with NaN unobserved)] for the train, valid and test
+    caches, and the concept names: what a probe trained beside the SAEs sees (`ceiling`,
+    `bench/predictor_lr_sweep.py`)."""
     from protsae_cli.activations import ActivationSet
     from protsae_cli.concept_labels import build_concept_labels
 
-    torch.set_num_threads(args.threads)
-    data, work = Path(args.data), Path(args.work)
     sets = [ActivationSet.load(work / "cache" / n) for n in ("train", "valid", "test")]
     both = _concat_sets(sets)
     seqs = dict(zip(both.protein_ids, both.sequences))
     lab = build_concept_labels(_label_sets(data, seqs, TMBED_SPLITS["train"] + TMBED_SPLITS["valid"]
                                            + TMBED_SPLITS["test"]), both.protein_ids, both.sequences, CONCEPTS)
-    n_tr, n_va = len(sets[0].protein_ids), len(sets[1].protein_ids)
+    out, lo = [], 0
+    for part in sets:
+        m = (both.protein >= lo) & (both.protein < lo + len(part.protein_ids))
+        out.append((both.acts[m].float(), lab.rows(both.protein[m], both.position[m])))
+        lo += len(part.protein_ids)
+    return out, [lab.names[j] for j in range(len(CONCEPTS))]
 
-    def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        m = (both.protein >= lo) & (both.protein < hi)
-        return both.acts[m].float(), lab.rows(both.protein[m], both.position[m])
 
-    (xtr, ytr), (xva, yva), (xte, yte) = part(0, n_tr), part(n_tr, n_tr + n_va), part(n_tr + n_va, 1 << 40)
+def ceiling(args: argparse.Namespace) -> None:
+    """What a converged linear probe on the same activations reaches per concept: the ceiling of a defined latent
+    (whose predictor is a linear probe trained for only the SAE's few hundred steps) at p > 0.5, and with a
+    threshold chosen on validation proteins. Same splits, same labels; logistic regression, L-BFGS, tiny L2."""
+    torch.set_num_threads(args.threads)
+    [(xtr, ytr), (xva, yva), (xte, yte)], names = probe_splits(Path(args.data), Path(args.work))
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xva, xte = ((x - mu) / sd for x in (xtr, xva, xte))
 
@@ -555,10 +560,10 @@ def ceiling(args: argparse.Namespace) -> None:
         with torch.no_grad():
             pv, pt = torch.sigmoid(xva @ w + b), torch.sigmoid(xte @ w + b)
         g = float(grid[int(np.argmax([f1(pv > t, yva[:, j]) for t in grid]))])
-        out[c] = {"name": lab.names[j], "test_f1_at_0.5": f1(pt > 0.5, yte[:, j]), "valid_threshold": g,
+        out[c] = {"name": names[j], "test_f1_at_0.5": f1(pt > 0.5, yte[:, j]), "valid_threshold": g,
                   "test_f1_at_valid_threshold": f1(pt > g, yte[:, j])}
-        log.info("%s %s: %s", c, lab.names[j], out[c])
-    (work / "ceiling.json").write_text(json.dumps(out, indent=1))
+        log.info("%s %s: %s", c, names[j], out[c])
+    (Path(args.work) / "ceiling.json").write_text(json.dumps(out, indent=1))
 
 
 # ======================================================================================================== ship
