@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -350,11 +351,17 @@ def _tally(s: AnnotateSummary, res) -> None:
 
 
 def _count_records(source: str) -> int | None:
-    """Total for the progress bar: cheap for plain files (count '>' lines), unknown for stdin/gzip."""
+    """Total for the progress bar: cheap for regular files (count '>' lines), unknown for anything else.
+
+    Only a regular file may be read twice: a FIFO, ``/dev/stdin`` or ``<(...)`` would lose what this pass
+    reads (it cannot seek back), so those, like stdin and gzip, get no total rather than losing input.
+    """
     if source == "-":
         return None
     p = Path(source)
     try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            return None
         with open(p, "rb") as f:
             if f.read(2) == b"\x1f\x8b":
                 return None

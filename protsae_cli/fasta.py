@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import gzip
 import io
 import os
 import re
+import stat
 import sys
 import zlib
 from collections import deque
@@ -147,7 +149,7 @@ def open_text(source: Source, errors: str = "strict") -> Iterator[TextIO]:
             try:
                 binary = stack.enter_context(open(source, "rb"))
             except OSError as exc:
-                raise InputError(f"cannot open {name}: {exc.strerror or exc}") from None
+                raise InputError(f"cannot open {name}: {_os_reason(exc)}") from None
         elif isinstance(source, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(source, "mode", "")):
             binary = source  # type: ignore[assignment]
         else:
@@ -280,11 +282,24 @@ def read_fasta(source: Source, skip_invalid: bool = False) -> Iterator[ProteinRe
     """
     if isinstance(source, (str, os.PathLike)) and not _is_stdin(source):
         name = describe_source(source)
-        if not os.path.exists(source):
-            raise InputError(f"cannot open {name}: no such file")
-        if os.path.isdir(source):
+        try:
+            mode = os.stat(source).st_mode
+        except OSError as exc:
+            raise InputError(f"cannot open {name}: {_os_reason(exc)}") from None
+        if stat.S_ISDIR(mode):
             raise InputError(f"cannot open {name}: it is a directory, not a FASTA file")
     return _iter_fasta(source, skip_invalid)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The cause in words a user acts on; ELOOP in particular is not "no such file"."""
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (the path resolves to itself)"
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    return exc.strerror or str(exc)
 
 
 def _iter_fasta(source: Source, skip_invalid: bool) -> Iterator[ProteinRecord | InvalidRecord]:

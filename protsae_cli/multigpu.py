@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,13 @@ def parse_devices(spec: str) -> list[str]:
     if not out:
         raise InputError("--devices: no devices given")
     return out
+
+
+def _is_regular_file(path: str) -> bool:
+    from protsae_cli.fasta import read_fasta
+
+    read_fasta(path)  # raises InputError naming the path (missing, symlink loop, directory, ...)
+    return stat.S_ISREG(os.stat(path).st_mode)
 
 
 def worker_shards(n_workers: int, outer: tuple[int, int] | None) -> list[tuple[int, int]]:
@@ -142,10 +150,17 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
     _prepare_workdir(work, opts, devices)
 
     source = opts.input
-    if source == "-":  # every worker reads the whole input, so stdin is spooled once
-        source = str(work / "input.fasta")
-        with open(source, "wb") as f:
-            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    # Every worker reads the whole input, so anything that can be read only once (stdin, a FIFO, /dev/stdin,
+    # <(...)) is spooled to a file once; otherwise the first worker would take the records from the others.
+    if source == "-" or not _is_regular_file(source):
+        spool = str(work / "input.fasta")
+        with open(spool, "wb") as f:
+            if source == "-":
+                shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+        source = spool
 
     m = len(devices)
     threads = opts.threads or max(1, (os.cpu_count() or 1) // m)
