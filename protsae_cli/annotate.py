@@ -125,7 +125,7 @@ class Annotator:
                  backend: str = "auto", check_plm: bool = True, threads: int | None = None) -> None:
         from protsae_cli.encode import get_encoder
         from protsae_cli.models import default_sae_dir
-        from protsae_cli.plm import load_plm
+        from protsae_cli.plm import load_plm, recorded_plm_spec
         from protsae_cli.sae import check_compatible, load_sae
 
         if threads:
@@ -135,8 +135,9 @@ class Annotator:
         self.sae, self.sae_sha256 = load_sae(sae_path)
         self.sae_path = sae_path
         cfg = self.sae.cfg
-        if model is None and sae is not None and cfg.plm_name and cfg.plm_name != "esm2_t6_8M_standin":
-            model = cfg.plm_name  # an SAE names the PLM it was trained on: use it unless told otherwise
+        if model is None and sae is not None:
+            # An SAE names the PLM it was trained on: use it unless told otherwise (a name only, never a path).
+            model = recorded_plm_spec(cfg.plm_name, f"{sae_path}/config.json")
         self.plm = load_plm(model, self.device)
         check_compatible(cfg, self.plm.name, self.plm.sha256, self.plm.d_model, self.plm.num_layers,
                          strict_checksum=check_plm)

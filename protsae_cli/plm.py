@@ -2,7 +2,8 @@
 
 Real ESM-2 weights come from fair-esm's hub checkpoints (`<name>.pt`, a pickle holding an argparse Namespace, so
 it needs `torch.load(weights_only=False)`; we do that deliberately, only for files the user pointed us at or
-that fair-esm itself put in the torch hub cache). Offline machines get a message naming the exact files and
+that fair-esm itself put in the torch hub cache under a fair-esm name; never a file found by a glob or named
+inside an SAE's config, and the contact-regression file beside a checkpoint only as plain tensors). Offline machines get a message naming the exact files and
 folder to fill, instead of a stack trace from a failed download.
 """
 
@@ -116,9 +117,36 @@ def _torch_load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _regression_beside(path: Path) -> dict[str, Any] | None:
-    """fair-esm keeps contact-regression weights in '<stem>-contact-regression.pt' next to the model."""
+    """fair-esm keeps contact-regression weights in '<stem>-contact-regression.pt' next to the model.
+
+    That file is one protsae finds by itself (the user named only the model), so it is never unpickled: it is
+    read with `weights_only=True` (a plain dict of tensors passes) and skipped with a warning otherwise.
+    protsae never predicts contacts, so nothing is lost without it.
+    """
     reg = path.with_name(path.stem + "-contact-regression.pt")
-    return _torch_load_checkpoint(reg) if reg.exists() else None
+    if not reg.exists():
+        return None
+    try:
+        return torch.load(str(reg), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything beyond tensors and plain containers
+        warnings.warn(f"{reg}: not loaded (not a plain tensor file: {type(e).__name__}); contact prediction, "
+                      "which protsae does not use, is unavailable", stacklevel=2)
+        return None
+
+
+def recorded_plm_spec(name: str, where: str) -> str | None:
+    """The PLM to load for an SAE that records `name`, or None for the bundled stand-in.
+
+    An SAE's config is data from wherever the user got it, so what it records may only *name* a model: the
+    stand-in or a fair-esm ESM-2 name (then found in the torch hub cache and checked against the recorded
+    checksum). A path there would make protsae unpickle a file nobody pointed it at, so it is refused.
+    """
+    if not name or name in STANDIN_ALIASES:
+        return None
+    if name in ESM2_MODELS:
+        return name
+    raise InputError(f"{where} records PLM {name!r}, which is not a model name protsae loads by itself (the "
+                     f"stand-in or one of {', '.join(ESM2_MODELS)}); pass --model with the checkpoint to use")
 
 
 def _load_from_path(path: Path, device) -> LoadedPLM:
@@ -126,11 +154,11 @@ def _load_from_path(path: Path, device) -> LoadedPLM:
         cfg = path / "config.json"
         if cfg.exists():
             return _load_safetensors_dir(path, device)
-        pts = sorted(path.glob("esm2*.pt"))
-        pts = [p for p in pts if not p.name.endswith("-contact-regression.pt")]
-        if len(pts) != 1:
-            raise InputError(f"{path}: expected one esm2*.pt checkpoint or a config.json in the directory")
-        path = pts[0]
+        pts = sorted(p for p in path.glob("*.pt") if not p.name.endswith("-contact-regression.pt"))
+        hint = f"; pass the checkpoint file itself, e.g. --model {pts[0]}" if pts else ""
+        # A fair-esm .pt is a pickle: it is loaded only when the user names the file, never found by a glob.
+        raise InputError(f"{path}: a directory without config.json; protsae loads a directory only in its "
+                         f"safetensors layout (config.json + weights){hint}")
     if path.suffix == ".safetensors":
         return _load_safetensors_dir(path.parent, device, weights=path)
     data = _torch_load_checkpoint(path)

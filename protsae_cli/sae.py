@@ -64,6 +64,8 @@ class SAEConfig:
             raise InputError(f"unknown hook point {self.hook_point!r}; expected one of {', '.join(HOOK_POINTS)}")
         if not 0 < self.k <= self.d_sae:
             raise InputError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        if self.d_model < 1 or self.layer < 1:
+            raise InputError(f"d_model and layer must be positive, got d_model={self.d_model}, layer={self.layer}")
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -306,12 +308,43 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     else:
         raise InputError(f"SAE not found: {p}")
     cfg = SAEConfig.from_json_dict(cfg_dict, where=where)
+    _check_shapes(cfg, w_path, where)
     sae = build_sae(cfg)
     state = load_file(str(w_path))
     missing, unexpected = sae.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise InputError(f"{w_path}: weights do not match config (missing {missing}, unexpected {unexpected})")
     return sae.to(device).eval(), file_sha256(w_path)
+
+
+def _check_shapes(cfg: SAEConfig, w_path: Path, where: str) -> None:
+    """Compare the config's tensors with the weight file's header before anything is allocated.
+
+    A config is data a user downloaded: a wrong or hostile `d_sae` must be refused with a message, not turned
+    into a petabyte allocation. The module is built on the meta device (shapes only, no memory) and its
+    state-dict shapes are compared with the safetensors header, which is read without loading any tensor.
+    """
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_sae(cfg).state_dict().items()}
+        with safe_open(str(w_path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except InputError:
+        raise
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        raise InputError(f"{w_path}: cannot read the weights header ({type(e).__name__}: {e})") from e
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} (config implies {expected[k]})" for k in sorted(set(expected) & set(found))
+             if found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected)}"] if unexpected else []) + \
+                ([f"shape of {', '.join(wrong)}"] if wrong else [])
+        raise InputError(f"{where} (d_model={cfg.d_model}, d_sae={cfg.d_sae}) does not match its weights "
+                         f"{w_path}: {'; '.join(parts)}")
 
 
 def check_compatible(cfg: SAEConfig, plm_name: str, plm_sha256: str, plm_d_model: int, plm_num_layers: int,

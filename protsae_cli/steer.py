@@ -894,7 +894,7 @@ def load_models(sae: str | None, model: str | None, device: str = "auto", attent
     """SAE (default: the shipped one) and its PLM (the SAE's recorded PLM unless `model` says otherwise)."""
     from protsae_cli.annotate import resolve_device
     from protsae_cli.models import default_sae_dir
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm import load_plm, recorded_plm_spec
     from protsae_cli.sae import check_compatible, load_sae
 
     dev = resolve_device(device)
@@ -903,8 +903,8 @@ def load_models(sae: str | None, model: str | None, device: str = "auto", attent
         raise InputError(f"no SAE given and the default SAE is not installed ({sae_path}); pass --sae DIR")
     module, sha = load_sae(sae_path, dev)
     cfg = module.cfg
-    if model is None and sae is not None and cfg.plm_name and cfg.plm_name != "esm2_t6_8M_standin":
-        model = cfg.plm_name
+    if model is None and sae is not None:
+        model = recorded_plm_spec(cfg.plm_name, f"{sae_path}/config.json")
     plm = load_plm(model, dev)
     check_compatible(cfg, plm.name, plm.sha256, plm.d_model, plm.num_layers, strict_checksum=check_plm)
     runner = EsmRunner(plm, dev, attention=attention)

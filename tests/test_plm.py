@@ -60,9 +60,12 @@ def test_unknown_and_bad_specs(tmp_path):
         load_plm(str(tmp_path / "esm2_dict.pt"))
 
 
-def test_directory_with_one_checkpoint(tmp_path):
+def test_directory_with_a_pickle_is_refused_naming_the_file(tmp_path):
+    # A .pt found by a glob is a pickle nobody named: protsae asks for the file itself instead.
     write_fair_esm_checkpoint(tmp_path / "d" / "esm2_t3_tiny.pt")
-    assert load_plm(str(tmp_path / "d")).name == "esm2_t3_tiny"
+    with pytest.raises(InputError, match=r"pass the checkpoint file itself, e.g. --model .*esm2_t3_tiny\.pt"):
+        load_plm(str(tmp_path / "d"))
+    assert load_plm(str(tmp_path / "d" / "esm2_t3_tiny.pt")).name == "esm2_t3_tiny"
 
 
 def test_shipped_standin_loads_offline(torch_home):
