@@ -12,6 +12,7 @@ import os
 import shlex
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as e:
         raise InputError(f"invalid --device {device!r} ({e})") from e
+
+
+class _Cancelled(Exception):
+    """Raised inside the annotate worker thread when the consumer has gone away."""
+
+
+#: How long a leaving consumer waits for the worker to finish its current batch.
+_JOIN_SECONDS = 30.0
 
 
 class _Work:
@@ -200,7 +209,8 @@ class Annotator:
             w.parts[wi] = (idx[a:b], val[a:b])
             off += n
 
-    def _results(self, chunk: list[ProteinRecord | InvalidRecord], opts: AnnotateOptions):
+    def _results(self, chunk: list[ProteinRecord | InvalidRecord], opts: AnnotateOptions,
+                 stop: "threading.Event | None" = None):
         from protsae_cli.concepts import call_segments
         from protsae_cli.results import ProteinResult
 
@@ -218,6 +228,8 @@ class Annotator:
             items.extend((w, i) for i in range(len(windows)))
         lengths = [w.windows[i].end - w.windows[i].start for w, i in items]
         for batch in plan_batches(lengths, opts.toks_per_batch):
+            if stop is not None and stop.is_set():
+                raise _Cancelled  # the consumer left (error, signal): stop at a batch boundary
             self._encode_items([items[i] for i in batch])
         empty_i, empty_v = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         for w in works:
@@ -263,9 +275,11 @@ class Annotator:
             try:
                 for chunk in chunked_records(records, opts.chunk_residues, opts.chunk_records,
                                              length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0):
-                    if not put(list(self._results(chunk, opts))):
+                    if not put(list(self._results(chunk, opts, stop))):
                         return
                 put(done)
+            except _Cancelled:
+                return
             except BaseException as e:  # re-raised in the consumer with its traceback
                 put(e)
 
@@ -281,9 +295,11 @@ class Annotator:
                 yield from item
         finally:
             stop.set()
-            # The worker may be blocked reading a stdin that never closes; it is a daemon thread, so do not
-            # wait for it forever when we are leaving because of an error or a signal.
-            t.join(timeout=5.0)
+            # The worker stops at its next batch boundary; a thread still inside libtorch when the interpreter
+            # shuts down aborts the process ("terminate called without an active exception", exit 134). If it
+            # cannot be joined (blocked reading a stdin that never closes, or a very long batch), the CLI ends
+            # the process with os._exit after clean-up instead of a normal shutdown (see cli/app.py).
+            t.join(timeout=_JOIN_SECONDS)
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
         if opts.resume:

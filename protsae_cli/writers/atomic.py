@@ -30,6 +30,11 @@ _live_temps: set[Path] = set()
 _W = TypeVar("_W", bound="OutputWriter")
 
 
+def remove_open_temps() -> None:
+    """Remove the temps of writers still open: for exits that skip `atexit` (the CLI's os._exit path)."""
+    _cleanup_live_temps()
+
+
 def _cleanup_live_temps() -> None:
     for p in list(_live_temps):
         try:
