@@ -2,9 +2,12 @@
 
 Real ESM-2 weights come from fair-esm's hub checkpoints (`<name>.pt`, a pickle holding an argparse Namespace, so
 it needs `torch.load(weights_only=False)`; we do that deliberately, only for files the user pointed us at or
-that fair-esm itself put in the torch hub cache under a fair-esm name; never a file found by a glob or named
-inside an SAE's config, and the contact-regression file beside a checkpoint only as plain tensors). Offline machines get a message naming the exact files and
-folder to fill, instead of a stack trace from a failed download.
+that fair-esm itself put in the torch hub cache under a fair-esm name). Never unpickled: a file found by a glob
+(`--model DIR` holding a .pt), a file named inside an SAE's config (it records a model *name*, see
+`recorded_plm_spec`), a file in the working directory that happens to carry a fair-esm name (names are looked up
+in the hub cache only), and the contact-regression file beside a checkpoint (read with `weights_only=True`, else
+skipped: protsae never predicts contacts). Offline machines get a message naming the exact files and folder to
+fill, instead of a stack trace from a failed download.
 """
 
 from __future__ import annotations
@@ -64,17 +67,20 @@ def offline_mode() -> bool:
 
 
 def load_plm(spec: str | None = None, device: str | torch.device = "cpu", verify_sha256: bool = False) -> LoadedPLM:
-    """Resolve `spec` (None/'standin' -> shipped stand-in; a path; or a fair-esm ESM-2 name) and load it.
+    """Resolve `spec` (None/'standin' -> shipped stand-in; a fair-esm ESM-2 name; or a path) and load it.
 
-    `verify_sha256` compares a fair-esm name's file against the published checksum when we know one.
+    A fair-esm name is resolved before any path: it means the torch hub cache's `<name>.pt`, never a file of
+    that name in the working directory, which would be a pickle nobody pointed protsae at (`./NAME` still
+    loads such a file on purpose). `verify_sha256` compares a fair-esm name's file against the published
+    checksum when we know one.
     """
     if spec is None or spec in STANDIN_ALIASES:
         return _load_shipped_standin(device)
+    if spec in ESM2_MODELS:
+        return _load_by_name(spec, device, verify_sha256)
     path = Path(spec).expanduser()
     if path.exists():
         return _load_from_path(path, device)
-    if spec in ESM2_MODELS:
-        return _load_by_name(spec, device, verify_sha256)
     if spec.endswith((".pt", ".safetensors")) or "/" in spec:
         raise InputError(f"PLM checkpoint not found: {spec}")
     raise InputError(

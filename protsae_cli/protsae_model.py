@@ -125,12 +125,19 @@ def resolve_protsae_options(cfg: SAEConfig) -> dict[str, Any]:
     opts = {**PROTSAE_DEFAULTS, **cfg.protsae}
     if opts["n_concepts"] is None:
         opts["n_concepts"] = len(cfg.concepts)
+    # Options also come from a downloaded config.json: a value int()/float() cannot read is bad input, not a bug.
     for key in ("n_concepts", "n_zero_classes", "n_relations"):
-        opts[key] = int(opts[key])
+        try:
+            opts[key] = int(opts[key])
+        except (TypeError, ValueError):
+            raise InputError(f"ProtSAE option {key} must be an integer, got {opts[key]!r}") from None
         if opts[key] < 0:
             raise InputError(f"ProtSAE option {key} must be >= 0, got {opts[key]}")
     for key in ("lambda_annot", "lambda_axiom", "margin"):
-        opts[key] = float(opts[key])
+        try:
+            opts[key] = float(opts[key])
+        except (TypeError, ValueError):
+            raise InputError(f"ProtSAE option {key} must be a number, got {opts[key]!r}") from None
     if opts["predictor_lr"] is not None:
         try:
             opts["predictor_lr"] = float(opts["predictor_lr"])

@@ -62,10 +62,11 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.hook_point not in HOOK_POINTS:
             raise InputError(f"unknown hook point {self.hook_point!r}; expected one of {', '.join(HOOK_POINTS)}")
+        if self.d_model < 1 or self.d_sae < 1 or self.layer < 1:
+            raise InputError(f"d_model, d_sae and layer must be positive, got d_model={self.d_model}, "
+                             f"d_sae={self.d_sae}, layer={self.layer}")
         if not 0 < self.k <= self.d_sae:
             raise InputError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
-        if self.d_model < 1 or self.layer < 1:
-            raise InputError(f"d_model and layer must be positive, got d_model={self.d_model}, layer={self.layer}")
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -87,23 +88,53 @@ class SAEConfig:
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any], where: str = "config") -> "SAEConfig":
-        if d.get("format") != FORMAT:
-            raise InputError(f"{where}: not a protsae SAE config (format={d.get('format')!r})")
-        if int(d.get("format_version", 0)) > FORMAT_VERSION:
-            raise InputError(f"{where}: format_version {d['format_version']} is newer than this protsae supports")
+        """Parse and bound a config read from a file; every message starts with `where` (the file).
+
+        A config is data from wherever the user got the SAE, so values are checked, not coerced: `int()` would
+        read 32.5 as 32 and "32" as 32, hiding an edited file, and an out-of-range concept latent would only
+        fail later, far from its cause.
+        """
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise InputError(f"{where}: not a protsae SAE config (format={fmt!r})")
         try:
-            plm = d.get("plm", {})
-            hook = d["hook"]
-            return cls(
-                d_model=int(d["d_model"]), d_sae=int(d["d_sae"]), k=int(d["k"]),
-                hook_point=hook["point"], layer=int(hook["layer"]),
+            if _config_int(d.get("format_version", 0), "format_version", 0) > FORMAT_VERSION:
+                raise InputError(f"format_version {d['format_version']} is newer than this protsae supports")
+            plm, hook = d.get("plm", {}), d["hook"]
+            if not isinstance(plm, dict) or not isinstance(hook, dict):
+                raise InputError("'plm' and 'hook' must be JSON objects")
+            for key in ("name", "sha256"):
+                if not isinstance(plm.get(key, ""), str):
+                    raise InputError(f"plm {key} must be a string, got {plm[key]!r}")
+            for key, kind in (("concepts", list), ("training", dict), ("protsae", dict)):
+                if not isinstance(d.get(key, kind()), kind):
+                    raise InputError(f"{key!r} must be a JSON {'array' if kind is list else 'object'}")
+            cfg = cls(
+                d_model=_config_int(d["d_model"], "d_model", 1), d_sae=_config_int(d["d_sae"], "d_sae", 1),
+                k=_config_int(d["k"], "k", 1), hook_point=hook["point"],
+                layer=_config_int(hook["layer"], "hook layer", 1),
                 plm_name=plm.get("name", ""), plm_sha256=plm.get("sha256", ""),
-                plm_num_layers=int(plm.get("num_layers", 0)), arch=d.get("arch", "topk"),
+                plm_num_layers=_config_int(plm.get("num_layers", 0), "plm num_layers", 0),
+                arch=d.get("arch", "topk"),
                 concepts=[ConceptEntry.from_dict(c) for c in d.get("concepts", [])],
                 training=d.get("training", {}), protsae=d.get("protsae", {}),
             )
-        except (KeyError, TypeError, ValueError) as e:
+            for c in cfg.concepts:
+                if isinstance(c.latent, bool) or not isinstance(c.latent, int) or not 0 <= c.latent < cfg.d_sae:
+                    raise InputError(f"concept {c.concept_id!r} is bound to latent {c.latent!r}, outside "
+                                     f"0..{cfg.d_sae - 1} (d_sae={cfg.d_sae})")
+            return cfg
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InputError(f"{where}: malformed SAE config ({e!r})") from e
+
+
+def _config_int(value: Any, what: str, minimum: int) -> int:
+    """A JSON integer >= minimum, or InputError (bool is an int to Python, never to a config)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,10 +360,11 @@ def _check_shapes(cfg: SAEConfig, w_path: Path, where: str) -> None:
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_sae(cfg).state_dict().items()}
+    except InputError as e:  # e.g. a ProtSAE option out of range: the config's fault, named as such
+        raise InputError(f"{where}: {e}") from e
+    try:
         with safe_open(str(w_path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except InputError:
-        raise
     except Exception as e:  # safetensors' own error types for a truncated or foreign file
         raise InputError(f"{w_path}: cannot read the weights header ({type(e).__name__}: {e})") from e
     missing = sorted(set(expected) - set(found))

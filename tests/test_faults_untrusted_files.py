@@ -7,6 +7,7 @@ Each payload is a pickle whose `__reduce__` creates a marker file: the marker mu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -125,3 +126,116 @@ def test_d_model_mismatch_names_the_tensor(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match=r"config.json \(d_model=321.*shape of"):
         load_sae(_sae_with(tmp_path, d_model=321))
+
+
+# -- gaps closed after the first pass --------------------------------------------------------------------------
+
+class _OpenPayload:
+    """Unpickling this calls open(marker, 'w'): the file appearing proves the pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _sae_copy(src: Path, dst: Path, **changes) -> Path:
+    """A copy of an SAE directory with config.json fields changed (dotted keys reach into sub-dicts)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_recorded_fair_esm_name_is_not_read_from_the_working_directory(tmp_path: Path) -> None:
+    """A fair-esm name is looked up in the torch hub cache only; a cwd file of that name is not a checkpoint."""
+    marker = tmp_path / "PWNED"
+    torch.save({"cfg": _OpenPayload(marker), "model": {}}, tmp_path / "esm2_t6_8M_UR50D")
+    sae = _sae_recording_plm(tmp_path, "esm2_t6_8M_UR50D")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "PROTSAE_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "protsae_cli", "annotate", str(EXAMPLE), "--sae", str(sae), "-o",
+                        str(tmp_path / "out"), "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert not marker.exists(), "a cwd file named like a fair-esm model was unpickled"
+    assert r.returncode == 4, r.stderr  # not in the (empty) hub cache, and offline
+    assert "esm2_t6_8M_UR50D.pt" in r.stderr
+
+
+def test_contact_regression_in_hub_cache_is_not_unpickled(tmp_path: Path, torch_home: Path) -> None:
+    from protsae_cli.plm import load_plm
+
+    marker = tmp_path / "PWNED"
+    hub = torch_home / "hub" / "checkpoints"
+    write_fair_esm_checkpoint(hub / "esm2_t6_8M_UR50D.pt", regression=False)
+    torch.save({"model": _OpenPayload(marker)}, hub / "esm2_t6_8M_UR50D-contact-regression.pt")
+    with pytest.warns(UserWarning, match="contact-regression.pt: not loaded"):
+        assert load_plm("esm2_t6_8M_UR50D").name == "esm2_t6_8M_UR50D"
+    assert not marker.exists()
+
+
+def test_missing_and_extra_tensors_name_the_file(tmp_path: Path, tiny_sae_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from protsae_cli.sae import load_sae
+
+    sae = _sae_copy(tiny_sae_dir, tmp_path / "sae")
+    w = sae / "sae.safetensors"
+    state = load_file(str(w))
+    del state["b_enc"]
+    state["extra"] = torch.zeros(2)
+    save_file(state, str(w))
+    with pytest.raises(InputError, match=r"sae\.safetensors.*missing b_enc.*unexpected extra"):
+        load_sae(sae)
+
+
+def test_protsae_option_shapes_checked_before_allocation(tmp_path: Path) -> None:
+    """A ProtSAE whose options (n_zero_classes) disagree with its weights is refused from the header alone."""
+    from protsae_cli.protsae_model import ProtSAE
+    from protsae_cli.sae import ConceptEntry, SAEConfig, load_sae, save_sae
+
+    cfg = SAEConfig(d_model=16, d_sae=32, k=4, layer=1, arch="protsae",
+                    concepts=[ConceptEntry(latent=0, concept_id="C0", name="c0")], protsae={"n_zero_classes": 2})
+    d = save_sae(ProtSAE(cfg), tmp_path / "p")
+    assert load_sae(d)[0].cfg.protsae["n_zero_classes"] == 2
+    c = json.loads((d / "config.json").read_text())
+    c["protsae"]["n_zero_classes"] = 10**11
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(InputError, match=r"zero_emb"):
+        load_sae(d)
+    c["protsae"]["n_zero_classes"] = "two"
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(InputError, match=r"config\.json: ProtSAE option n_zero_classes must be an integer"):
+        load_sae(d)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"k": 0}, "k must be an integer >= 1, got 0"),
+    ({"k": 65}, r"k must be in 1\.\.d_sae \(64\), got 65"),
+    ({"d_sae": -1}, "d_sae must be an integer >= 1, got -1"),
+    ({"d_model": 32.5}, "d_model must be an integer >= 1, got 32.5"),
+    ({"d_model": "32"}, "d_model must be an integer >= 1, got '32'"),
+    ({"k": True}, "k must be an integer >= 1, got True"),
+    ({"hook.layer": 0}, "hook layer must be an integer >= 1, got 0"),
+    ({"hook.point": "mlp_out"}, "unknown hook point 'mlp_out'"),
+    ({"plm.name": ["x"]}, "plm name must be a string"),
+    ({"plm.num_layers": -2}, "plm num_layers must be an integer >= 0"),
+    ({"format_version": "1"}, "format_version must be an integer >= 0"),
+    ({"protsae": []}, "'protsae' must be a JSON object"),
+    ({"concepts": [{"latent": 64, "concept_id": "X", "name": "x"}]}, r"concept 'X' is bound to latent 64"),
+    ({"concepts": [{"latent": "3", "concept_id": "X", "name": "x"}]}, r"concept 'X' is bound to latent '3'"),
+])
+def test_config_values_are_bounded_and_name_config_json(change, match, tmp_path: Path, tiny_sae_dir: Path) -> None:
+    from protsae_cli.sae import load_sae
+
+    sae = _sae_copy(tiny_sae_dir, tmp_path / "sae", **change)
+    with pytest.raises(InputError, match=match) as e:
+        load_sae(sae)
+    assert str(e.value).startswith(str(sae / "config.json")), str(e.value)
