@@ -7,12 +7,16 @@
 #   docker run --rm --gpus all -u "$(id -u):$(id -g)" --read-only --tmpfs /tmp -v "$PWD:/data" -w /data \
 #       protsae:0.1.0-cuda protsae annotate proteins.fasta -o out/proteins
 #
+# Not root by default: USER is the unprivileged `protsae` (uid:gid 1000:1000, numeric so Kubernetes'
+# runAsNonRoot can verify it), whose working directory /data it owns; -u overrides it as above.
+#
 # Built for workflow engines (docs/PIPELINES.md):
 # * no ENTRYPOINT: Nextflow and Snakemake run `bash -c '...'` in the image, and `docker run IMAGE protsae ...`
 #   must work as written;
 # * bash and procps (`ps`) present: Nextflow's task wrapper needs both for its metrics;
 # * any user id, read-only root filesystem (nf-core runs `-u $(id -u):$(id -g)`, Singularity images are
-#   read-only): every cache and HOME point at /tmp, the one writable place both provide;
+#   read-only): every cache and HOME point at /tmp, the one writable place both provide (and writable for the
+#   default user too); the models are installed by root, world-readable and never written;
 # * offline by default: the bundled models need no network; larger ESM-2 checkpoints are mounted into the
 #   torch hub cache (-v ~/.cache/torch:/tmp/torch:ro) or given as paths with --model.
 
@@ -43,6 +47,16 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         bash procps ca-certificates python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
+
+# The default user. Ubuntu 24.04 images ship a user `ubuntu` with uid 1000: it is replaced so the uid is ours.
+# Its home is /tmp like HOME below (writable under any uid); /data is its own writable working directory.
+ARG PROTSAE_UID=1000
+ARG PROTSAE_GID=1000
+RUN if getent passwd ubuntu > /dev/null; then userdel --remove ubuntu; fi \
+ && groupadd --gid ${PROTSAE_GID} protsae \
+ && useradd --uid ${PROTSAE_UID} --gid ${PROTSAE_GID} --no-create-home --home-dir /tmp --shell /bin/bash \
+        --no-log-init protsae \
+ && install -d -o ${PROTSAE_UID} -g ${PROTSAE_GID} -m 0755 /data
 
 # A virtual environment, because Ubuntu 24.04's system Python refuses pip installs (PEP 668).
 ENV VIRTUAL_ENV=/opt/protsae/venv \
@@ -78,14 +92,20 @@ ENV HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# Smoke test at build time, on CPU, as an unprivileged user: the CLI starts, the bundled models are inside the
-# image, and an annotation runs offline without writing anywhere but /tmp.
+# Smoke test at build time, on CPU, as the default user and as an arbitrary one (as `-u` gives): the CLI starts,
+# the bundled models are inside the image and readable, an annotation runs offline without writing anywhere but
+# /tmp (a fresh /tmp for each, as at run time), and the default user can write its working directory.
 RUN protsae --version \
  && printf '>smoke test\nMKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ\n' > /tmp/smoke.fasta \
- && setpriv --reuid=54321 --regid=54321 --clear-groups \
-        protsae -q annotate /tmp/smoke.fasta -o - --formats tsv --device cpu > /tmp/smoke.tsv \
- && grep -q '^#protein_id' /tmp/smoke.tsv \
+ && for uid in ${PROTSAE_UID} 54321; do \
+        rm -rf /tmp/.cache /tmp/torch /tmp/huggingface /tmp/matplotlib /tmp/triton /tmp/numba \
+     && setpriv --reuid=${uid} --regid=${uid} --clear-groups \
+            protsae -q annotate /tmp/smoke.fasta -o - --formats tsv --device cpu > /tmp/smoke.tsv \
+     && grep -q '^#protein_id' /tmp/smoke.tsv || exit 1; \
+    done \
+ && setpriv --reuid=${PROTSAE_UID} --regid=${PROTSAE_GID} --clear-groups sh -c 'touch /data/.w && rm /data/.w' \
  && rm -rf /tmp/* /tmp/.cache
 
-WORKDIR /tmp
+USER ${PROTSAE_UID}:${PROTSAE_GID}
+WORKDIR /data
 CMD ["protsae", "--help"]

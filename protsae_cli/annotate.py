@@ -32,6 +32,10 @@ log = logging.getLogger("protsae.annotate")
 
 
 
+#: Default chunk size in residues (see AnnotateOptions.chunk_residues and docs/PIPELINES.md for why).
+DEFAULT_CHUNK_RESIDUES = 65_536
+
+
 @dataclass
 class AnnotateOptions:
     input: str
@@ -54,9 +58,11 @@ class AnnotateOptions:
     shard: tuple[int, int] | None = None      # (i, n), 1-based i; selects records with index % n == i-1
     progress: bool = True
     threads: int | None = None
-    # Chunk limits bound memory and are the unit of --resume checkpoints; PROTSAE_CHUNK_RESIDUES and
-    # PROTSAE_CHUNK_RECORDS override them (smaller chunks: less lost work per crash, more part files).
-    chunk_residues: int = field(default_factory=lambda: _env_int("PROTSAE_CHUNK_RESIDUES", 400_000))
+    # Chunk limits bound memory and are the unit of --resume checkpoints; --chunk-residues,
+    # PROTSAE_CHUNK_RESIDUES and PROTSAE_CHUNK_RECORDS override them (smaller chunks: less lost work per crash,
+    # more part files). 65,536 residues = 4 full default batches: ~20 s of the 8M-shaped model on 2 idle CPU
+    # cores (docs/PIPELINES.md, "--resume"); GPU chunk overhead is not measured yet (no GPU lent).
+    chunk_residues: int = field(default_factory=lambda: _env_int("PROTSAE_CHUNK_RESIDUES", DEFAULT_CHUNK_RESIDUES))
     chunk_records: int = field(default_factory=lambda: _env_int("PROTSAE_CHUNK_RECORDS", 4096))
     resume: bool = False                      # checkpoint finished chunks under PREFIX.parts/ and reuse them
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))

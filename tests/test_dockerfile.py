@@ -93,7 +93,39 @@ def test_caches_are_writable_for_any_uid_and_offline_by_default(dockerfile):
     for var in ("HOME", "TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
         assert env.get(var, "").startswith("/tmp"), f"{var} must point at /tmp (writable under any uid)"
     assert env.get("PROTSAE_OFFLINE") == "1"
-    assert not any(w == "USER" for w, _ in dockerfile)  # the runtime chooses the uid, not the image
+
+
+def _expand(value: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), value)
+
+
+def test_runs_as_a_fixed_non_root_user_with_a_writable_workdir(dockerfile):
+    """Default user: a numeric non-zero uid (Kubernetes runAsNonRoot can only verify a numeric USER) that the
+    image creates, owning the final WORKDIR; HOME and caches writable; models installed before the switch."""
+    args = args_defaults(dockerfile)
+    words = [w for w, _ in dockerfile]
+    users = [_expand(rest, args) for w, rest in dockerfile if w == "USER"]
+    assert users, "the image must not run as root by default"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0 and uid == "1000" and gid in ("", "1000"), users[-1]
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")  # nothing after runs as it
+
+    runs = [_expand(rest, args) for w, rest in dockerfile if w == "RUN"]
+    create = next((r for r in runs if "useradd" in r), "")
+    assert re.search(r"useradd\b[^&]*--uid 1000\b", create), "the default user must be created with uid 1000"
+    assert "userdel" in create, "Ubuntu 24.04 already has uid 1000 (ubuntu): it must be replaced, or useradd fails"
+    workdir = [rest for w, rest in dockerfile if w == "WORKDIR"][-1]
+    assert workdir != "/" and re.search(rf"install -d -o 1000 -g 1000 [^&]*{re.escape(workdir)}\b", create), \
+        f"final WORKDIR {workdir} must be created owned by the default user"
+
+    env = env_vars(dockerfile)
+    assert env["HOME"] == "/tmp"  # writable for uid 1000, for any -u uid and under --read-only --tmpfs /tmp
+    # The bundled models come in with the package, installed as root before USER: readable, not writable.
+    pkg_step = next(i for i, r in enumerate(runs) if "pip install '.[gpu]'" in r)
+    smoke = next(i for i, r in enumerate(runs) if "annotate" in r)
+    assert pkg_step < smoke
+    # ... and the build-time smoke test proves it by annotating as the default user and as an arbitrary uid.
+    assert re.search(r"for uid in 1000 \d+", runs[smoke]) and "setpriv --reuid=${uid}" in runs[smoke]
 
 
 def test_oci_labels(dockerfile):

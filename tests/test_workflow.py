@@ -29,7 +29,52 @@ def test_profiles_and_config_parse():
     slurm = yaml.safe_load((WORKFLOW / "profiles/slurm/config.yaml").read_text())
     assert slurm["executor"] == "slurm" and "protsae_annotate" in slurm["set-resources"]
     snakefile = (WORKFLOW / "Snakefile").read_text()
-    assert "gpu=" in snakefile and "--shard {params.shard}" in snakefile and "{params.protsae} merge" in snakefile
+    assert "gpu=" in snakefile and "--shard {params.shard:q}" in snakefile and "{params.protsae} merge" in snakefile
+
+
+def _snakemake(tmp_path: Path, *extra: str, config: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(WORKFLOW / "Snakefile"), "--cores", "1",
+           "--directory", str(tmp_path), *extra, "--config", *(f"{k}={v}" for k, v in config.items())]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+INJECTION = {"annotate_args": "--toks-per-batch 8; touch PWNED", "protsae": "true x$(touch PWNED2)",
+             "prefix": "my run;touch PWNED3", "n_shards": "1", "formats": "h5"}
+
+
+def test_config_values_cannot_split_or_inject_shell_commands(tmp_path):
+    """Config values reach the jobs' shell commands quoted: a `;` or `$(...)` stays text inside one argument."""
+    (tmp_path / "in.fasta").write_text(">a\nMKV\n")
+    proc = _snakemake(tmp_path, "-n", "-p", config={"input": "in.fasta", "outdir": "out dir", **INJECTION})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    lines = [line.split("Shell command:")[-1].strip() for line in printed.splitlines()
+             if " annotate " in line and "--shard" in line]
+    assert lines, printed[-3000:]
+    # Read as bash would (up to the log redirection): shell operators come out as tokens of their own.
+    lexer = shlex.shlex(lines[0].split(" 2> ")[0], posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
+    assert not [w for w in words if set(w) <= set(";&|()<>")], words  # no unquoted operator: one command
+    assert words[:4] == ["true", "x$(touch", "PWNED2)", "annotate"]  # split into words, not substituted
+    assert words[words.index("-o") + 1] == "out dir/shards/my run;touch PWNED3.1-of-1"
+    assert words[-3:] == ["8;", "touch", "PWNED"]  # arguments of protsae, not a second command
+
+    # And for real (the "protsae" command is `true`, so the job runs in milliseconds and writes nothing): no
+    # injected command ran.
+    proc = _snakemake(tmp_path, "--latency-wait", "0", "--retries", "0",
+                      config={"input": "in.fasta", "outdir": "out", **INJECTION})
+    assert proc.returncode != 0  # `true` writes no h5, so the job's output is missing
+    log = proc.stdout + proc.stderr
+    assert "MissingOutputException" in log or "Missing files after" in log, log[-3000:]
+    assert not list(tmp_path.rglob("PWNED*")), sorted(map(str, tmp_path.rglob("PWNED*")))
+
+
+def test_bad_formats_are_refused_before_any_job(tmp_path):
+    (tmp_path / "in.fasta").write_text(">a\nMKV\n")
+    proc = _snakemake(tmp_path, "-n", config={"input": "in.fasta", "formats": "h5;touch PWNED"})
+    assert proc.returncode != 0
+    assert "formats must be a comma-separated subset of h5,tsv,gff3" in proc.stdout + proc.stderr
 
 
 def test_workflow_runs_locally_and_equals_a_direct_run(tiny_esm_path, tiny_sae_dir, tmp_path):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-IO_PANEL, MODEL_PANEL, CALL_PANEL, PERF_PANEL = "Input/Output", "Models", "Concept calling", "Performance"
+from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DeviceOpt, H5Dtype, LongPolicy, ModelOpt,
+                                     SaeOpt, ThreadsOpt, devices_callback, formats_callback)
+
+IO_PANEL, CALL_PANEL = "Input/Output", "Concept calling"
 
 
 def parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
@@ -27,38 +29,30 @@ def command(
     output: str = typer.Option("protsae_out", "--output", "-o", rich_help_panel=IO_PANEL,
                                help="Output prefix: writes PREFIX.h5, PREFIX.tsv, PREFIX.gff3. "
                                     "'-' writes the TSV to stdout (with --formats tsv)."),
-    formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL,
+    formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL, callback=formats_callback,
                                 help="Comma-separated subset of h5,tsv,gff3."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", rich_help_panel=IO_PANEL,
                                       help="Record invalid proteins (status 'invalid') instead of stopping."),
-    h5_dtype: str = typer.Option("float16", "--h5-dtype", rich_help_panel=IO_PANEL,
-                                 help="Storage type of activations in HDF5: float16 or float32."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=MODEL_PANEL,
-                                        help="ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in the "
-                                             "torch hub cache, downloaded when online) or a checkpoint path. "
-                                             "Default: the SAE's own PLM, or the bundled stand-in."),
-    sae: Optional[Path] = typer.Option(None, "--sae", rich_help_panel=MODEL_PANEL,
-                                       help="SAE checkpoint directory (config.json + sae.safetensors). "
-                                            "Default: the bundled demo SAE."),
-    check_plm: bool = typer.Option(True, "--check-plm/--no-check-plm", rich_help_panel=MODEL_PANEL,
-                                   help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM."),
-    long_policy: str = typer.Option("window", "--long-policy", rich_help_panel=CALL_PANEL,
+    h5_dtype: H5Dtype = typer.Option(H5Dtype.FLOAT16, "--h5-dtype", rich_help_panel=IO_PANEL,
+                                     help="Storage type of activations in HDF5."),
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    check_plm: CheckPlmOpt = True,
+    long_policy: LongPolicy = typer.Option(LongPolicy.WINDOW, "--long-policy", rich_help_panel=CALL_PANEL,
                                     help="Proteins over 1022 residues: window (overlapping windows, each residue "
                                          "from the window where it is most central), truncate, or error."),
-    window_overlap: int = typer.Option(256, "--window-overlap", rich_help_panel=CALL_PANEL,
+    window_overlap: int = typer.Option(256, "--window-overlap", rich_help_panel=CALL_PANEL, min=0,
                                        help="Minimum overlap between windows, in residues."),
-    min_segment_len: int = typer.Option(1, "--min-segment-len", rich_help_panel=CALL_PANEL,
+    min_segment_len: int = typer.Option(1, "--min-segment-len", rich_help_panel=CALL_PANEL, min=1,
                                         help="Drop concept segments shorter than this (after merging)."),
-    merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL,
+    merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL, min=0,
                                   help="Merge segments of one concept separated by at most this many residues."),
-    device: str = typer.Option("auto", "--device", rich_help_panel=PERF_PANEL,
-                               help="auto (CUDA if present), cpu, cuda or cuda:N."),
-    backend: str = typer.Option("auto", "--backend", rich_help_panel=PERF_PANEL,
-                                help="SAE encode backend: auto, torch, triton or onnx."),
-    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL,
+    device: DeviceOpt = "auto",
+    backend: Backend = typer.Option(Backend.AUTO, "--backend", rich_help_panel=PERF_PANEL,
+                                    help="SAE encode backend: auto, torch, triton or onnx."),
+    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens); halved on GPU OOM."),
-    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=PERF_PANEL,
-                                          help="CPU threads for torch (default: torch's choice)."),
+    threads: ThreadsOpt = None,
     shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
@@ -66,7 +60,11 @@ def command(
     resume: bool = typer.Option(False, "--resume", rich_help_panel=IO_PANEL,
                                 help="Checkpoint finished chunks in PREFIX.parts/ and, when rerun after a crash or "
                                      "kill, skip the chunks already done. Settings must match the first attempt."),
-    devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL,
+    chunk_residues: Optional[int] = typer.Option(None, "--chunk-residues", min=1, rich_help_panel=IO_PANEL,
+                                                 help="Residues per chunk, the unit of --resume checkpoints (a kill "
+                                                      "loses at most the chunk in flight). Default 65536, or "
+                                                      "$PROTSAE_CHUNK_RESIDUES.", show_default=False),
+    devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL, callback=devices_callback,
                                           help="Run one worker process per device over shards of the input and "
                                                "merge at the end: GPU ordinals '0,1,2,3', 'all' visible GPUs, or "
                                                "'cpu,cpu'. Replaces --device."),
@@ -84,11 +82,13 @@ def command(
         raise typer.BadParameter("give either --device or --devices, not both", param_hint="--devices")
     opts = AnnotateOptions(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
-        formats=tuple(f.strip() for f in formats.split(",") if f.strip()), device=device, backend=backend,
-        toks_per_batch=toks_per_batch, long_policy=long_policy, window_overlap=window_overlap,
+        formats=tuple(formats.split(",")), device=device, backend=backend.value,
+        toks_per_batch=toks_per_batch, long_policy=long_policy.value, window_overlap=window_overlap,
         min_segment_len=min_segment_len, merge_gap=merge_gap, skip_invalid=skip_invalid, check_plm=check_plm,
-        h5_dtype=h5_dtype, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
+        h5_dtype=h5_dtype.value, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
     )
+    if chunk_residues is not None:  # else the env var / built-in default of AnnotateOptions applies
+        opts.chunk_residues = chunk_residues
     if devices is not None:
         from protsae_cli.multigpu import annotate_multi, parse_devices
 

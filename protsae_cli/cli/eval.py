@@ -6,7 +6,10 @@ from typing import List, Optional, Tuple
 
 import typer
 
-DATA, CONCEPTS, LM, OUT = "Data", "Concepts", "Language-model fidelity", "Outputs"
+from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
+                                     DeviceOpt, PlmOpt, open_ends)
+
+DATA, CONCEPTS, LM, OUT = "Data", CONCEPTS_PANEL, "Language-model fidelity", "Outputs"
 
 
 def command(
@@ -20,15 +23,9 @@ def command(
                                                help="Also write a Markdown summary."),
     plots: Optional[str] = typer.Option(None, "--plots", rich_help_panel=OUT,
                                         help="Directory for PNG plots (firing frequency, concept F1, CE)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="ESM-2 fair-esm name or checkpoint path (default: bundled stand-in)."),
-    annotations: List[str] = typer.Option([], "--annotations", "-a", rich_help_panel=CONCEPTS,
-                                          help="Annotation file; repeat for several sources. Comma-join files "
-                                               "that form one source (bindPredict metal,nuclear,small)."),
-    annotation_format: List[str] = typer.Option([], "--annotation-format", rich_help_panel=CONCEPTS,
-                                                help="Format per --annotations, in order (one value applies to "
-                                                     "all): swissprot, uniprot-xml, uniprot-tsv, tmbed, binding, "
-                                                     "gaf, go-tsv, generic-tsv or auto."),
+    model: PlmOpt = None,
+    annotations: AnnotationsOpt = [],
+    annotation_format: AnnotationFormatOpt = [],
     ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=CONCEPTS,
                                            help="OBO ontology for propagation (GO for gaf/go-tsv; default for "
                                                 "residue formats: the shipped residue concept ontology)."),
@@ -38,22 +35,23 @@ def command(
                                                           metavar="VALID_IDS TEST_IDS",
                                                           help="Two id-list files: selection proteins, report proteins."),
     valid_fraction: float = typer.Option(0.5, "--valid-fraction", rich_help_panel=DATA,
+                                         callback=open_ends(low=0, high=1),
                                          help="Without --split-by-id: seeded random fraction of proteins for "
-                                              "selection (the rest is the test split)."),
+                                              "selection, in (0, 1) (the rest is the test split)."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=DATA, help="Seed of the split and of the LM masks."),
-    max_residues: int = typer.Option(1022, "--max-residues", rich_help_panel=DATA,
+    max_residues: int = typer.Option(1022, "--max-residues", rich_help_panel=DATA, min=1,
                                      help="Longer proteins are evaluated on their first residues only."),
     thresholds: str = typer.Option("0,0.15,0.5,0.6,0.8", "--thresholds", rich_help_panel=CONCEPTS,
                                    help="Comma-separated threshold grid on max-normalised activations."),
-    lm_proteins: int = typer.Option(64, "--lm-proteins", rich_help_panel=LM,
+    lm_proteins: int = typer.Option(64, "--lm-proteins", rich_help_panel=LM, min=0,
                                     help="Test proteins for the CE splice (0 = skip LM fidelity)."),
-    lm_max_len: int = typer.Option(512, "--lm-max-len", rich_help_panel=LM, help="Crop them to this length."),
-    mask_fraction: float = typer.Option(0.15, "--mask-fraction", rich_help_panel=LM,
+    lm_max_len: int = typer.Option(512, "--lm-max-len", rich_help_panel=LM, min=1, help="Crop them to this length."),
+    mask_fraction: float = typer.Option(0.15, "--mask-fraction", rich_help_panel=LM, min=0, max=1,
                                         help="Residues masked for the masked-LM CE."),
-    toks_per_batch: int = typer.Option(8192, "--toks-per-batch", help="Padded tokens per PLM batch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    no_check_plm: bool = typer.Option(False, "--no-check-plm", help="Accept an SAE trained on a PLM with another "
-                                      "checksum."),
+    toks_per_batch: int = typer.Option(8192, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+                                       help="Padded tokens per PLM batch."),
+    device: DeviceOpt = "auto",
+    check_plm: CheckPlmOpt = True,
 ) -> None:
     """Evaluate SAEs on held-out proteins: reconstruction, LM fidelity, concept alignment, probing.
 
@@ -66,8 +64,8 @@ def command(
     if annotation_format and len(annotation_format) not in (1, len(annotations)):
         raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
                          "--annotations; give one per source, or one for all")
-    fmts = (annotation_format * len(annotations) if len(annotation_format) == 1
-            else annotation_format or ["auto"] * len(annotations))
+    given = [f.value for f in annotation_format]
+    fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
     specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
     try:
         grid = tuple(float(t) for t in thresholds.split(",") if t.strip())
@@ -78,7 +76,7 @@ def command(
                        propagate=propagate, split_ids=split_ids, valid_fraction=valid_fraction, seed=seed,
                        thresholds=grid, lm_proteins=lm_proteins, lm_max_len=lm_max_len, mask_fraction=mask_fraction,
                        max_residues=max_residues, toks_per_batch=toks_per_batch, device=device,
-                       json_out=json_out, markdown_out=markdown_out, plots_dir=plots, no_check_plm=no_check_plm)
+                       json_out=json_out, markdown_out=markdown_out, plots_dir=plots, no_check_plm=not check_plm)
     result = evaluate(opts)
     for s in result["saes"]:
         r = result["reconstruction"][s["name"]]

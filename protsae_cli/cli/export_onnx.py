@@ -14,7 +14,7 @@ def command(
                                   "file with the config embedded."),
     output: Path = typer.Option(..., "--output", "-o", show_default=False,
                                 help="ONNX file to write (replaced atomically)."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset (11 or newer: TopK with largest/sorted)."),
+    opset: int = typer.Option(17, "--opset", min=11, help="ONNX opset (11 or newer: TopK with largest/sorted)."),
 ) -> None:
     """Export an SAE's encoder to ONNX: activations (rows x d_model) in, top-k indices and values out.
 

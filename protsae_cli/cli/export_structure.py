@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from protsae_cli.cli.options import StructureScale
+
 IO_PANEL, SEL_PANEL, MAP_PANEL = "Input/Output", "What to export", "Residue mapping"
 
 
@@ -20,17 +22,17 @@ def command(
                                 help="Structure to write; .cif/.mmcif writes mmCIF, anything else PDB."),
     protein: Optional[str] = typer.Option(None, "--protein", rich_help_panel=SEL_PANEL,
                                           help="Protein id as in the FASTA header (verbatim)."),
-    index: Optional[int] = typer.Option(None, "--index", rich_help_panel=SEL_PANEL,
+    index: Optional[int] = typer.Option(None, "--index", rich_help_panel=SEL_PANEL, min=0,
                                         help="0-based input ordinal of the protein; needed when ids repeat."),
     concept: str = typer.Option(..., "--concept", "-c", rich_help_panel=SEL_PANEL, show_default=False,
                                 help="Concept id, name or ontology id from the SAE, or latent:N for a raw "
                                      "latent."),
-    scale: str = typer.Option("max", "--scale", rich_help_panel=SEL_PANEL,
+    scale: StructureScale = typer.Option(StructureScale.MAX, "--scale", rich_help_panel=SEL_PANEL,
                               help="max: 100 x activation / this protein's maximum (0-100, like pLDDT); "
                                    "raw: the activation itself (comparable across proteins)."),
     chain: Optional[str] = typer.Option(None, "--chain", rich_help_panel=MAP_PANEL,
                                         help="Chain to map the protein onto. Default: the best-matching chain."),
-    min_identity: float = typer.Option(0.9, "--min-identity", rich_help_panel=MAP_PANEL,
+    min_identity: float = typer.Option(0.9, "--min-identity", rich_help_panel=MAP_PANEL, min=0, max=1,
                                        help="Refuse when the chain's aligned residues are less identical "
                                             "than this to the protein."),
     force: bool = typer.Option(False, "--force", rich_help_panel=MAP_PANEL,
@@ -54,6 +56,6 @@ def command(
     from protsae_cli.structure import describe, export_structure
 
     summary = export_structure(h5, pdb, output, concept, protein_id=protein, index=index, chain=chain,
-                               scale=scale, force=force, min_identity=min_identity, defattr=defattr, pml=pml)
+                               scale=scale.value, force=force, min_identity=min_identity, defattr=defattr, pml=pml)
     for line in describe(summary):
         print(line, file=sys.stderr)

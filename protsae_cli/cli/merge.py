@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from protsae_cli.cli.options import Compression, formats_callback
+
 
 def command(
     output: str = typer.Argument(..., metavar="OUT_PREFIX", show_default=False,
@@ -14,14 +16,15 @@ def command(
     inputs: List[str] = typer.Argument(..., metavar="SHARD...", show_default=False,
                                        help="Shard outputs, all of one kind: .h5 files (preferred: TSV and GFF3 "
                                             "are regenerated from them), or .tsv[.gz], or .gff3[.gz] files."),
-    formats: Optional[str] = typer.Option(None, "--formats",
+    formats: Optional[str] = typer.Option(None, "--formats", callback=formats_callback,
                                           help="Comma-separated subset of h5,tsv,gff3 to write. Default: all three "
                                                "for HDF5 shards; the input kind for TSV/GFF3 shards."),
     renumber: bool = typer.Option(False, "--renumber",
                                   help="The HDF5 inputs are consecutive pieces of one FASTA given in order (e.g. "
                                        "Nextflow splitFasta chunks, each numbered from 0): offset their ordinals "
                                        "instead of refusing them as overlapping."),
-    compression: str = typer.Option("gzip", "--compression", help="HDF5 compression: gzip, lzf or none."),
+    compression: Compression = typer.Option(Compression.GZIP, "--compression", case_sensitive=False,
+                                            help="HDF5 compression."),
 ) -> None:
     """Merge shard outputs (from --shard i/n runs, --devices workers or split inputs) into one output set.
 
@@ -35,8 +38,8 @@ def command(
     from protsae_cli.logging_setup import is_quiet
     from protsae_cli.merge import merge_files
 
-    fmts = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats else None
-    comp = None if compression.lower() in ("none", "") else compression.lower()
+    fmts = tuple(formats.split(",")) if formats else None
+    comp = None if compression is Compression.NONE else compression.value
     summary = merge_files(inputs, output, formats=fmts, renumber=renumber, compression=comp)
     if not is_quiet():
         log = logging.getLogger("protsae.merge")

@@ -22,17 +22,17 @@ def command(
                                                  help="Draw these protein ids (comma-separated, or repeat the "
                                                       "option; an id containing a comma is matched whole "
                                                       "first). Every protein with a matching id is drawn."),
-    max_proteins: int = typer.Option(50, "--max-proteins", rich_help_panel=SEL_PANEL,
+    max_proteins: int = typer.Option(50, "--max-proteins", rich_help_panel=SEL_PANEL, min=0,
                                      help="Without --proteins: draw the first N proteins. All proteins are "
                                           "always listed in the searchable table."),
-    top_latents: int = typer.Option(24, "--top-latents", rich_help_panel=FIG_PANEL,
+    top_latents: int = typer.Option(24, "--top-latents", rich_help_panel=FIG_PANEL, min=0,
                                     help="Rows of each protein's latent heatmap (most active latents first)."),
-    max_lanes: int = typer.Option(25, "--max-lanes", rich_help_panel=FIG_PANEL,
+    max_lanes: int = typer.Option(25, "--max-lanes", rich_help_panel=FIG_PANEL, min=0,
                                   help="Most concept lanes drawn per protein (strongest first)."),
-    scan_entries: int = typer.Option(20_000_000, "--scan-entries", rich_help_panel=FIG_PANEL,
+    scan_entries: int = typer.Option(20_000_000, "--scan-entries", rich_help_panel=FIG_PANEL, min=0,
                                      help="Latent histograms read at most this many code entries (whole "
                                           "residues from the start of the file); the page says when it sampled."),
-    table_limit: int = typer.Option(200_000, "--table-limit", rich_help_panel=SEL_PANEL,
+    table_limit: int = typer.Option(200_000, "--table-limit", rich_help_panel=SEL_PANEL, min=0,
                                     help="Most proteins listed in the searchable table (bounds the page size; "
                                          "~70 bytes per protein)."),
     title: Optional[str] = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),

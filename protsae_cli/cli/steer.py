@@ -6,8 +6,12 @@ from typing import List, Optional
 
 import typer
 
-IO_PANEL, MODEL_PANEL, EDIT_PANEL, POS_PANEL, DEC_PANEL, CTRL_PANEL, PERF_PANEL = (
-    "Input/Output", "Models", "Edit", "Positions", "Decoding", "Controls and readouts", "Performance")
+from protsae_cli.cli.options import (CheckPlmOpt, Decode, DeviceOpt, EditScope, MaskStrategy, ModelOpt, Positions,
+                                     PpplPositions, SaeOpt, SteerInit, SteerMode, ThreadsOpt, controls_callback,
+                                     open_ends)
+
+IO_PANEL, EDIT_PANEL, POS_PANEL, DEC_PANEL, CTRL_PANEL = (
+    "Input/Output", "Edit", "Positions", "Decoding", "Controls and readouts")
 
 
 def parse_strengths(value: str) -> tuple[float, ...]:
@@ -29,27 +33,23 @@ def command(
                                help="Output FASTA; the per-sequence report is written beside it as OUT.tsv."),
     input: Optional[str] = typer.Option(None, "--input", "-i", rich_help_panel=IO_PANEL,
                                         help="Proteins to redesign (FASTA, .gz or - for stdin; <= 1022 residues)."),
-    length: Optional[int] = typer.Option(None, "--length", rich_help_panel=IO_PANEL,
+    length: Optional[int] = typer.Option(None, "--length", rich_help_panel=IO_PANEL, min=1, max=1022,
                                          help="Generate from scratch: sequence length (with --num)."),
-    num: Optional[int] = typer.Option(None, "--num", rich_help_panel=IO_PANEL,
+    num: Optional[int] = typer.Option(None, "--num", rich_help_panel=IO_PANEL, min=1,
                                       help="Generate from scratch: number of sequences (with --length)."),
-    init: str = typer.Option("mask", "--init", rich_help_panel=IO_PANEL,
+    init: SteerInit = typer.Option(SteerInit.MASK, "--init", rich_help_panel=IO_PANEL,
                              help="From-scratch start: mask (all positions masked; use --decode iterative or "
                                   "gibbs) or random (seeded uniform residues, all redesigned)."),
-    sae: Optional[str] = typer.Option(None, "--sae", rich_help_panel=MODEL_PANEL,
-                                      help="SAE directory (default: the bundled default SAE)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=MODEL_PANEL,
-                                        help="ESM-2 fair-esm name or checkpoint path (default: the SAE's PLM, or "
-                                             "the bundled stand-in)."),
-    check_plm: bool = typer.Option(True, "--check-plm/--no-check-plm", rich_help_panel=MODEL_PANEL,
-                                   help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM."),
+    sae: SaeOpt = None,
+    model: ModelOpt = None,
+    check_plm: CheckPlmOpt = True,
     with_ancestors: bool = typer.Option(False, "--with-ancestors", rich_help_panel=EDIT_PANEL,
                                         help="Also steer the SAE's concepts that are ontology ancestors of the "
                                              "target (is_a, part_of), as the ProtSAE release does for GO ids."),
     ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=EDIT_PANEL,
                                            help="OBO file for --with-ancestors and id lookup (default: the "
                                                 "shipped residue concept ontology)."),
-    mode: str = typer.Option("add", "--mode", rich_help_panel=EDIT_PANEL,
+    mode: SteerMode = typer.Option(SteerMode.ADD, "--mode", rich_help_panel=EDIT_PANEL,
                              help="add: z += s*S; clamp: z = s*S; multiply: z *= 1+s. S is the latent's recorded "
                                   "max activation, else the token's largest latent value; results floored at 0."),
     strength: str = typer.Option("1.0", "--strength", "-s", rich_help_panel=EDIT_PANEL, callback=parse_strengths,
@@ -58,40 +58,41 @@ def command(
         False, "--replace-with-reconstruction", rich_help_panel=EDIT_PANEL,
         help="Replace the activation by decode(z_edited) (ProtSAE release) instead of the error-preserving "
              "x + decode(z_edited) - decode(z)."),
-    edit_scope: str = typer.Option("all", "--edit-scope", rich_help_panel=EDIT_PANEL,
+    edit_scope: EditScope = typer.Option(EditScope.ALL, "--edit-scope", rich_help_panel=EDIT_PANEL,
                                    help="Tokens that get the edit: all (every residue) or designed (only the "
                                         "positions being redesigned)."),
-    positions: str = typer.Option("masked", "--positions", rich_help_panel=POS_PANEL,
+    positions: Positions = typer.Option(Positions.MASKED, "--positions", rich_help_panel=POS_PANEL,
                                   help="masked: infill masked positions; all: no masking, redesign every residue."),
-    mask_ratio: float = typer.Option(0.3, "--mask-ratio", rich_help_panel=POS_PANEL,
-                                     help="Fraction of residues to mask (at least one)."),
-    mask_strategy: str = typer.Option("random", "--mask-strategy", rich_help_panel=POS_PANEL,
+    mask_ratio: float = typer.Option(0.3, "--mask-ratio", rich_help_panel=POS_PANEL, max=1,
+                                     callback=open_ends(low=0),
+                                     help="Fraction of residues to mask, in (0, 1] (at least one residue)."),
+    mask_strategy: MaskStrategy = typer.Option(MaskStrategy.RANDOM, "--mask-strategy", rich_help_panel=POS_PANEL,
                                       help="random, or low-activation (where the target latents' pre-activation "
                                            "is lowest on the input)."),
-    decode: str = typer.Option("argmax", "--decode", rich_help_panel=DEC_PANEL,
+    decode: Decode = typer.Option(Decode.ARGMAX, "--decode", rich_help_panel=DEC_PANEL,
                                help="argmax (one pass), iterative (confidence-ordered unmasking), gibbs "
                                     "(blocked resampling) or sample (one pass at --temperature)."),
-    iterations: int = typer.Option(4, "--iterations", rich_help_panel=DEC_PANEL,
+    iterations: int = typer.Option(4, "--iterations", rich_help_panel=DEC_PANEL, min=1,
                                    help="Forward passes for iterative and gibbs decoding."),
-    temperature: float = typer.Option(1.0, "--temperature", rich_help_panel=DEC_PANEL,
-                                      help="Softmax temperature for sample and gibbs."),
+    temperature: float = typer.Option(1.0, "--temperature", rich_help_panel=DEC_PANEL, callback=open_ends(low=0),
+                                      help="Softmax temperature for sample and gibbs (> 0)."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=DEC_PANEL,
                              help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
     control: Optional[List[str]] = typer.Option(None, "--control", rich_help_panel=CTRL_PANEL,
+                                                callback=controls_callback,
                                                 help="Null conditions with the same settings: random-latent and/or "
                                                      "activity-matched (repeat the option, or separate by commas)."),
-    n_controls: int = typer.Option(1, "--n-controls", rich_help_panel=CTRL_PANEL,
+    n_controls: int = typer.Option(1, "--n-controls", rich_help_panel=CTRL_PANEL, min=1,
                                    help="Control latent sets per input and control kind."),
     pppl: bool = typer.Option(True, "--pppl/--no-pppl", rich_help_panel=CTRL_PANEL,
                               help="Compute pseudo-perplexity (one forward row per scored position)."),
-    pppl_positions: str = typer.Option("all", "--pppl-positions", rich_help_panel=CTRL_PANEL,
+    pppl_positions: PpplPositions = typer.Option(PpplPositions.ALL, "--pppl-positions", rich_help_panel=CTRL_PANEL,
                                        help="Positions scored for pseudo-perplexity: all or designed."),
-    pppl_max_positions: Optional[int] = typer.Option(None, "--pppl-max-positions", rich_help_panel=CTRL_PANEL,
+    pppl_max_positions: Optional[int] = typer.Option(None, "--pppl-max-positions", rich_help_panel=CTRL_PANEL, min=1,
                                                      help="Score a seeded random subset of at most this many "
                                                           "positions (same subset for every condition)."),
-    device: str = typer.Option("auto", "--device", rich_help_panel=PERF_PANEL, help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=PERF_PANEL,
-                                          help="CPU threads for torch."),
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Steer ESM-2 toward a concept by editing SAE latents at the hook, and redesign proteins with it.
 
@@ -104,13 +105,13 @@ def command(
 
     from protsae_cli.steer import SteerOptions, SteerSpec, run_steer
 
-    controls = tuple(dict.fromkeys(k.strip() for c in control or () for k in c.split(",") if k.strip()))
+    controls = tuple(dict.fromkeys(control or ()))
     spec = SteerSpec(
-        concept=concept, strengths=strength, mode=mode, with_ancestors=with_ancestors,
-        keep_error=not replace_with_reconstruction, positions=positions, mask_ratio=mask_ratio,
-        mask_strategy=mask_strategy, edit_scope=edit_scope, decode=decode, iterations=iterations,
-        temperature=temperature, seed=seed, controls=controls, n_controls=n_controls, init=init, pppl=pppl,
-        pppl_positions=pppl_positions, pppl_max_positions=pppl_max_positions,
+        concept=concept, strengths=strength, mode=mode.value, with_ancestors=with_ancestors,
+        keep_error=not replace_with_reconstruction, positions=positions.value, mask_ratio=mask_ratio,
+        mask_strategy=mask_strategy.value, edit_scope=edit_scope.value, decode=decode.value, iterations=iterations,
+        temperature=temperature, seed=seed, controls=controls, n_controls=n_controls, init=init.value, pppl=pppl,
+        pppl_positions=pppl_positions.value, pppl_max_positions=pppl_max_positions,
     )
     opts = SteerOptions(spec=spec, output=output, input=input, length=length, num=num, sae=sae, model=model,
                         ontology=ontology, device=device, check_plm=check_plm, threads=threads,

@@ -7,88 +7,85 @@ from typing import List, Optional
 
 import typer
 
-DATA, MODEL, SAE, OPT = "Data", "Language model", "SAE", "Optimisation"
-CONCEPTS, RUN = "ProtSAE concepts and losses", "Checkpoints, resume and multi-GPU"
+from protsae_cli.cli.options import (CONCEPTS_PANEL, MODELS_PANEL, AnnotationFormatOpt, AnnotationsOpt, Arch, BiasRef,
+                                     DefinedBias, DeviceOpt, HookPoint, LabelGranularity, LrSchedule, PlmOpt, Pool,
+                                     TopkScope, open_ends)
+
+DATA, MODEL, SAE, OPT = "Data", MODELS_PANEL, "SAE", "Optimisation"
+LABELS, CONCEPTS, RUN = CONCEPTS_PANEL, "ProtSAE model and losses", "Checkpoints, resume and multi-GPU"
 
 
 def command(
     fasta: str = typer.Argument(..., help="Training proteins (FASTA, .gz or -).", show_default=False),
     output: str = typer.Option(..., "--output", "-o", help="Output SAE directory.", show_default=False),
-    model: Optional[str] = typer.Option(None, "--model", "-m", rich_help_panel=MODEL,
-                                        help="ESM-2 fair-esm name or checkpoint path (default: bundled stand-in)."),
-    layer: int = typer.Option(4, "--layer", "-l", rich_help_panel=MODEL,
+    model: PlmOpt = None,
+    layer: int = typer.Option(4, "--layer", "-l", rich_help_panel=MODEL, min=1,
                               help="1-based transformer block to hook (fair-esm repr_layers index)."),
-    hook: str = typer.Option("resid_post", "--hook", rich_help_panel=MODEL,
+    hook: HookPoint = typer.Option(HookPoint.RESID_POST, "--hook", rich_help_panel=MODEL,
                              help="resid_post (block output) or attn_out (after the attention residual add)."),
-    arch: str = typer.Option("topk", "--arch", rich_help_panel=SAE,
+    arch: Arch = typer.Option(Arch.TOPK, "--arch", rich_help_panel=SAE,
                              help="topk (unsupervised) or protsae (concept-bound latents; needs --annotations)."),
-    d_sae: int = typer.Option(4096, "--d-sae", rich_help_panel=SAE, help="Number of latents."),
-    k: int = typer.Option(32, "--k", rich_help_panel=SAE, help="Active latents per residue (TopK)."),
-    tokens_per_protein: int = typer.Option(64, "--tokens-per-protein", rich_help_panel=DATA,
+    d_sae: int = typer.Option(4096, "--d-sae", rich_help_panel=SAE, min=1, help="Number of latents."),
+    k: int = typer.Option(32, "--k", rich_help_panel=SAE, min=1, help="Active latents per residue (TopK)."),
+    tokens_per_protein: int = typer.Option(64, "--tokens-per-protein", rich_help_panel=DATA, min=0,
                                            help="Residues sampled per protein (0 = all; ProtSAE's code: 100)."),
-    max_proteins: Optional[int] = typer.Option(None, "--max-proteins", rich_help_panel=DATA,
+    max_proteins: Optional[int] = typer.Option(None, "--max-proteins", rich_help_panel=DATA, min=1,
                                                help="Use a seeded random subset of this many proteins."),
-    val_fraction: float = typer.Option(0.05, "--val-fraction", rich_help_panel=DATA,
+    val_fraction: float = typer.Option(0.05, "--val-fraction", rich_help_panel=DATA, min=0,
+                                       callback=open_ends(high=1),
                                        help="Fraction of proteins held out for validation and checkpoint "
-                                            "selection."),
-    max_val_tokens: int = typer.Option(262_144, "--max-val-tokens", rich_help_panel=DATA,
+                                            "selection, in [0, 1)."),
+    max_val_tokens: int = typer.Option(262_144, "--max-val-tokens", rich_help_panel=DATA, min=1,
                                        help="Cap on validation rows (whole proteins, seeded)."),
     activation_cache: Optional[str] = typer.Option(None, "--activation-cache", rich_help_panel=DATA,
                                                    help="Directory to save activation shards to, or reuse them from."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", rich_help_panel=DATA, show_default=False,
                                           help="Stream the activation cache through a shuffle buffer, or load it "
                                                "whole \\[default: stream when it exceeds a quarter of RAM]."),
-    shuffle_buffer: int = typer.Option(262_144, "--shuffle-buffer", rich_help_panel=DATA,
+    shuffle_buffer: int = typer.Option(262_144, "--shuffle-buffer", rich_help_panel=DATA, min=1,
                                        help="Rows held by the streaming shuffle buffer (bounds its memory)."),
     cache_only: bool = typer.Option(False, "--cache-only", rich_help_panel=DATA,
                                     help="Write the --activation-cache and stop (build it once, train many)."),
-    annotations: Optional[List[str]] = typer.Option(None, "--annotations", "-a", rich_help_panel=CONCEPTS,
-                                                    help="Concept annotation file (repeatable): Swiss-Prot, UniProt "
-                                                         "XML/TSV, TMbed, binding lists, GAF, GO TSV, generic TSV. "
-                                                         "A protein missing from a file is unlabelled (not negative) "
-                                                         "for its concepts; 'a,b' makes several files one source."),
-    annotation_format: Optional[List[str]] = typer.Option(
-        None, "--annotation-format", rich_help_panel=CONCEPTS,
-        help="Format of each --annotations file (one for all, or one per file in order): swissprot, uniprot-xml, "
-             "uniprot-tsv, tmbed, binding, gaf, go-tsv, generic-tsv, auto \\[default: auto]."),
+    annotations: AnnotationsOpt = [],
+    annotation_format: AnnotationFormatOpt = [],
     ontology: Optional[List[str]] = typer.Option(
-        None, "--ontology", rich_help_panel=CONCEPTS,
+        None, "--ontology", rich_help_panel=LABELS,
         help="OBO ontology for label propagation and the axiom loss (repeatable, e.g. go.obo) "
              "\\[default: the shipped residue-concept ontology]."),
-    concepts: Optional[str] = typer.Option(None, "--concepts", rich_help_panel=CONCEPTS,
+    concepts: Optional[str] = typer.Option(None, "--concepts", rich_help_panel=LABELS,
                                            help="Comma-separated concept ids or names, in latent order "
                                                 "\\[default: all with --min-concept-residues positives]."),
-    min_concept_residues: int = typer.Option(10, "--min-concept-residues", rich_help_panel=CONCEPTS,
+    min_concept_residues: int = typer.Option(10, "--min-concept-residues", rich_help_panel=LABELS, min=1,
                                              help="Least positive residues (proteins, at protein granularity) "
                                                   "among training proteins for a concept to get a latent."),
-    label_granularity: Optional[str] = typer.Option(
-        None, "--label-granularity", rich_help_panel=CONCEPTS,
+    label_granularity: Optional[LabelGranularity] = typer.Option(
+        None, "--label-granularity", rich_help_panel=LABELS,
         help="residue (per-residue BCE) or protein (BCE on pooled probabilities) \\[default: residue when any "
              "source is residue-level]."),
-    pool: str = typer.Option("mean", "--pool", rich_help_panel=CONCEPTS, help="Protein pooling: mean or max."),
-    lambda_annot: float = typer.Option(10.0, "--lambda-annot", rich_help_panel=CONCEPTS,
+    pool: Pool = typer.Option(Pool.MEAN, "--pool", rich_help_panel=CONCEPTS, help="Protein pooling: mean or max."),
+    lambda_annot: float = typer.Option(10.0, "--lambda-annot", rich_help_panel=CONCEPTS, min=0,
                                        help="Weight of the concept BCE (released code 10; paper 1)."),
-    lambda_axiom: float = typer.Option(1.0, "--lambda-axiom", rich_help_panel=CONCEPTS,
+    lambda_axiom: float = typer.Option(1.0, "--lambda-axiom", rich_help_panel=CONCEPTS, min=0,
                                        help="Weight of the ELEmbeddings axiom loss."),
-    margin: float = typer.Option(0.1, "--margin", rich_help_panel=CONCEPTS, help="EL margin gamma."),
-    topk_scope: str = typer.Option(
-        "auto", "--topk-scope", rich_help_panel=CONCEPTS,
+    margin: float = typer.Option(0.1, "--margin", rich_help_panel=CONCEPTS, min=0, help="EL margin gamma."),
+    topk_scope: TopkScope = typer.Option(
+        TopkScope.AUTO, "--topk-scope", rich_help_panel=CONCEPTS,
         help="defined_first: a concept the model calls is admitted to TopK before any free latent (L0 <= k); "
              "all: one TopK over all latents (METHOD.md's default); unknown: defined latents always kept, L0 up "
              "to k + concepts, encoded by the torch backend only. auto: defined_first with residue labels, all "
              "with protein labels."),
-    defined_bias: str = typer.Option(
-        "auto", "--defined-bias", rich_help_panel=CONCEPTS,
+    defined_bias: DefinedBias = typer.Option(
+        DefinedBias.AUTO, "--defined-bias", rich_help_panel=CONCEPTS,
         help="calibrated: a defined latent is zero below a cut fitted to validation F1 at every validation, "
              "graded above it; none: a graded score wherever W x > 0, called above a threshold calibrated at "
              "the end (METHOD.md's default); pred: includes the predictor's bias, positive where p > 0.5. "
              "auto: calibrated with residue labels (and validation proteins), none otherwise."),
     predictor_lr: Optional[float] = typer.Option(
-        None, "--predictor-lr", rich_help_panel=CONCEPTS,
+        None, "--predictor-lr", rich_help_panel=CONCEPTS, callback=open_ends(low=0),
         help="Peak learning rate of the concept predictor (a logistic regression under the stop-gradient, "
              "which converges at a far larger step than the dictionary); same schedule as --lr. Default: 0.03 "
              "with residue labels, --lr with protein labels."),
-    bias_ref: str = typer.Option("active_mean", "--bias-ref", rich_help_panel=CONCEPTS,
+    bias_ref: BiasRef = typer.Option(BiasRef.ACTIVE_MEAN, "--bias-ref", rich_help_panel=CONCEPTS,
                                  help="Forced-activation level: active_mean, all_mean or kth_value."),
     no_detach: bool = typer.Option(False, "--no-detach", rich_help_panel=CONCEPTS,
                                    help="Ablation: let reconstruction gradients move the concept predictor."),
@@ -98,32 +95,34 @@ def command(
                                               help="Ablation: no forced activation of predicted concepts."),
     no_axiom: bool = typer.Option(False, "--no-axiom", rich_help_panel=CONCEPTS,
                                   help="Ablation: no ontology axiom loss."),
-    epochs: int = typer.Option(5, "--epochs", rich_help_panel=OPT),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", rich_help_panel=OPT,
+    epochs: int = typer.Option(5, "--epochs", rich_help_panel=OPT, min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", rich_help_panel=OPT, min=1,
                                             help="Stop after this many steps (the schedule spans them)."),
-    batch_size: int = typer.Option(4096, "--batch-size", rich_help_panel=OPT,
+    batch_size: int = typer.Option(4096, "--batch-size", rich_help_panel=OPT, min=1,
                                    help="Tokens per step, over all processes."),
-    lr: float = typer.Option(4e-4, "--lr", rich_help_panel=OPT, help="Peak learning rate (ProtSAE's code: 5e-4)."),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", rich_help_panel=OPT,
+    lr: float = typer.Option(4e-4, "--lr", rich_help_panel=OPT, callback=open_ends(low=0),
+                             help="Peak learning rate (ProtSAE's code: 5e-4)."),
+    lr_schedule: LrSchedule = typer.Option(LrSchedule.COSINE, "--lr-schedule", rich_help_panel=OPT,
                                     help="cosine (with warm-up), multistep (x0.1 after 10% of the run, as "
                                          "ProtSAE's released code) or constant."),
-    auxk_alpha: float = typer.Option(1 / 32, "--auxk-alpha", rich_help_panel=OPT, help="Weight of the AuxK loss."),
-    dead_after_tokens: int = typer.Option(2_000_000, "--dead-after-tokens", rich_help_panel=OPT,
+    auxk_alpha: float = typer.Option(1 / 32, "--auxk-alpha", rich_help_panel=OPT, min=0,
+                                     help="Weight of the AuxK loss."),
+    dead_after_tokens: int = typer.Option(2_000_000, "--dead-after-tokens", rich_help_panel=OPT, min=1,
                                           help="A latent silent for this many tokens is dead (AuxK revives it)."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=OPT,
                              help="Seeds residue sampling, the train/validation split, initialisation and order."),
-    device: str = typer.Option("auto", "--device", rich_help_panel=OPT, help="auto, cpu, cuda or cuda:N."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", rich_help_panel=RUN,
+    device: DeviceOpt = "auto",
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", rich_help_panel=RUN, min=1,
                                              help="Validate every N steps \\[default: once per epoch]."),
     save_after: Optional[float] = typer.Option(
-        None, "--save-after", rich_help_panel=RUN,
+        None, "--save-after", rich_help_panel=RUN, min=0, max=1,
         help="Fraction of the run before which checkpoints cannot be selected \\[default: 0.6 for protsae, as the "
              "released code's epoch 30 of 50; 0 for topk]."),
-    state_every: int = typer.Option(1000, "--state-every", rich_help_panel=RUN,
+    state_every: int = typer.Option(1000, "--state-every", rich_help_panel=RUN, min=1,
                                     help="Write the resumable training state every N steps (and at the end)."),
     resume: Optional[str] = typer.Option(None, "--resume", rich_help_panel=RUN,
                                          help="Continue from an output directory's train_state.pt (or that file)."),
-    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", rich_help_panel=RUN,
+    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", rich_help_panel=RUN, min=1,
                                                help="Stop resumably after this step (e.g. before a job time limit)."),
     ddp: bool = typer.Option(False, "--ddp", rich_help_panel=RUN,
                              help="Require a torchrun launch (DDP is used whenever torchrun starts >1 process)."),
@@ -145,25 +144,26 @@ def command(
     from protsae_cli.trainer import TrainConfig
 
     protsae = {}
-    if arch == "protsae":
-        protsae = {"pool": pool, "lambda_annot": lambda_annot, "lambda_axiom": lambda_axiom, "margin": margin,
-                   "topk_scope": topk_scope, "defined_bias": defined_bias, "bias_ref": bias_ref,
+    if arch is Arch.PROTSAE:
+        protsae = {"pool": pool.value, "lambda_annot": lambda_annot, "lambda_axiom": lambda_axiom, "margin": margin,
+                   "topk_scope": topk_scope.value, "defined_bias": defined_bias.value, "bias_ref": bias_ref.value,
                    "predictor_lr": "auto" if predictor_lr is None else predictor_lr,
                    "detach": not no_detach,
                    "use_r_pred": not no_r_pred, "forced_activation": not no_forced_activation,
                    "use_axiom": not no_axiom}
     opts = TrainOptions(
-        fasta=fasta, output=output, model=model, layer=layer, hook=hook, arch=arch, d_sae=d_sae, k=k,
+        fasta=fasta, output=output, model=model, layer=layer, hook=hook.value, arch=arch.value, d_sae=d_sae, k=k,
         tokens_per_protein=tokens_per_protein or None, max_proteins=max_proteins, val_fraction=val_fraction,
         max_val_tokens=max_val_tokens, activation_cache=activation_cache, stream=stream,
         shuffle_buffer=shuffle_buffer, cache_only=cache_only, device=device, ddp=ddp, resume=resume,
-        annotations=list(annotations or []), annotation_formats=list(annotation_format or []),
+        annotations=list(annotations), annotation_formats=[f.value for f in annotation_format],
         ontologies=list(ontology or []),
         concepts=[c.strip() for c in concepts.split(",") if c.strip()] if concepts else None,
-        min_concept_residues=min_concept_residues, label_granularity=label_granularity, protsae=protsae,
+        min_concept_residues=min_concept_residues,
+        label_granularity=label_granularity.value if label_granularity else None, protsae=protsae,
         progress=progress,
         train=TrainConfig(d_sae=d_sae, k=k, lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-                          lr_schedule=lr_schedule, auxk_alpha=auxk_alpha, dead_after_tokens=dead_after_tokens,
+                          lr_schedule=lr_schedule.value, auxk_alpha=auxk_alpha, dead_after_tokens=dead_after_tokens,
                           seed=seed, eval_every=eval_every, save_after=save_after, state_every=state_every,
                           stop_at=stop_at_step),
     )

@@ -1,0 +1,298 @@
+"""Choices and shared option types of the `protsae` commands, declared once.
+
+Why here: every enumerated value is checked by Click while it parses the command line, so a typo exits 2 with
+the choices listed before any model is loaded (the library used to find it after minutes of loading, or not
+at all). The library keeps its own checks for callers that do not come through the CLI; tests/test_cli_options.py
+asserts that these enums list exactly the library's values, so the two cannot drift apart.
+
+Import-light on purpose (typer and the standard library only): `protsae --help` and a rejected option must not
+pull in torch. Commands pass `.value` to the library, so library behaviour is the same as with plain strings.
+
+Options that several commands take are `Annotated` types (the huggingface_hub `cli/_cli_utils.py` shape): the
+command gives only the default, e.g. ``device: DeviceOpt = "auto"``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Callable, List, Optional, Type
+
+import typer
+
+MODELS_PANEL, PERF_PANEL, CONCEPTS_PANEL = "Models", "Performance", "Concepts"
+
+
+class Choice(str, enum.Enum):
+    """A str-valued choice: Typer lists the values in --help and in the exit-2 message; `.value` is the plain
+    string the library expects."""
+
+    def __str__(self) -> str:  # "float16", not "H5Dtype.FLOAT16", wherever a choice is formatted
+        return self.value
+
+
+def values(choice: Type[Choice]) -> tuple[str, ...]:
+    return tuple(c.value for c in choice)
+
+
+# -- annotate / merge --------------------------------------------------------------------------------------
+
+class OutputFormat(Choice):
+    H5 = "h5"
+    TSV = "tsv"
+    GFF3 = "gff3"
+
+
+class H5Dtype(Choice):
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class Backend(Choice):
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+    ONNX = "onnx"
+
+
+class LongPolicy(Choice):
+    WINDOW = "window"
+    TRUNCATE = "truncate"
+    ERROR = "error"
+
+
+class Compression(Choice):
+    GZIP = "gzip"
+    LZF = "lzf"
+    NONE = "none"
+
+
+# -- train / eval --------------------------------------------------------------------------------------------
+
+class AnnotationFormat(Choice):
+    AUTO = "auto"
+    SWISSPROT = "swissprot"
+    UNIPROT_XML = "uniprot-xml"
+    UNIPROT_TSV = "uniprot-tsv"
+    TMBED = "tmbed"
+    BINDING = "binding"
+    GAF = "gaf"
+    GO_TSV = "go-tsv"
+    GENERIC_TSV = "generic-tsv"
+
+
+class HookPoint(Choice):
+    RESID_POST = "resid_post"
+    ATTN_OUT = "attn_out"
+
+
+class Arch(Choice):
+    TOPK = "topk"
+    PROTSAE = "protsae"
+
+
+class LabelGranularity(Choice):
+    RESIDUE = "residue"
+    PROTEIN = "protein"
+
+
+class Pool(Choice):
+    MEAN = "mean"
+    MAX = "max"
+
+
+class TopkScope(Choice):
+    AUTO = "auto"
+    DEFINED_FIRST = "defined_first"
+    ALL = "all"
+    UNKNOWN = "unknown"
+
+
+class DefinedBias(Choice):
+    AUTO = "auto"
+    CALIBRATED = "calibrated"
+    NONE = "none"
+    PRED = "pred"
+
+
+class BiasRef(Choice):
+    ACTIVE_MEAN = "active_mean"
+    ALL_MEAN = "all_mean"
+    KTH_VALUE = "kth_value"
+
+
+class LrSchedule(Choice):
+    COSINE = "cosine"
+    MULTISTEP = "multistep"
+    CONSTANT = "constant"
+
+
+# -- steer ---------------------------------------------------------------------------------------------------
+
+class SteerInit(Choice):
+    MASK = "mask"
+    RANDOM = "random"
+
+
+class SteerMode(Choice):
+    ADD = "add"
+    CLAMP = "clamp"
+    MULTIPLY = "multiply"
+
+
+class EditScope(Choice):
+    ALL = "all"
+    DESIGNED = "designed"
+
+
+class Positions(Choice):
+    MASKED = "masked"
+    ALL = "all"
+
+
+class MaskStrategy(Choice):
+    RANDOM = "random"
+    LOW_ACTIVATION = "low-activation"
+
+
+class Decode(Choice):
+    ARGMAX = "argmax"
+    ITERATIVE = "iterative"
+    GIBBS = "gibbs"
+    SAMPLE = "sample"
+
+
+class Control(Choice):
+    RANDOM_LATENT = "random-latent"
+    ACTIVITY_MATCHED = "activity-matched"
+
+
+class PpplPositions(Choice):
+    ALL = "all"
+    DESIGNED = "designed"
+
+
+# -- export-structure ----------------------------------------------------------------------------------------
+
+class StructureScale(Choice):
+    MAX = "max"
+    RAW = "raw"
+
+
+# -- callbacks for values Click cannot type: comma lists and device specs -------------------------------------
+
+def _listing(choice: Type[Choice]) -> str:
+    return ", ".join(values(choice))
+
+
+def split_choices(value: str, choice: Type[Choice]) -> list[str]:
+    """'h5, tsv' -> ['h5', 'tsv'] (empty items dropped); raises BadParameter naming the first bad item."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    allowed = values(choice)
+    for item in items:
+        if item not in allowed:
+            raise typer.BadParameter(f"{item!r} is not one of {_listing(choice)}")
+    if not items:
+        raise typer.BadParameter(f"give at least one of {_listing(choice)}")
+    return items
+
+
+def formats_callback(value: Optional[str]) -> Optional[str]:
+    """`--formats h5,tsv`: checked item by item, returned as a canonical comma list for the command to split."""
+    return None if value is None else ",".join(split_choices(value, OutputFormat))
+
+
+def controls_callback(value: Optional[List[str]]) -> Optional[List[str]]:
+    """`--control` may be repeated and each value may be a comma list; returns the flat list of kinds."""
+    if value is None:
+        return None
+    return [kind for v in value for kind in split_choices(v, Control)]
+
+
+_GPU_WORD = re.compile(r"gpu(:\d+)?", re.IGNORECASE)
+
+
+def _gpu_hint(item: str) -> str:
+    m = _GPU_WORD.fullmatch(item)
+    if not m:
+        return ""
+    return f" (use cuda{m.group(1) or ''}: GPUs are named cuda or cuda:N)"
+
+
+def device_callback(value: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked without importing torch (whether the GPU exists is the library's)."""
+    v = value.strip()
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        return v
+    raise typer.BadParameter(f"{value!r} is not a device; choose auto, cpu, cuda or cuda:N{_gpu_hint(v)}")
+
+
+def devices_callback(value: Optional[str]) -> Optional[str]:
+    """`--devices`: 'all', or a comma list of GPU ordinals, cuda:N and cpu (as multigpu.parse_devices reads)."""
+    if value is None or value.strip() == "all":
+        return value
+    items = [x.strip() for x in value.split(",")]
+    for item in items:
+        if not re.fullmatch(r"\d+|cuda:\d+|cpu", item):
+            what = repr(item) if item else "an empty item"
+            raise typer.BadParameter(f"{what} is not a device; give 'all' or a comma list of GPU ordinals "
+                                     f"(0,1,...), cuda:N or cpu{_gpu_hint(item)}")
+    return value
+
+
+def open_ends(low: Optional[float] = None,
+              high: Optional[float] = None) -> Callable[[Optional[float]], Optional[float]]:
+    """Callback for a range with open ends, e.g. a fraction in [0, 1): ``min=0, callback=open_ends(high=1)``.
+
+    Why a callback: Typer's min/max are closed bounds and it does not expose Click's open-interval flags.
+    """
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and low is not None and value <= low:
+            raise typer.BadParameter(f"must be greater than {low:g}, got {value:g}")
+        if value is not None and high is not None and value >= high:
+            raise typer.BadParameter(f"must be less than {high:g}, got {value:g}")
+        return value
+
+    return check
+
+
+# -- option types shared by several commands ---------------------------------------------------------------
+
+_MODEL_HELP = ("ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in the torch hub cache, downloaded "
+               "when online) or a checkpoint path.")
+
+# annotate, steer: the PLM defaults to the one the SAE was trained on.
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", rich_help_panel=MODELS_PANEL,
+    help=_MODEL_HELP + " Default: the SAE's own PLM, or the bundled stand-in.")]
+
+# train, eval: no SAE to take the PLM from (train makes one; eval compares several at one PLM).
+PlmOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", rich_help_panel=MODELS_PANEL, help=_MODEL_HELP + " Default: the bundled stand-in.")]
+
+SaeOpt = Annotated[Optional[str], typer.Option(
+    "--sae", rich_help_panel=MODELS_PANEL,
+    help="SAE checkpoint directory (config.json + sae.safetensors). Default: the bundled demo SAE.")]
+
+CheckPlmOpt = Annotated[bool, typer.Option(
+    "--check-plm/--no-check-plm", rich_help_panel=MODELS_PANEL,
+    help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM.")]
+
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", callback=device_callback, rich_help_panel=PERF_PANEL,
+    help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, rich_help_panel=PERF_PANEL, help="CPU threads for torch (default: torch's choice).")]
+
+AnnotationsOpt = Annotated[List[str], typer.Option(
+    "--annotations", "-a", rich_help_panel=CONCEPTS_PANEL,
+    help="Concept annotation file (repeat for several sources): Swiss-Prot, UniProt XML/TSV, TMbed, binding "
+         "lists, GAF, GO TSV, generic TSV. Comma-join files that form one source (bindPredict "
+         "metal,nuclear,small). A protein missing from a file is unlabelled (not negative) for its concepts.")]
+
+AnnotationFormatOpt = Annotated[List[AnnotationFormat], typer.Option(
+    "--annotation-format", rich_help_panel=CONCEPTS_PANEL,
+    help="Format of each --annotations source, in order (one value applies to all); auto guesses it from the "
+         "file name and first lines \\[default: auto].")]
