@@ -13,6 +13,14 @@ Worker state lives in `PREFIX.devices/` (options, shard outputs); it is removed 
 A worker is `python -m protsae_cli.multigpu SPEC.json`: the full `AnnotateOptions` travel as JSON rather than
 being rebuilt as command-line flags, so options without a flag (chunk limits, compression) reach the workers
 unchanged.
+
+Workers never outlive the orchestrator. SIGTERM or Ctrl-C to it stops the workers (SIGTERM, then SIGKILL after
+10 s) and their temp outputs are removed by their own abort paths. If the orchestrator itself is killed
+(``kill -9``, OOM killer), a worker learns it from the kernel: on Linux each worker asks for SIGTERM when its
+parent dies (``prctl(PR_SET_PDEATHSIG)``) and then checks that the parent is still the one that started it, which
+closes the window in which the parent died before the request was made; elsewhere a watchdog thread polls
+``getppid()``. Either way the worker goes through its normal SIGTERM exit, so it stops at the next batch and
+leaves no temp files.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -139,11 +148,13 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
     from protsae_cli.annotate import AnnotateSummary, _tally, output_paths
     from protsae_cli.logging_setup import current_level
     from protsae_cli.merge import merged_provenance, merge_h5
+    from protsae_cli.resume import remove_stale_output_temps
     from protsae_cli.writers.h5 import H5Annotations
 
     if opts.resume and opts.output_prefix == "-":
         raise InputError("--resume needs an output prefix (not -o -)")
     paths = output_paths(opts.output_prefix, opts.formats)
+    remove_stale_output_temps(opts.output_prefix)  # what an earlier, killed merge left next to the outputs
     t0 = time.perf_counter()
     to_stdout = opts.output_prefix == "-"
     work = Path(tempfile.mkdtemp(prefix="protsae-devices-")) if to_stdout else Path(f"{opts.output_prefix}.devices")
@@ -176,7 +187,8 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
             wopts = dataclasses.replace(opts, input=source, output_prefix=str(work / f"worker_{j + 1}"),
                                         formats=("h5",), shard=shard, device=worker_device, progress=False,
                                         threads=threads, compression="lzf")
-            spec = {"format": SPEC_FORMAT, "options": dataclasses.asdict(wopts), "log_level": current_level()}
+            spec = {"format": SPEC_FORMAT, "options": dataclasses.asdict(wopts), "log_level": current_level(),
+                    "parent_pid": os.getpid()}
             spec_path = work / f"worker_{j + 1}.json"
             spec_path.write_text(json.dumps(spec, indent=1) + "\n")
             log.info("worker %d/%d on %s: records with ordinal %% %d == %d", j + 1, m, device, shard[1], shard[0] - 1)
@@ -198,6 +210,9 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
             attrs.append(h5.attrs)
     shard_attr = f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else ""
     prov = merged_provenance(attrs, [str(p) for p in outputs], opts.command, shard=shard_attr)
+    # INPUT IDENTITY (helper C, issue #12): once the writers record the input's record count and digest, the
+    # merged provenance must carry the identity of the *whole* input (every worker reads all of it), not a
+    # shard's; wire it here from the first worker's attrs when that API lands.
     summary = AnnotateSummary(backend=str(prov.get("backend", "")), device=",".join(devices))
     try:
         merge_h5(outputs, opts.output_prefix, opts.formats, provenance=prov, compression=opts.compression,
@@ -269,23 +284,55 @@ def _stop_all(procs: Sequence[tuple[int, str, subprocess.Popen, threading.Thread
 # Worker side
 # ---------------------------------------------------------------------------------------------------------
 
+def die_with_parent(parent_pid: int | None) -> None:
+    """Arrange for SIGTERM to this process when the orchestrator that started it dies, however it dies.
+
+    Without this a ``kill -9`` of the orchestrator leaves its workers computing (and writing temps) until they
+    finish their shard. PR_SET_PDEATHSIG fires when the thread that forked us exits; `annotate_multi` starts
+    and waits for its workers from one thread, so that is the orchestrator's lifetime. If the parent died
+    before the request took effect, we are already orphaned and the signal will never come: check once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if parent_pid is None:
+        return
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)  # the same clean exit the kernel's signal would have caused
+        return
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="protsae-parent-watchdog", daemon=True).start()
+
+
 def _worker_main(argv: Sequence[str]) -> int:
     """Run one worker from its spec file; returns the exit code, with the same mapping as the CLI."""
-    from protsae_cli.cli.app import _exit_on_sigterm, is_out_of_memory
+    from protsae_cli.cli.app import _exit_on_sigterm, exit_status
 
-    _exit_on_sigterm()
-    spec = json.loads(Path(argv[0]).read_text())
-    if spec.get("format") != SPEC_FORMAT:
-        print(f"ERROR protsae.multigpu: {argv[0]} is not a worker spec", file=sys.stderr)
-        return EXIT_INTERNAL
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("protsae").setLevel(int(spec.get("log_level", logging.INFO)))
-    logging.captureWarnings(True)
+    _exit_on_sigterm()  # first, so a parent-death SIGTERM arriving from here on unwinds cleanly
     wlog = logging.getLogger("protsae.worker")
     try:
+        spec = json.loads(Path(argv[0]).read_text())
+        if spec.get("format") != SPEC_FORMAT:
+            print(f"ERROR protsae.multigpu: {argv[0]} is not a worker spec", file=sys.stderr)
+            return EXIT_INTERNAL
+        die_with_parent(spec.get("parent_pid"))
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("protsae").setLevel(int(spec.get("log_level", logging.INFO)))
+        logging.captureWarnings(True)
         from protsae_cli.annotate import AnnotateOptions, annotate
 
         o = dict(spec["options"])
@@ -294,19 +341,18 @@ def _worker_main(argv: Sequence[str]) -> int:
         s = annotate(AnnotateOptions(**o))
         wlog.info("annotated %d proteins (%d residues) in %.1f s", s.proteins, s.residues, s.seconds)
         return 0
-    except ProtsaeError as e:
-        wlog.error("%s", e)
-        return e.exit_code
-    except MemoryError as e:
-        wlog.error("out of host memory (%s)", e)
-        return EXIT_RESOURCES
-    except Exception as e:
-        if is_out_of_memory(e):
-            wlog.error("out of GPU memory after all fallbacks (%s)", str(e).splitlines()[0] if str(e) else repr(e))
-            return EXIT_RESOURCES
-        wlog.exception("internal error (a bug); please report it with this traceback")
-        return EXIT_INTERNAL
+    except BaseException as e:  # noqa: BLE001 - mapped to the CLI's exit codes, which the parent reports
+        code, message, show_traceback = exit_status(e)
+        if code is None:
+            raise
+        if show_traceback:
+            wlog.exception("internal error (a bug); please report it with this traceback")
+        elif message:
+            wlog.error("%s", message.removeprefix("protsae: error: ").removeprefix("protsae: "))
+        return code
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    from protsae_cli.cli.app import _leave
+
+    _leave(_worker_main(sys.argv[1:]), None)  # os._exit if a worker thread is still inside native code
