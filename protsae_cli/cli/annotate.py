@@ -25,11 +25,13 @@ def parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
 
 
 def command(
-    fasta: str = typer.Argument(..., help="Protein FASTA: a path, a .gz path, or - for stdin.", show_default=False),
-    output: str = typer.Option("protsae_out", "--output", "-o", rich_help_panel=IO_PANEL,
+    fasta: str = typer.Argument(..., metavar="FASTA", show_default=False,
+                                help="Protein FASTA: a path, a .gz path, or - for stdin."),
+    output: str = typer.Option("protsae_out", "--output", "-o", rich_help_panel=IO_PANEL, metavar="PREFIX",
                                help="Output prefix: writes PREFIX.h5, PREFIX.tsv, PREFIX.gff3. "
                                     "'-' writes the TSV to stdout (with --formats tsv)."),
     formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL, callback=formats_callback,
+                                metavar="FORMATS",
                                 help="Comma-separated subset of h5,tsv,gff3."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", rich_help_panel=IO_PANEL,
                                       help="Record invalid proteins (status 'invalid') instead of stopping."),
@@ -54,6 +56,7 @@ def command(
                                        help="Token budget per ESM-2 batch (padded tokens); halved on GPU OOM."),
     threads: ThreadsOpt = None,
     shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
+                                        metavar="I/N",
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
                                   help="Progress bar on stderr (only shown on a terminal)."),
@@ -65,6 +68,7 @@ def command(
                                                       "loses at most the chunk in flight). Default 65536, or "
                                                       "$PROTSAE_CHUNK_RESIDUES.", show_default=False),
     devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL, callback=devices_callback,
+                                          metavar="DEVICES",
                                           help="Run one worker process per device over shards of the input and "
                                                "merge at the end: GPU ordinals '0,1,2,3', 'all' visible GPUs, or "
                                                "'cpu,cpu'. Replaces --device."),

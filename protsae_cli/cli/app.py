@@ -27,43 +27,25 @@ COMMANDS: list[tuple[str, str]] = [
 def build_app():
     import typer
 
+    from protsae_cli.cli.command import ProtsaeCommand, ProtsaeGroup, root_callback
+
     app = typer.Typer(
         name="protsae",
+        cls=ProtsaeGroup,
         help="Per-residue biological concepts from protein language models (ESM-2) via sparse autoencoders.\n\n"
              "Start with `protsae annotate proteins.fasta -o out/run`: it uses the bundled demo models when no "
-             "--model/--sae is given.",
+             "--model/--sae is given. -v/-q/--log-file also work after the command; `protsae "
+             "--install-completion` sets up tab completion for your shell.",
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
-        add_completion=False,
+        add_completion=True,
         rich_markup_mode="rich",
     )
-
-    def _print_version(value: bool) -> None:
-        # An option callback, so `protsae -q --version` answers before Click asks for a command.
-        if value:
-            from protsae_cli import __version__
-
-            typer.echo(__version__)
-            raise typer.Exit()
-
-    @app.callback()
-    def _root(
-        version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
-                                     callback=_print_version),
-        verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False,
-                                    help="More log detail on stderr (-v debug; -vv also other libraries)."),
-        quiet: int = typer.Option(0, "--quiet", "-q", count=True, show_default=False,
-                                  help="Less on stderr: -q warnings and errors only, -qq errors only."),
-        log_file: Optional[str] = typer.Option(None, "--log-file", metavar="PATH",
-                                               help="Also append the log (INFO and above) to this file."),
-    ) -> None:
-        from protsae_cli.logging_setup import setup_logging
-
-        setup_logging(verbose=verbose, quiet=quiet, log_file=log_file)
+    app.callback()(root_callback)
 
     for name, module in COMMANDS:
         mod = importlib.import_module(module)
-        app.command(name, help=mod.command.__doc__)(mod.command)
+        app.command(name, help=mod.command.__doc__, cls=ProtsaeCommand)(mod.command)
     return app
 
 

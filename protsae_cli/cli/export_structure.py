@@ -20,17 +20,18 @@ def command(
                                   "AlphaFold model."),
     output: Path = typer.Option(..., "--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
                                 help="Structure to write; .cif/.mmcif writes mmCIF, anything else PDB."),
-    protein: Optional[str] = typer.Option(None, "--protein", rich_help_panel=SEL_PANEL,
+    protein: Optional[str] = typer.Option(None, "--protein", rich_help_panel=SEL_PANEL, metavar="ID",
                                           help="Protein id as in the FASTA header (verbatim)."),
     index: Optional[int] = typer.Option(None, "--index", rich_help_panel=SEL_PANEL, min=0,
                                         help="0-based input ordinal of the protein; needed when ids repeat."),
     concept: str = typer.Option(..., "--concept", "-c", rich_help_panel=SEL_PANEL, show_default=False,
+                                metavar="CONCEPT",
                                 help="Concept id, name or ontology id from the SAE, or latent:N for a raw "
                                      "latent."),
     scale: StructureScale = typer.Option(StructureScale.MAX, "--scale", rich_help_panel=SEL_PANEL,
                               help="max: 100 x activation / this protein's maximum (0-100, like pLDDT); "
                                    "raw: the activation itself (comparable across proteins)."),
-    chain: Optional[str] = typer.Option(None, "--chain", rich_help_panel=MAP_PANEL,
+    chain: Optional[str] = typer.Option(None, "--chain", rich_help_panel=MAP_PANEL, metavar="ID",
                                         help="Chain to map the protein onto. Default: the best-matching chain."),
     min_identity: float = typer.Option(0.9, "--min-identity", rich_help_panel=MAP_PANEL, min=0, max=1,
                                        help="Refuse when the chain's aligned residues are less identical "

@@ -9,7 +9,9 @@ Import-light on purpose (typer and the standard library only): `protsae --help` 
 pull in torch. Commands pass `.value` to the library, so library behaviour is the same as with plain strings.
 
 Options that several commands take are `Annotated` types (the huggingface_hub `cli/_cli_utils.py` shape): the
-command gives only the default, e.g. ``device: DeviceOpt = "auto"``.
+command gives only the default, e.g. ``device: DeviceOpt = "auto"``. Their metavars say what a value is
+(``NAME|PATH``, ``DIR``, ``DEVICE``); options without one get the conventional INT/FLOAT/PATH/TEXT or their
+choices from `cli/command.py`.
 """
 
 from __future__ import annotations
@@ -264,15 +266,16 @@ _MODEL_HELP = ("ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in t
 
 # annotate, steer: the PLM defaults to the one the SAE was trained on.
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", rich_help_panel=MODELS_PANEL,
+    "--model", "-m", rich_help_panel=MODELS_PANEL, metavar="NAME|PATH",
     help=_MODEL_HELP + " Default: the SAE's own PLM, or the bundled stand-in.")]
 
 # train, eval: no SAE to take the PLM from (train makes one; eval compares several at one PLM).
 PlmOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", rich_help_panel=MODELS_PANEL, help=_MODEL_HELP + " Default: the bundled stand-in.")]
+    "--model", "-m", rich_help_panel=MODELS_PANEL, metavar="NAME|PATH",
+    help=_MODEL_HELP + " Default: the bundled stand-in.")]
 
 SaeOpt = Annotated[Optional[str], typer.Option(
-    "--sae", rich_help_panel=MODELS_PANEL,
+    "--sae", rich_help_panel=MODELS_PANEL, metavar="DIR",
     help="SAE checkpoint directory (config.json + sae.safetensors). Default: the bundled demo SAE.")]
 
 CheckPlmOpt = Annotated[bool, typer.Option(
@@ -280,14 +283,14 @@ CheckPlmOpt = Annotated[bool, typer.Option(
     help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM.")]
 
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", callback=device_callback, rich_help_panel=PERF_PANEL,
+    "--device", callback=device_callback, rich_help_panel=PERF_PANEL, metavar="DEVICE",
     help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, rich_help_panel=PERF_PANEL, help="CPU threads for torch (default: torch's choice).")]
 
 AnnotationsOpt = Annotated[List[str], typer.Option(
-    "--annotations", "-a", rich_help_panel=CONCEPTS_PANEL,
+    "--annotations", "-a", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
     help="Concept annotation file (repeat for several sources): Swiss-Prot, UniProt XML/TSV, TMbed, binding "
          "lists, GAF, GO TSV, generic TSV. Comma-join files that form one source (bindPredict "
          "metal,nuclear,small). A protein missing from a file is unlabelled (not negative) for its concepts.")]
@@ -296,3 +299,17 @@ AnnotationFormatOpt = Annotated[List[AnnotationFormat], typer.Option(
     "--annotation-format", rich_help_panel=CONCEPTS_PANEL,
     help="Format of each --annotations source, in order (one value applies to all); auto guesses it from the "
          "file name and first lines \\[default: auto].")]
+
+
+# -- global logging options: the root command's, and accepted after any subcommand too (cli/command.py) --------
+
+VerboseOpt = Annotated[int, typer.Option(
+    "--verbose", "-v", count=True, show_default=False,
+    help="More log detail on stderr: -v debug, -vv also other libraries' messages. A flag: repeat it, no number.")]
+
+QuietOpt = Annotated[int, typer.Option(
+    "--quiet", "-q", count=True, show_default=False,
+    help="Less on stderr: -q warnings and errors only, -qq errors only.")]
+
+LogFileOpt = Annotated[Optional[str], typer.Option(
+    "--log-file", metavar="PATH", help="Also append the log (INFO and above) to this file.")]
