@@ -25,7 +25,7 @@ from protsae_cli import __version__
 from protsae_cli.batching import chunked_records, plan_batches, plan_windows
 from protsae_cli.errors import InputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
-from protsae_cli.fasta import InvalidRecord, ProteinRecord, read_fasta
+from protsae_cli.fasta import InputIdentity, InvalidRecord, ProteinRecord, read_fasta
 from protsae_cli.writers import FORMATS, output_paths  # noqa: F401  (re-exported for resume/multigpu)
 
 log = logging.getLogger("protsae.annotate")
@@ -334,8 +334,9 @@ class Annotator:
                 writers.append(TSVWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, self.code_width))
             if "gff3" in paths:
                 writers.append(GFF3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, self.code_width))
-            records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
-            if opts.shard:
+            identity = InputIdentity()
+            records = identity.track(read_fasta(opts.input, skip_invalid=opts.skip_invalid))
+            if opts.shard:  # after tracking: every shard records the identity of the whole input
                 i, n = opts.shard
                 records = (r for r in records if r.index % n == i - 1)
             with _Progress(opts.progress, _count_records(opts.input)) as bar:
@@ -346,6 +347,7 @@ class Annotator:
                     _tally(summary, res)
                     bar.advance(len(res.sequence))
             for wr in writers:
+                wr.set_input_identity(identity.attrs())
                 wr.close()
         except BaseException:
             for wr in writers:

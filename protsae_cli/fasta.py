@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import errno
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -33,6 +34,7 @@ from protsae_cli.errors import InputError
 
 __all__ = [
     "ESM_ALPHABET",
+    "InputIdentity",
     "InvalidRecord",
     "ProteinRecord",
     "Source",
@@ -82,6 +84,49 @@ class InvalidRecord:
     id: str
     description: str
     error: str
+
+
+class InputIdentity:
+    """Record count and digest of a whole input, computed while it is read (never by a second pass).
+
+    ``protsae merge`` must know that its shards were cut from the same FASTA: shards of different inputs have
+    disjoint-looking ordinals and would merge into a file that looks complete and means nothing. Every shard
+    reads the whole input (it filters by ordinal after parsing), so each can record the same identity: the
+    number of records and the SHA-256 of one line ``ordinal<TAB>id<TAB>md5(sequence)`` per record, invalid
+    records included (their md5 is empty). Descriptions and line wrapping do not count, so re-wrapping a FASTA
+    does not change its identity but editing, adding, dropping or reordering a protein does.
+    """
+
+    def __init__(self) -> None:
+        self.records = 0
+        self._sha = hashlib.sha256()
+        self.complete = False
+
+    def add(self, record: "ProteinRecord | InvalidRecord") -> None:
+        md5 = hashlib.md5(record.sequence.encode("ascii")).hexdigest() if isinstance(record, ProteinRecord) else ""
+        self.add_fields(record.index, record.id, md5)
+
+    def add_fields(self, index: int, protein_id: str, md5: str) -> None:
+        """One record by its stored fields (a merge rebuilding the identity of renumbered pieces)."""
+        self._sha.update(f"{index}\t{protein_id}\t{md5}\n".encode("utf-8", "surrogateescape"))
+        self.records += 1
+
+    def track(self, records: "Iterator[ProteinRecord | InvalidRecord]") -> "Iterator[ProteinRecord | InvalidRecord]":
+        """Pass records through, adding each; ``complete`` once the input was read to its end."""
+        for record in records:
+            self.add(record)
+            yield record
+        self.complete = True
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def attrs(self) -> dict[str, int | str]:
+        """The provenance entries every output records (see ``writers.INPUT_IDENTITY_KEYS``)."""
+        if not self.complete:
+            raise RuntimeError("the input identity is only known once the whole input was read")
+        return {"input_records": self.records, "input_sha256": self.sha256}
 
 
 def _is_stdin(source: object) -> bool:

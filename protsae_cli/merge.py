@@ -19,6 +19,7 @@ import gzip
 import heapq
 import io
 import logging
+import math
 import re
 import shlex
 import sys
@@ -30,8 +31,10 @@ from typing import IO, Any
 import numpy as np
 
 from protsae_cli.errors import InputError
+from protsae_cli.fasta import InputIdentity
 from protsae_cli.results import ProteinResult, Segment
-from protsae_cli.writers import FORMATS, output_paths
+from protsae_cli.writers import (FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, output_paths,
+                                 read_identity_trailer)
 
 log = logging.getLogger("protsae.merge")
 
@@ -120,9 +123,74 @@ def combine_shards(values: Sequence[str]) -> str:
     return ",".join(str(r + 1) for r in residues) + f"/{n}"
 
 
+def check_input_identity(identities: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """The one input all shards were cut from, refusing shards of different inputs (naming both files).
+
+    Returns the shared identity entries, or ``{}`` when some input does not record one (written by a protsae
+    before identities existed, or a resume part): those are merged with a warning, as before.
+    """
+    present = [(i, n) for i, n in zip(identities, names) if all(k in i for k in INPUT_IDENTITY_KEYS)]
+    for ident, name in present[1:]:
+        ref, ref_name = present[0]
+        if any(str(_norm(ident[k])) != str(_norm(ref[k])) for k in INPUT_IDENTITY_KEYS):
+            raise InputError(
+                f"{name} was made from a different input ({ident['input_records']} records, sha256 "
+                f"{str(ident['input_sha256'])[:12]}...) than {ref_name} ({ref['input_records']} records, sha256 "
+                f"{str(ref['input_sha256'])[:12]}...); shards must be cut from the same FASTA (for separately "
+                "numbered pieces of one input use --renumber)")
+    if not present:
+        return {}
+    if len(present) < len(identities):
+        missing = [n for i, n in zip(identities, names) if not all(k in i for k in INPUT_IDENTITY_KEYS)]
+        log.warning("%s record no input identity (older protsae?): cannot check they come from the same input "
+                    "as %s", ", ".join(missing), present[0][1])
+        return {}
+    return {k: _norm(present[0][0][k]) for k in INPUT_IDENTITY_KEYS}
+
+
+def missing_shards(values: Sequence[str]) -> list[str]:
+    """The shards ("i/n") absent from a set of `--shard` values, [] when they cover the whole input.
+
+    Shards of different n are compared on their least common multiple (1/2 and 2/4 miss 4/4). Inputs without a
+    shard value are whole runs: nothing is missing.
+    """
+    parsed: list[tuple[set[int], int]] = []
+    for v in values:
+        v = (v or "").strip()
+        m = re.fullmatch(r"([\d,]+)/(\d+)", v)
+        if not m:
+            return []
+        parsed.append(({int(i) - 1 for i in m.group(1).split(",")}, int(m.group(2))))
+    if not parsed:
+        return []
+    big = math.lcm(*(n for _, n in parsed))
+    if big > 1 << 16:
+        return []  # not shards anyone made by hand; the coverage attribute still records what is there
+    covered = {r + n * j for residues, n in parsed for r in residues for j in range(big // n)}
+    return [f"{c + 1}/{big}" for c in range(big) if c not in covered]
+
+
+def refuse_missing_shards(values: Sequence[str], names: Sequence[str]) -> None:
+    """A shard set with a shard given twice or shards missing is an error naming them (`--allow-partial` skips
+    the missing-shard part)."""
+    seen: dict[str, str] = {}
+    for v, name in zip(values, names):
+        v = (v or "").strip()
+        if v and v in seen:
+            raise InputError(f"{name} and {seen[v]} are both shard {v}: the same shard given twice?")
+        seen.setdefault(v, name)
+    missing = missing_shards(values)
+    if missing:
+        raise InputError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                         f"{'are' if len(missing) > 1 else 'is'} missing from the {len(names)} inputs; merge every "
+                         "shard, or pass --allow-partial to merge these anyway")
+
+
 def merged_provenance(attrs_list: Sequence[dict[str, Any]], names: Sequence[str], command: str,
-                      shard: str | None = None) -> dict[str, Any]:
-    """One provenance dict for the merge of these inputs, refusing inputs that disagree on a strict key."""
+                      shard: str | None = None, renumber: bool = False) -> dict[str, Any]:
+    """One provenance dict for the merge of these inputs, refusing inputs that disagree on a strict key and
+    inputs cut from different FASTA files. ``renumber``: the inputs are pieces of different files by design, so
+    their identities are not compared and the merge records none."""
     first = attrs_list[0]
     for key in STRICT_KEYS:
         ref = _norm(first.get(key, ""))
@@ -130,6 +198,8 @@ def merged_provenance(attrs_list: Sequence[dict[str, Any]], names: Sequence[str]
             if _norm(attrs.get(key, "")) != ref:
                 raise InputError(f"{name}: {key} is {attrs.get(key, '')!r} but {names[0]} has {first.get(key, '')!r}; "
                                  "shards must come from the same models and settings")
+    identity = {} if renumber else check_input_identity(attrs_list, names)
+    attrs_list = [{k: v for k, v in a.items() if k not in INPUT_IDENTITY_KEYS} for a in attrs_list]
     keys = [k for k in PROVENANCE_ORDER if any(k in a for a in attrs_list)]
     keys += sorted({k for a in attrs_list for k in a} - set(keys))
     out: dict[str, Any] = {}
@@ -147,8 +217,9 @@ def merged_provenance(attrs_list: Sequence[dict[str, Any]], names: Sequence[str]
             out[key] = first.get(key, "")
     if shard is not None:
         out["shard"] = shard
-    elif "," in str(out.get("shard", "")):
+    elif out.get("shard"):
         log.warning("the inputs are only shards %s of the input: the merged output is incomplete", out["shard"])
+    out.update(identity)
     return out
 
 
@@ -209,7 +280,8 @@ class _Concept:
 # ---------------------------------------------------------------------------------------------------------
 
 def merge_files(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence[str] | None = None, *,
-                renumber: bool = False, compression: str | None = "gzip", command: str | None = None) -> MergeSummary:
+                renumber: bool = False, compression: str | None = "gzip", command: str | None = None,
+                allow_partial: bool = False) -> MergeSummary:
     """`protsae merge`: dispatch on what the inputs are (all must be of one kind)."""
     if not inputs:
         raise InputError("no input files to merge")
@@ -222,7 +294,7 @@ def merge_files(inputs: Sequence[str | Path], output_prefix: str, formats: Seque
     command = command or merge_command()
     if kind == "h5":
         return merge_h5(list(inputs), output_prefix, formats or FORMATS, renumber=renumber,
-                        compression=compression, command=command)
+                        compression=compression, command=command, allow_partial=allow_partial)
     if renumber:
         raise InputError("--renumber needs HDF5 inputs: TSV/GFF3 files do not record how many proteins they hold")
     fmts = tuple(formats or (kind,))
@@ -231,7 +303,7 @@ def merge_files(inputs: Sequence[str | Path], output_prefix: str, formats: Seque
                          "merge the HDF5 shards to get every format")
     if kind == "tsv":
         return merge_tsv(list(inputs), output_prefix)
-    return merge_gff3(list(inputs), output_prefix, command=command)
+    return merge_gff3(list(inputs), output_prefix, command=command, allow_partial=allow_partial)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +343,8 @@ def _scan_h5(path: Path) -> tuple[_H5Input, list[tuple]]:
 
 def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence[str] = FORMATS, *,
              provenance: dict[str, Any] | None = None, renumber: bool = False, compression: str | None = "gzip",
-             command: str | None = None, on_result: Callable[[ProteinResult], None] | None = None) -> MergeSummary:
+             command: str | None = None, on_result: Callable[[ProteinResult], None] | None = None,
+             allow_partial: bool = False) -> MergeSummary:
     """Merge HDF5 annotation files into PREFIX.{h5,tsv,gff3}, in input-ordinal order.
 
     ``provenance`` replaces the merged root attributes (resume and multi-GPU runs pass their own, so the final
@@ -295,7 +368,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
             raise InputError(f"{info.path}: its concept table differs from {infos[0].path}'s (same SAE weights "
                              "but edited concepts?); shards must use the same SAE checkpoint")
     names = [str(i.path) for i in infos]
-    merged = merged_provenance([i.attrs for i in infos], names, command or merge_command())
+    merged = merged_provenance([i.attrs for i in infos], names, command or merge_command(), renumber=renumber)
     prov = dict(provenance) if provenance is not None else merged
 
     if renumber:
@@ -312,6 +385,8 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     sequential = all(a.last + a.offset < b.first + b.offset for a, b in zip(ranges, ranges[1:]))
     if not sequential:
         _check_no_shared_ordinals(nonempty)
+    if provenance is None and not allow_partial and not renumber:  # internal callers merge sub-shards
+        refuse_missing_shards([str(i.attrs.get("shard", "")) for i in infos], names)
 
     out_paths = output_paths(output_prefix, formats)
     for p in out_paths.values():
@@ -334,7 +409,12 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
         if "gff3" in out_paths:
             writers.append(GFF3Writer(out_paths["gff3"], prov, concepts, d_sae, k))
         stream = _sequential(ranges) if sequential else _interleaved(nonempty)
+        # Renumbered pieces were separate files: the identity of the input they add up to is rebuilt from the
+        # records themselves (the protein table keeps every record, invalid ones included).
+        rebuilt = InputIdentity() if renumber and provenance is None else None
         for res in stream:
+            if rebuilt is not None:
+                rebuilt.add_fields(res.index, res.id, res.seq_md5)
             for w in writers:
                 w.write(res)
             summary.proteins += 1
@@ -342,6 +422,9 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
             if on_result is not None:
                 on_result(res)
         for w in writers:
+            if rebuilt is not None:
+                rebuilt.complete = True
+                w.set_input_identity(rebuilt.attrs())
             w.close()
     except BaseException:
         for w in writers:
@@ -457,6 +540,8 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
             elif this != facts[0]:
                 raise InputError(f"{p}: hook/layer/plm {this} differ from {facts[1]}'s {facts[0]}; shards must "
                                  "come from the same models and settings")
+    # A TSV records no input identity (a trailer would be a junk row to pandas and awk): say what is not checked.
+    log.info("TSV shards do not record their input: merge the HDF5 or GFF3 shards to have it checked")
     out_path = output_paths(output_prefix, ["tsv"])["tsv"]
     out = TextOutput(out_path)
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
@@ -479,11 +564,13 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
     return summary
 
 
+_IDENTITY_PREFIXES = tuple(f"#{k} " for k in INPUT_IDENTITY_KEYS)
 _GFF_ID = re.compile(r"(?:^|;)ID=p(\d+)\.\d+(?:;|$)")
 
 
-def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], int]:
-    """Header lines, protein blocks (sort key, lines) and the number of blocks placed by approximation.
+def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], int, dict[str, str]]:
+    """Header lines, protein blocks (sort key, lines), the number of blocks placed by approximation, and the
+    input identity from the trailer.
 
     A block is a protein's ``##sequence-region`` line plus its features; its ordinal comes from the feature
     IDs (``p<ordinal>.<n>``). A protein without features has no ordinal anywhere in GFF3; see
@@ -494,10 +581,14 @@ def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], i
     cur: list[str] | None = None
     cur_key: int | None = None
     in_header = True
+    trailer: list[str] = []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.endswith("\n"):
                 line += "\n"
+            if line.startswith(_IDENTITY_PREFIXES):
+                trailer.append(line)
+                continue
             if in_header and line.startswith("#") and not line.startswith("##sequence-region"):
                 header.append(line)
                 continue
@@ -531,7 +622,7 @@ def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], i
             prev = key
     residues, n = _shard_classes(_gff3_provenance(header).get("shard", ""))
     keyed, approximate = _place_featureless(blocks, residues, n)
-    return header, keyed, approximate
+    return header, keyed, approximate, read_identity_trailer(trailer)
 
 
 def _shard_classes(shard: str) -> tuple[set[int], int]:
@@ -595,19 +686,23 @@ def _gff3_provenance(header: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | None = None) -> MergeSummary:
+def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | None = None,
+               allow_partial: bool = False) -> MergeSummary:
     """Block-wise merge of GFF3 shards by ordinal; the header's provenance is checked and rewritten."""
     from protsae_cli.writers.atomic import TextOutput
 
     paths = [Path(p) for p in inputs]
     parsed = [_gff3_parse(p) for p in paths]
-    provs = [_gff3_provenance(h) for h, _, _ in parsed]
+    provs = [_gff3_provenance(h) for h, _, _, _ in parsed]
     for p, prov in zip(paths[1:], provs[1:]):
         for key in STRICT_KEYS:
             if prov.get(key) != provs[0].get(key):
                 raise InputError(f"{p}: {key} is {prov.get(key)!r} but {paths[0]} has {provs[0].get(key)!r}; "
                                  "shards must come from the same models and settings")
-    approximate = sum(a for _, _, a in parsed)
+    identity = check_input_identity([t for _, _, _, t in parsed], [str(p) for p in paths])
+    if not allow_partial:
+        refuse_missing_shards([prov.get("shard", "") for prov in provs], [str(p) for p in paths])
+    approximate = sum(a for _, _, a, _ in parsed)
     if approximate and len(paths) > 1:
         log.warning("%d proteins without features could not be given an ordinal from the GFF3 files; their "
                     "##sequence-region lines stay before the next feature of their shard. Merge the HDF5 shards "
@@ -625,7 +720,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
         out.write("".join(header))
-        streams = [((key, j, lines) for key, lines in blocks) for j, (_, blocks, _) in enumerate(parsed)]
+        streams = [((key, j, lines) for key, lines in blocks) for j, (_, blocks, _, _) in enumerate(parsed)]
         prev_key, prev_file = None, -1
         for key, j, lines in heapq.merge(*streams, key=lambda t: t[0]):
             if key.is_integer() and key == prev_key and j != prev_file:
@@ -636,6 +731,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
             out.write("".join(lines))
             summary.proteins += 1
             summary.segments += sum(1 for x in lines if not x.startswith("#"))
+        out.write(identity_trailer(identity))
         out.close()
     except BaseException:
         out.abort()

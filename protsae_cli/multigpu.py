@@ -210,9 +210,8 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
             attrs.append(h5.attrs)
     shard_attr = f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else ""
     prov = merged_provenance(attrs, [str(p) for p in outputs], opts.command, shard=shard_attr)
-    # INPUT IDENTITY (helper C, issue #12): once the writers record the input's record count and digest, the
-    # merged provenance must carry the identity of the *whole* input (every worker reads all of it), not a
-    # shard's; wire it here from the first worker's attrs when that API lands.
+    # Every worker read the whole input, so each recorded the whole input's identity; merged_provenance checks
+    # they agree and carries it into the final outputs.
     summary = AnnotateSummary(backend=str(prov.get("backend", "")), device=",".join(devices))
     try:
         merge_h5(outputs, opts.output_prefix, opts.formats, provenance=prov, compression=opts.compression,

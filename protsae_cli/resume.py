@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from protsae_cli.errors import InputError
-from protsae_cli.fasta import InvalidRecord, ProteinRecord
+from protsae_cli.fasta import InputIdentity, InvalidRecord, ProteinRecord
 from protsae_cli.results import seq_md5
 
 if TYPE_CHECKING:
@@ -330,8 +330,9 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
     t0 = time.perf_counter()
     reused = computed = 0
     try:
-        records = read_fasta(opts.input, skip_invalid=opts.skip_invalid)
-        if opts.shard:
+        identity = InputIdentity()
+        records = identity.track(read_fasta(opts.input, skip_invalid=opts.skip_invalid))
+        if opts.shard:  # after tracking: the identity is the whole input's
             i, n = opts.shard
             records = (r for r in records if r.index % n == i - 1)
         chunks = chunked_records(records, opts.chunk_residues, opts.chunk_records,
@@ -354,9 +355,8 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
                     bar.advance(len(r.sequence) if isinstance(r, ProteinRecord) else 0)
         if reused:
             log.info("resumed: reused %d finished chunks from %s, computed %d", reused, store.dir, computed)
-        # INPUT IDENTITY (helper C, issue #12): when the writers record the input's record count and digest, the
-        # parts must carry it too (each part sees one chunk, the final outputs the whole input): put the
-        # whole-input identity into `prov` here, before the merge writes it into the final outputs.
+        # Parts see one chunk each; the final outputs record the whole input's identity, known only now.
+        prov = {**prov, **identity.attrs()}
         # Only this input's chunks: a part numbered beyond them is left over from a longer input.
         merge_h5([store.path(n) for n in range(n_chunks)], opts.output_prefix, opts.formats, provenance=prov,
                  compression=opts.compression, on_result=lambda res: _tally(summary, res))

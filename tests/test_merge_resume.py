@@ -184,8 +184,11 @@ def test_merged_shards_equal_unsharded_run(thirds, tmp_path):
     merge_files([src / f"s{i}.gff3" for i in (2, 1, 3)], str(tmp_path / "g"))
     assert gff3_without_command(tmp_path / "g.gff3") == gff3_without_command(src / "whole.gff3")
 
-    # An incomplete set is allowed but recorded.
-    merge_files(shards[:2], str(tmp_path / "part"), formats=("h5",))
+    # An incomplete set is refused, naming what is missing; --allow-partial merges it and records the coverage.
+    with pytest.raises(InputError, match=r"shard 2/3 is missing"):
+        merge_files(shards[:2], str(tmp_path / "part"), formats=("h5",))
+    assert not (tmp_path / "part.h5").exists()
+    merge_files(shards[:2], str(tmp_path / "part"), formats=("h5",), allow_partial=True)
     with h5py.File(tmp_path / "part.h5") as f:
         assert f.attrs["shard"] == "1,3/3"
 

@@ -19,6 +19,7 @@ import io
 import os
 import secrets
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, TypeVar
@@ -211,10 +212,24 @@ class OutputWriter(abc.ABC):
     exception, so ``with H5Writer(...) as w:`` is all a caller needs for atomic outputs. Subclasses implement
     ``_write``, ``_close`` and ``_abort``; this class enforces that nothing is written after the end and that
     a failure while closing still cleans up.
+
+    The input's identity (``writers.INPUT_IDENTITY_KEYS``: record count and digest, see
+    ``fasta.InputIdentity``) is only known once the whole input was read, so writers keep it apart from the
+    provenance they write up front and record it when they close: HDF5 root attributes, a ``#key value``
+    trailer in GFF3 (the TSV has none: a trailer would be a junk row to pandas and awk). A caller that knows it (annotate after the last record, merge from its inputs)
+    calls ``set_input_identity`` before ``close``; identity entries found in the provenance are taken as its
+    default, so a merge regenerating text from HDF5 writes them where a direct run does.
     """
 
     def __init__(self) -> None:
         self._state = "open"  # open -> closed | aborted
+        self.input_identity: dict[str, int | str] = {}
+
+    def set_input_identity(self, identity: "Mapping[str, int | str]") -> None:
+        """Record the whole input's identity (written at ``close``); call before closing."""
+        from protsae_cli.writers import INPUT_IDENTITY_KEYS
+
+        self.input_identity = {k: identity[k] for k in INPUT_IDENTITY_KEYS if k in identity}
 
     @property
     def closed(self) -> bool:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from protsae_cli.concepts import ConceptLookup
 from protsae_cli.results import ProteinResult
+from protsae_cli.writers import identity_trailer, split_identity
 from protsae_cli.writers.atomic import OutputWriter, TextOutput
 from protsae_cli.writers.tsv import format_float, sorted_segments
 
@@ -100,6 +101,8 @@ class GFF3Writer(OutputWriter):
         self.lookup = ConceptLookup(concepts)
         self.source = escape_text_column(source) or "protsae"
         self.n_features = 0
+        provenance, identity = split_identity(provenance)
+        self.set_input_identity(identity)
         self.out = TextOutput(path)
         self.out.write("##gff-version 3\n" + "".join(_comment_line(k_, v) for k_, v in provenance.items()))
 
@@ -135,6 +138,7 @@ class GFF3Writer(OutputWriter):
         self.n_features += n
 
     def _close(self) -> None:
+        self.out.write(identity_trailer(self.input_identity))
         self.out.close()
 
     def _abort(self) -> None:

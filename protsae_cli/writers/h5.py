@@ -45,6 +45,7 @@ import numpy as np
 from protsae_cli import __version__
 from protsae_cli.errors import InputError
 from protsae_cli.results import STATUS_CODES, STATUS_NAMES, ProteinResult, Segment
+from protsae_cli.writers import split_identity
 from protsae_cli.writers.atomic import AtomicFile, OutputWriter
 
 if TYPE_CHECKING:
@@ -119,6 +120,8 @@ class H5Writer(OutputWriter):
         self.n_segments = 0
         self._reset_buffers()
 
+        provenance, identity = split_identity(provenance)
+        self.set_input_identity(identity)
         self.atomic = AtomicFile(self.path)
         try:
             self.f = h5py.File(self.atomic.tmp, "w-")
@@ -293,6 +296,8 @@ class H5Writer(OutputWriter):
     def _close(self) -> None:
         self._flush()
         self.f["codes"].attrs["shape"] = np.array([self.n_rows, self.d_sae], dtype=np.int64)
+        for key, value in self.input_identity.items():
+            self.f.attrs[key] = _attr_value(value)
         self.f.close()
         self.atomic.commit()
 
