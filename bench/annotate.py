@@ -8,7 +8,7 @@
 Models: `--models random` (default) writes random weights of the real ESM-2 shapes (speed does not depend on
 the weights) as fair-esm checkpoints, so the real loading path is exercised, with a matching random TopK SAE;
 `--models bundled` uses the shipped stand-in PLM and default SAE (their hook; --shape/--layer/--d-sae/--k
-are then ignored). Proteins: `--proteins synthetic` (default) is the anchors' set (shared/bench/anchors_gpu.py:
+are then ignored). Proteins: `--proteins synthetic` (default) is the anchors' set (docs/PERFORMANCE_ANCHORS.md §1:
 log-normal lengths around 300, 30-1022, seed 0); `--proteins heldout` takes real proteins the default SAE never
 saw in training or checkpoint selection (see `heldout_proteins`).
 
@@ -112,10 +112,13 @@ def heldout_proteins(data_dir: Path, n: int) -> list[tuple[str, str]]:
     0-2 or bindPredict 1-4 (a few proteins are in both sources), minus proteins over 1,022 residues (esm-extract
     truncates them and annotate windows them: the two sides would not do the same work).
     """
+    if data_dir is None:
+        raise SystemExit("--proteins heldout needs --data DIR or $PROTSAE_SHARED_DATA (the data folder of "
+                         "docs/METHOD.md §4)")
     tm = data_dir / "tmbed" / "cv"
     bp = data_dir / "bindpredict" / "development_set"
     if not (tm / "cv_03_s.fasta").is_file():
-        raise SystemExit(f"{tm / 'cv_03_s.fasta'} not found: pass --data DIR (the shared data folder)")
+        raise SystemExit(f"{tm / 'cv_03_s.fasta'} not found: pass --data DIR (the data folder of docs/METHOD.md §4)")
     seen = {s for i in range(3) for _, s in _fasta_pairs(tm / f"cv_0{i}_s.fasta")}
     by_id = {label.split()[0]: s for label, s in _fasta_pairs(bp / "all.fasta")}
     for i in range(1, 5):
@@ -276,8 +279,8 @@ def main() -> None:
     ap.add_argument("--proteins", default="synthetic", choices=("synthetic", "heldout"),
                     help="the anchors' synthetic set, or real proteins held out from the default SAE")
     ap.add_argument("--data", type=Path,
-                    default=Path(os.environ.get("PROTSAE_SHARED_DATA", str(REPO.parent / "shared" / "data"))),
-                    help="the shared data folder (for --proteins heldout)")
+                    default=os.environ.get("PROTSAE_SHARED_DATA"),
+                    help="the data folder of docs/METHOD.md §4 (for --proteins heldout; default $PROTSAE_SHARED_DATA)")
     ap.add_argument("--n-seqs", type=int, default=2000)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="auto")

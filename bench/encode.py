@@ -8,7 +8,7 @@
 CUDA (issue #3 shapes: (d_model, d_sae) in (320, 10240), (480, 10240), (1280, 10240), (1280, 40960); 65,536
 rows, k = 64, bf16 inputs, fp32 accumulate), per shape, all measured in the same process:
   * cuBLAS GEMM alone: torch.addmm(b, x, W^T) in bf16 -- the floor a fused kernel is judged against;
-  * torch: addmm -> relu -> topk(sorted=False), as in shared/bench/anchors_gpu.py;
+  * torch: addmm -> relu -> topk(sorted=False), as the anchors of docs/PERFORMANCE_ANCHORS.md §1;
   * fused: protsae_cli.kernels.topk_encode with its default config, and every config of
     `candidate_configs` (modes, tile shapes, warps, stages, scratch size) so one GPU session can pick one.
 Each kernel's output is checked against the fp32 reference computed from the same bf16 inputs before it is

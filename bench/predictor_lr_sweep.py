@@ -68,13 +68,16 @@ def train_predictor(x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, bat
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", required=True, help="a ProtSAE of the comparison (normalisation and reference row)")
-    p.add_argument("--data", default=os.environ.get("PROTSAE_SHARED_DATA", str(B.REPO.parent / "shared" / "data")))
+    p.add_argument("--data", default=os.environ.get("PROTSAE_SHARED_DATA"),
+                   help="the data folder of docs/METHOD.md §4 (default $PROTSAE_SHARED_DATA)")
     p.add_argument("--work", default="/tmp/protsae_vs_topk", help="the comparison's work dir (activation caches)")
     p.add_argument("--lrs", default="2e-3,1e-2,2e-2,5e-2")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--seeds", default="0,1")
     a = p.parse_args()
+    if a.data is None:
+        p.error("--data DIR or $PROTSAE_SHARED_DATA is needed: the data folder of docs/METHOD.md §4")
     from protsae_cli.sae import load_sae
 
     torch.set_num_threads(2)

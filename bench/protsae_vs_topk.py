@@ -12,7 +12,8 @@
 The budget (defaults): d_sae 4096, k 32, 400 Adam steps of 2,048 residues (~2 epochs), lr 2e-3 with cosine
 decay, seed 0, the same for every variant; ~7-8 min per ProtSAE run on a shared 2-core CPU.
 
-Everything derived from ../shared/data (FASTAs, label TSVs, activation caches, checkpoints, results) goes to
+Everything derived from the data folder (--data DIR or $PROTSAE_SHARED_DATA, laid out as docs/METHOD.md §4 says:
+FASTAs, label TSVs, activation caches, checkpoints, results) goes to
 --work (default /tmp/protsae_vs_topk), never into the repository: CB513 has no licence and must only be read
 at run time. Residue-level concepts:
 
@@ -681,7 +682,8 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("prepare", "train", "calibrate", "eval", "report", "ceiling", "ship", "all"))
-    p.add_argument("--data", default=os.environ.get("PROTSAE_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--data", default=os.environ.get("PROTSAE_SHARED_DATA"),
+                   help="the data folder of docs/METHOD.md §4 (default $PROTSAE_SHARED_DATA)")
     p.add_argument("--work", default=os.environ.get("PROTSAE_BENCH_WORK", "/tmp/protsae_vs_topk"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=1000)
@@ -707,6 +709,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     stages = ("prepare", "train", "eval", "report") if args.stage == "all" else (args.stage,)
+    if args.data is None and set(stages) & {"prepare", "train", "calibrate", "eval", "ceiling"}:
+        p.error("--data DIR or $PROTSAE_SHARED_DATA is needed: the data folder of docs/METHOD.md §4")
     run = {"prepare": prepare, "train": train, "calibrate": calibrate, "eval": evaluate, "report": report,
            "ceiling": ceiling, "ship": ship}
     for st in stages:

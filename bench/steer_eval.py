@@ -22,7 +22,7 @@ whose unsteered mean probability on the inputs is already >= 0.9 (no room to ris
 labels falls back to its most frequently firing latents on the inputs.
 
 Run (CPU, a few minutes at the defaults):
-    python bench/steer_eval.py --fasta /work/shared/data/tmbed/cv/cv_00_s.fasta --out bench/steer_eval.json
+    python bench/steer_eval.py --fasta $PROTSAE_SHARED_DATA/tmbed/cv/cv_00_s.fasta --out bench/steer_eval.json
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Why a kernel at all: at 65,536 rows x 10,240 latents the unfused path writes and re-reads 1.3 GB of bf16
 pre-activations and then runs a multi-pass radix select over it; on an H200 that costs 3-8x the GEMM itself
-(shared/docs/PERFORMANCE.md, measured anchors). Here each program owns BLOCK_M rows, sweeps all latents in
+(docs/PERFORMANCE_ANCHORS.md §1, measured anchors). Here each program owns BLOCK_M rows, sweeps all latents in
 BLOCK_N tiles (GEMM on tensor cores, fp32 accumulate) and keeps the rows' running top-k on chip.
 
 Selection design (see docs/KERNEL_NOTES.md for the arithmetic behind it):

@@ -1,6 +1,6 @@
 """Concept steering: edit SAE latents at the hook, run the rest of ESM-2, redesign residues, measure against nulls.
 
-Design decisions (METHOD.md §1.8, §3.4; ECOSYSTEM.md §0 item 6), and why:
+Design decisions (docs/METHOD.md §1.8, §3.4), and why:
 
 - **Where the edit lands.** The edit replaces the activation at the SAE's own hook and `EsmRunner` runs the
   remaining blocks and the LM head. Applying the LM head to a mid-network activation (the InterProt notebook

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny ESM-2 checkpoints written in fair-esm's exact hub format, tiny SAEs, tiny FASTAs.
 
-Nothing here touches the network or ../shared: a fresh clone must pass on its own.
+Nothing here touches the network or any data outside the repository: a fresh clone must pass on its own.
 """
 
 from __future__ import annotations

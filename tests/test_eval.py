@@ -1,6 +1,6 @@
 """`protsae eval`: splice exactness, loss-recovered anchors, the concept pipeline on planted latents, probing,
 JSON/Markdown/PNG outputs and the CLI. Tiny fixtures only (plus the shipped stand-in PLM where a model whose
-zero-ablation actually hurts is needed), so a fresh checkout runs these without ../shared."""
+zero-ablation actually hurts is needed), so a fresh checkout runs these without outside data."""
 
 from __future__ import annotations
 

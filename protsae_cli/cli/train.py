@@ -71,15 +71,15 @@ def command(
     topk_scope: TopkScope = typer.Option(
         TopkScope.AUTO, "--topk-scope", rich_help_panel=CONCEPTS,
         help="defined_first: a concept the model calls is admitted to TopK before any free latent (L0 <= k); "
-             "all: one TopK over all latents (METHOD.md's default); unknown: defined latents always kept, L0 up "
-             "to k + concepts, encoded by the torch backend only. auto: defined_first with residue labels, all "
-             "with protein labels."),
+             "all: one TopK over all latents (the library default, docs/METHOD.md §1.10); unknown: defined "
+             "latents always kept, L0 up to k + concepts, encoded by the torch backend only. auto: defined_first "
+             "with residue labels, all with protein labels."),
     defined_bias: DefinedBias = typer.Option(
         DefinedBias.AUTO, "--defined-bias", rich_help_panel=CONCEPTS,
         help="calibrated: a defined latent is zero below a cut fitted to validation F1 at every validation, "
              "graded above it; none: a graded score wherever W x > 0, called above a threshold calibrated at "
-             "the end (METHOD.md's default); pred: includes the predictor's bias, positive where p > 0.5. "
-             "auto: calibrated with residue labels (and validation proteins), none otherwise."),
+             "the end (the library default, docs/METHOD.md §1.10); pred: includes the predictor's bias, positive "
+             "where p > 0.5. auto: calibrated with residue labels (and validation proteins), none otherwise."),
     predictor_lr: Optional[float] = typer.Option(
         None, "--predictor-lr", rich_help_panel=CONCEPTS, callback=open_ends(low=0),
         help="Peak learning rate of the concept predictor (a logistic regression under the stop-gradient, "
