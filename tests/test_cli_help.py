@@ -174,3 +174,21 @@ def test_completion_script_and_completions():
     proc = _run({"_PROTSAE_COMPLETE": "complete_bash", "COMP_WORDS": "protsae annotate x.fa --h5-dtype ",
                  "COMP_CWORD": "4"})
     assert proc.stdout.split() == ["float16", "float32"], (proc.stdout, proc.stderr)
+
+
+def test_metavar_words_without_typer_type_records():
+    """Typer releases before 0.29 keep Click's parameter types instead of `type_descriptor`: same words."""
+    from types import SimpleNamespace as NS
+
+    from protsae_cli.cli.command import metavar_for
+
+    def param(type_name: str, **kw):
+        return NS(is_flag=False, count=False, name="x", help="", type=NS(name=type_name, **kw))
+
+    assert metavar_for(param("integer range")) == "INT"
+    assert metavar_for(param("float")) == "FLOAT"
+    assert metavar_for(param("path")) == "PATH"
+    assert metavar_for(param("text")) == "TEXT"
+    assert metavar_for(param("choice", choices=("gzip", "lzf"))) == "[gzip|lzf]"
+    assert metavar_for(param("uuid")) is None  # unknown: Typer's own display is kept
+    assert metavar_for(NS(is_flag=True, count=False)) == ""

@@ -68,7 +68,7 @@ def metavar_for(param: Any) -> Optional[str]:
         return ""
     desc = getattr(param, "type_descriptor", None)
     if desc is None:
-        return None
+        return _click_type_metavar(param)
     choices = getattr(desc, "choices", None)
     if choices:
         words = [str(getattr(c, "value", c)) for c in choices]
@@ -86,6 +86,20 @@ def metavar_for(param: Any) -> Optional[str]:
     if getattr(desc, "is_path", False):
         return "PATH"
     return _scalar_metavar(annotation)
+
+
+def _click_type_metavar(param: Any) -> Optional[str]:
+    """The same words from a Click parameter type (Typer releases that keep Click's types, before 0.29)."""
+    t = getattr(param, "type", None)
+    name = str(getattr(t, "name", "")).lower()
+    choices = getattr(t, "choices", None)
+    if choices:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
+    for word, metavar in (("integer", "INT"), ("float", "FLOAT"), ("path", "PATH"), ("filename", "PATH"),
+                          ("text", "TEXT")):
+        if name.startswith(word):
+            return metavar
+    return None
 
 
 class _Argument(TyperArgument):
