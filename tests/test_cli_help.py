@@ -42,6 +42,8 @@ METAVARS = [
     ("merge", "--compression", "[gzip|lzf|none]"), ("train", "--lr", "FLOAT"), ("train", "--annotations", "PATH"),
     ("export-structure", "--min-identity", "FLOAT"), ("export-structure", "--h5", "PATH"),
     ("export-onnx", "--opset", "INT"), ("report", "--png-dir", "PATH"), ("steer", "--decode", None),
+    ("train", "--output", "DIR"), ("train", "--activation-cache", "DIR"), ("eval", "--sae", "DIR"),
+    ("eval", "--json", "PATH"), ("steer", "--input", "FASTA"), ("steer", "--strength", "LIST"),
 ]
 
 # Flags: nothing may follow the option name.

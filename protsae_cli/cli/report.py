@@ -18,7 +18,7 @@ def command(
     png_dir: Optional[Path] = typer.Option(None, "--png-dir", rich_help_panel=IO_PANEL,
                                            help="Also write matplotlib PNGs (tracks, heatmaps, top concepts, "
                                                 "histograms) into this directory."),
-    proteins: Optional[list[str]] = typer.Option(None, "--proteins", "-p", rich_help_panel=SEL_PANEL,
+    proteins: Optional[list[str]] = typer.Option(None, "--proteins", "-p", metavar="IDS", rich_help_panel=SEL_PANEL,
                                                  help="Draw these protein ids (comma-separated, or repeat the "
                                                       "option; an id containing a comma is matched whole "
                                                       "first). Every protein with a matching id is drawn."),

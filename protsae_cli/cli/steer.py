@@ -26,12 +26,13 @@ def parse_strengths(value: str) -> tuple[float, ...]:
 
 
 def command(
-    concept: str = typer.Option(..., "--concept", "-c", rich_help_panel=EDIT_PANEL, show_default=False,
+    concept: str = typer.Option(..., "--concept", "-c", metavar="CONCEPT", rich_help_panel=EDIT_PANEL,
+                                show_default=False,
                                 help="Concept name, concept id or ontology id from the SAE's concept table, or a "
                                      "latent index (latent:123 or 123)."),
-    output: str = typer.Option(..., "--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
+    output: str = typer.Option(..., "--output", "-o", metavar="FASTA", rich_help_panel=IO_PANEL, show_default=False,
                                help="Output FASTA; the per-sequence report is written beside it as OUT.tsv."),
-    input: Optional[str] = typer.Option(None, "--input", "-i", rich_help_panel=IO_PANEL,
+    input: Optional[str] = typer.Option(None, "--input", "-i", metavar="FASTA", rich_help_panel=IO_PANEL,
                                         help="Proteins to redesign (FASTA, .gz or - for stdin; <= 1022 residues)."),
     length: Optional[int] = typer.Option(None, "--length", rich_help_panel=IO_PANEL, min=1, max=1022,
                                          help="Generate from scratch: sequence length (with --num)."),
@@ -46,13 +47,14 @@ def command(
     with_ancestors: bool = typer.Option(False, "--with-ancestors", rich_help_panel=EDIT_PANEL,
                                         help="Also steer the SAE's concepts that are ontology ancestors of the "
                                              "target (is_a, part_of), as the ProtSAE release does for GO ids."),
-    ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=EDIT_PANEL,
+    ontology: Optional[str] = typer.Option(None, "--ontology", metavar="PATH", rich_help_panel=EDIT_PANEL,
                                            help="OBO file for --with-ancestors and id lookup (default: the "
                                                 "shipped residue concept ontology)."),
     mode: SteerMode = typer.Option(SteerMode.ADD, "--mode", rich_help_panel=EDIT_PANEL,
                              help="add: z += s*S; clamp: z = s*S; multiply: z *= 1+s. S is the latent's recorded "
                                   "max activation, else the token's largest latent value; results floored at 0."),
-    strength: str = typer.Option("1.0", "--strength", "-s", rich_help_panel=EDIT_PANEL, callback=parse_strengths,
+    strength: str = typer.Option("1.0", "--strength", "-s", metavar="LIST", rich_help_panel=EDIT_PANEL,
+                                 callback=parse_strengths,
                                  help="Strength s; a comma-separated list runs a sweep (e.g. 0,0.5,1,2)."),
     replace_with_reconstruction: bool = typer.Option(
         False, "--replace-with-reconstruction", rich_help_panel=EDIT_PANEL,
@@ -78,7 +80,7 @@ def command(
                                       help="Softmax temperature for sample and gibbs (> 0)."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=DEC_PANEL,
                              help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
-    control: Optional[List[str]] = typer.Option(None, "--control", rich_help_panel=CTRL_PANEL,
+    control: Optional[List[str]] = typer.Option(None, "--control", metavar="LIST", rich_help_panel=CTRL_PANEL,
                                                 callback=controls_callback,
                                                 help="Null conditions with the same settings: random-latent and/or "
                                                      "activity-matched (repeat the option, or separate by commas)."),

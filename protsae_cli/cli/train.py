@@ -17,7 +17,7 @@ LABELS, CONCEPTS, RUN = CONCEPTS_PANEL, "ProtSAE model and losses", "Checkpoints
 
 def command(
     fasta: str = typer.Argument(..., help="Training proteins (FASTA, .gz or -).", show_default=False),
-    output: str = typer.Option(..., "--output", "-o", help="Output SAE directory.", show_default=False),
+    output: str = typer.Option(..., "--output", "-o", metavar="DIR", help="Output SAE directory.", show_default=False),
     model: PlmOpt = None,
     layer: int = typer.Option(4, "--layer", "-l", rich_help_panel=MODEL, min=1,
                               help="1-based transformer block to hook (fair-esm repr_layers index)."),
@@ -37,7 +37,7 @@ def command(
                                             "selection, in [0, 1)."),
     max_val_tokens: int = typer.Option(262_144, "--max-val-tokens", rich_help_panel=DATA, min=1,
                                        help="Cap on validation rows (whole proteins, seeded)."),
-    activation_cache: Optional[str] = typer.Option(None, "--activation-cache", rich_help_panel=DATA,
+    activation_cache: Optional[str] = typer.Option(None, "--activation-cache", metavar="DIR", rich_help_panel=DATA,
                                                    help="Directory to save activation shards to, or reuse them from."),
     stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", rich_help_panel=DATA, show_default=False,
                                           help="Stream the activation cache through a shuffle buffer, or load it "
@@ -49,10 +49,10 @@ def command(
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
     ontology: Optional[List[str]] = typer.Option(
-        None, "--ontology", rich_help_panel=LABELS,
+        None, "--ontology", metavar="PATH", rich_help_panel=LABELS,
         help="OBO ontology for label propagation and the axiom loss (repeatable, e.g. go.obo) "
              "\\[default: the shipped residue-concept ontology]."),
-    concepts: Optional[str] = typer.Option(None, "--concepts", rich_help_panel=LABELS,
+    concepts: Optional[str] = typer.Option(None, "--concepts", metavar="LIST", rich_help_panel=LABELS,
                                            help="Comma-separated concept ids or names, in latent order "
                                                 "\\[default: all with --min-concept-residues positives]."),
     min_concept_residues: int = typer.Option(10, "--min-concept-residues", rich_help_panel=LABELS, min=1,
@@ -120,7 +120,7 @@ def command(
              "released code's epoch 30 of 50; 0 for topk]."),
     state_every: int = typer.Option(1000, "--state-every", rich_help_panel=RUN, min=1,
                                     help="Write the resumable training state every N steps (and at the end)."),
-    resume: Optional[str] = typer.Option(None, "--resume", rich_help_panel=RUN,
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="PATH", rich_help_panel=RUN,
                                          help="Continue from an output directory's train_state.pt (or that file)."),
     stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", rich_help_panel=RUN, min=1,
                                                help="Stop resumably after this step (e.g. before a job time limit)."),
