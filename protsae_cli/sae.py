@@ -27,9 +27,17 @@ FORMAT_VERSION = 1
 HOOK_POINTS = ("resid_post", "attn_out")
 
 
+CONCEPT_KINDS = ("", "region", "site")
+
+
 @dataclass
 class ConceptEntry:
-    """One concept bound to (or labelled onto) a latent, with the threshold used to call it."""
+    """One concept bound to (or labelled onto) a latent, with the threshold used to call it.
+
+    The reliability fields say what a call is worth (docs/CALLS.md): measured at `threshold` on labelled
+    validation proteins the SAE was not trained on, by `protsae train` or `protsae calibrate`. They stay
+    None / empty for a concept nobody measured, and annotate then calls it without a reliability.
+    """
 
     latent: int
     concept_id: str
@@ -37,11 +45,51 @@ class ConceptEntry:
     ontology_id: str = ""
     threshold: float = 0.0
     source: str = ""
+    # -- reliability (docs/CALLS.md) ---------------------------------------------------------------------
+    kind: str = ""                    # "region" (spans: membrane, topology sides, signal peptide) | "site"
+    precision: float | None = None    # residue precision of "activation >= threshold" on validation proteins
+    recall: float | None = None       # residue recall, same residues
+    f1: float | None = None
+    positives: int = 0                # labelled positive residues among the validation residues
+    label_source: str = ""            # the labels these numbers were measured against (file names)
+    operating_point: str = ""         # how `threshold` was chosen: "f1", "precision:0.9", "recall:0.5"
+    validation: str = ""              # which proteins: e.g. "3 files, 1507 proteins, 402113 residues"
+    # Calibrated P(residue carries the concept | activation): [[activation, probability], ...] with ascending
+    # activations; a segment's score is the probability at its max activation (concepts.segment_score).
+    score_curve: list[list[float]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ConceptEntry":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def check(self) -> None:
+        """Refuse reliability fields of the wrong type or range (a config is data, see from_json_dict)."""
+        where = f"concept {self.concept_id!r}"
+        if not _is_number(self.threshold):
+            raise InputError(f"{where}: threshold must be a number, got {self.threshold!r}")
+        if self.kind not in CONCEPT_KINDS:
+            raise InputError(f"{where}: kind must be 'region' or 'site', got {self.kind!r}")
+        for name in ("precision", "recall", "f1"):
+            v = getattr(self, name)
+            if v is not None and not (_is_number(v) and 0.0 <= v <= 1.0):
+                raise InputError(f"{where}: {name} must be null or a number in [0, 1], got {v!r}")
+        if isinstance(self.positives, bool) or not isinstance(self.positives, int) or self.positives < 0:
+            raise InputError(f"{where}: positives must be an integer >= 0, got {self.positives!r}")
+        for name in ("label_source", "operating_point", "validation", "source", "ontology_id", "name"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{where}: {name} must be a string, got {getattr(self, name)!r}")
+        curve = self.score_curve
+        if not isinstance(curve, list) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and _is_number(p[0]) and _is_number(p[1])
+                and 0.0 <= p[1] <= 1.0 for p in curve):
+            raise InputError(f"{where}: score_curve must be a list of [activation, probability in 0..1] pairs")
+        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:])):
+            raise InputError(f"{where}: score_curve activations must be strictly ascending")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
 @dataclass
@@ -120,6 +168,7 @@ class SAEConfig:
                 training=d.get("training", {}), protsae=d.get("protsae", {}),
             )
             for c in cfg.concepts:
+                c.check()
                 if isinstance(c.latent, bool) or not isinstance(c.latent, int) or not 0 <= c.latent < cfg.d_sae:
                     raise InputError(f"concept {c.concept_id!r} is bound to latent {c.latent!r}, outside "
                                      f"0..{cfg.d_sae - 1} (d_sae={cfg.d_sae})")
