@@ -17,8 +17,9 @@ import gzip
 import io
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from protsae_cli.errors import InputError
 
@@ -48,6 +49,8 @@ class Term:
     alt_ids: list[str] = field(default_factory=list)
     synonyms: list[str] = field(default_factory=list)
     xrefs: list[str] = field(default_factory=list)
+    # xref id -> its quoted description (`xref: SO:0000418 "signal_peptide"`): the SO term name of a feature type
+    xref_names: dict[str, str] = field(default_factory=dict)
     subsets: list[str] = field(default_factory=list)
     replaced_by: list[str] = field(default_factory=list)
     consider: list[str] = field(default_factory=list)
@@ -424,6 +427,9 @@ def _build_term(tags: list[tuple[str, str, int]], start: int, source: str, defau
         elif tag == "xref":
             if tokens:
                 term.xrefs.append(tokens[0])
+                desc = value[len(tokens[0]):].strip()
+                if desc.startswith('"'):
+                    term.xref_names[tokens[0]] = _quoted(desc)
         elif tag == "subset":
             term.subsets.append(value)
         elif tag == "replaced_by":
@@ -695,3 +701,108 @@ def load_normal_forms_file(path: str | Path, concepts: Sequence[str] | None = No
     if concepts is None:
         nf.n_concepts = 0
     return nf
+
+
+# ------------------------------------------------------------------------------------- standard terms of concepts
+#: GFF3 column 3 when a concept has no Sequence Ontology term of its own or inherited (SO's root of protein features).
+SO_FALLBACK = ("SO:0000839", "polypeptide_region")
+#: Subsets of the shipped concept ontology that declare how a concept is called (inherited along is_a).
+KIND_SUBSETS = {"region_concept": "region", "site_concept": "site"}
+
+
+@dataclass(frozen=True)
+class ConceptTerms:
+    """The standard vocabulary of one concept, as GFF3/TSV consumers (InterProScan, genome browsers) expect it.
+
+    ``feature_type`` is the SO term name for GFF3 column 3 (the accession when no name is known, which the spec
+    allows); ``ontology_terms`` are SO and GO ids, feature type first (GFF3 ``Ontology_term``, TSV
+    ``ontology_id``); ``go_ids`` the GO ids alone (GFF3 ``Dbxref``); ``kind`` is "region", "site" or "".
+    """
+
+    feature_type: str
+    so_id: str
+    ontology_terms: tuple[str, ...]
+    go_ids: tuple[str, ...]
+    kind: str
+
+
+def _standard_ids(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()[:3].upper() in ("SO:", "GO:")]
+
+
+@lru_cache(maxsize=1)
+def shipped_concept_ontology() -> Ontology:
+    """`models/residue_concepts.obo`, parsed once per process (writers look every concept up in it)."""
+    from protsae_cli.models import concept_ontology_path
+
+    return Ontology.from_obo(concept_ontology_path())
+
+
+def _nearest(onto: Ontology, tid: str, pick: "Callable[[Term], str | None]") -> str | None:
+    """First value `pick` finds on the term or, breadth-first along is_a, its nearest ancestor."""
+    seen, level = {tid}, [tid]
+    while level:
+        for t in level:
+            hit = pick(onto.terms[t])
+            if hit:
+                return hit
+        nxt: list[str] = []
+        for t in level:
+            for p in onto.terms[t].is_a:
+                if p in onto.terms and p not in seen:
+                    seen.add(p)
+                    nxt.append(p)
+        level = nxt
+    return None
+
+
+def concept_terms(concept_id: str, ontology_id: str = "", ontology: Ontology | None = None) -> ConceptTerms:
+    """Standard terms of a concept from its recorded `ontology_id` and the concept ontology's xrefs.
+
+    Why here and not in the SAE config alone: SAEs trained before the xrefs existed record `ontology_id` as a
+    copy of the PSC id, and their calls should still come out typed; SO/GO ids written in `ontology_id` come
+    first, then the concept's own xrefs, and the SO feature type is inherited from the nearest is_a ancestor
+    that has one (transmembrane helix -> transmembrane region -> SO:0001077), since SO is coarser than PSC.
+    """
+    if ontology is None:
+        return _shipped_terms(concept_id, ontology_id)
+    return _concept_terms(concept_id, ontology_id, ontology)
+
+
+@lru_cache(maxsize=4096)
+def _shipped_terms(concept_id: str, ontology_id: str) -> ConceptTerms:
+    return _concept_terms(concept_id, ontology_id, shipped_concept_ontology())
+
+
+def _concept_terms(concept_id: str, ontology_id: str, onto: Ontology) -> ConceptTerms:
+    ids = _standard_ids(ontology_id) + _standard_ids(concept_id)
+    tid = onto.resolve(concept_id) if concept_id else None
+    kind, inherited_so = "", None
+    if tid is not None:
+        ids += _standard_ids(",".join(onto.terms[tid].xrefs))
+        inherited_so = _nearest(onto, tid, lambda t: next((x for x in t.xrefs if x.upper().startswith("SO:")), None))
+        kind = _nearest(onto, tid, lambda t: next((KIND_SUBSETS[s] for s in t.subsets if s in KIND_SUBSETS),
+                                                  None)) or ""
+    ids = list(dict.fromkeys(i.upper()[:3] + i[3:] for i in ids))
+    so = next((i for i in ids if i.startswith("SO:")), None) or inherited_so
+    if so is None:
+        so_id, feature_type = SO_FALLBACK
+    else:
+        so_id, feature_type = so, _so_names(onto).get(so, so)
+    terms = list(dict.fromkeys(([so] if so else []) + [i for i in ids if i.startswith("SO:")]
+                               + [i for i in ids if i.startswith("GO:")]))
+    return ConceptTerms(feature_type=feature_type, so_id=so_id, ontology_terms=tuple(terms),
+                        go_ids=tuple(i for i in terms if i.startswith("GO:")), kind=kind)
+
+
+def _so_names(onto: Ontology) -> dict[str, str]:
+    """SO accession -> term name, from the xref descriptions of every term (one name per accession)."""
+    cached = getattr(onto, "_so_name_table", None)
+    if cached is None:
+        cached = {}
+        for t in onto.terms.values():
+            for x, name in t.xref_names.items():
+                if x.upper().startswith("SO:"):
+                    cached.setdefault(x.upper()[:3] + x[3:], name)
+        onto._so_name_table = cached  # type: ignore[attr-defined]
+    return cached
