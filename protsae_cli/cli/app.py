@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import importlib
 import sys
-from typing import Optional
 
 # (command name, module exporting `command`). Each module only imports typer/stdlib at top level.
 COMMANDS: list[tuple[str, str]] = [

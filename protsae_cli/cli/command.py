@@ -196,9 +196,8 @@ class ProtsaeCommand(TyperCommand):
             raise
 
     def invoke(self, ctx: Any) -> Any:
-        verbose = ctx.params.pop("global_verbose", 0) or 0
-        quiet = ctx.params.pop("global_quiet", 0) or 0
-        log_file = ctx.params.pop("global_log_file", None)
+        verbose, quiet, log_file = (ctx.params.pop(name, None) for name in _LOGGING_PARAMS)
+        verbose, quiet = verbose or 0, quiet or 0
         if verbose or quiet or log_file:
             from protsae_cli.logging_setup import setup_logging
 
