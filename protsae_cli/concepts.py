@@ -21,7 +21,10 @@ kept, and runs are found with sorting and ``diff`` rather than Python loops over
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +32,8 @@ import numpy as np
 from protsae_cli.results import Segment
 
 if TYPE_CHECKING:  # sae.py imports torch; readers of finished outputs should not pay for it.
+    import logging
+
     from protsae_cli.sae import ConceptEntry
 
 
@@ -162,3 +167,115 @@ class ConceptLookup:
         if hit is not None:
             return hit
         return self._by_latent.get(int(seg.latent), [])
+
+
+# ------------------------------------------------------------------------------------------- calling policy
+#: Floors below which a measured concept is withheld by default (docs/CALLS.md says why these values).
+MIN_PRECISION = 0.5
+MIN_F1 = 0.1
+MIN_POSITIVES = 20
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """Which measured concepts annotate calls: validated precision and F1 at or above the floors, on at least
+    ``min_positives`` labelled validation residues. A concept nobody measured (precision None) is called
+    and reported as unmeasured: withholding it would silence every SAE calibrated before reliability existed."""
+
+    min_precision: float = MIN_PRECISION
+    min_f1: float = MIN_F1
+    min_positives: int = MIN_POSITIVES
+    call_withheld: bool = False
+
+    def describe(self) -> str:
+        return (f"withhold concepts with validation precision < {self.min_precision:g}, F1 < {self.min_f1:g} or "
+                f"< {self.min_positives} positive residues (docs/CALLS.md); "
+                f"--call-withheld {'on: all called' if self.call_withheld else 'off'}")
+
+
+@dataclass
+class CallSelection:
+    called: list["ConceptEntry"]
+    withheld: list[tuple["ConceptEntry", str]]     # (entry, why), withheld by the policy
+    forced: list[tuple["ConceptEntry", str]]       # below a floor but called because of --call-withheld
+    unmeasured: list["ConceptEntry"]               # called without a measured reliability
+
+    def withheld_text(self) -> str:
+        """One line for provenance/logs: ``PSC:0000210 metal binding (precision 0.21 < 0.5); ...``."""
+        return "; ".join(f"{e.concept_id} {e.name} ({why})" for e, why in self.withheld)
+
+
+def below_floor(entry: "ConceptEntry", policy: CallPolicy) -> str | None:
+    """Why a measured concept falls below the policy's floors, or None (also None when it was never measured)."""
+    if entry.precision is None and entry.f1 is None:
+        return None
+    if entry.positives < policy.min_positives:
+        return f"{entry.positives} validation positives < {policy.min_positives}"
+    if entry.precision is not None and entry.precision < policy.min_precision:
+        return f"precision {entry.precision:.3g} < {policy.min_precision:g}"
+    if entry.f1 is not None and entry.f1 < policy.min_f1:
+        return f"F1 {entry.f1:.3g} < {policy.min_f1:g}"
+    return None
+
+
+def select_calls(concepts: Sequence["ConceptEntry"], policy: CallPolicy = CallPolicy()) -> CallSelection:
+    """Split an SAE's concept table into what annotate calls and what it withholds, and why."""
+    sel = CallSelection([], [], [], [])
+    for e in concepts:
+        why = below_floor(e, policy)
+        if why is None:
+            sel.called.append(e)
+            if e.precision is None and e.f1 is None:
+                sel.unmeasured.append(e)
+        elif policy.call_withheld:
+            sel.called.append(e)
+            sel.forced.append((e, why))
+        else:
+            sel.withheld.append((e, why))
+    return sel
+
+
+def standardize(concepts: Sequence["ConceptEntry"]) -> list["ConceptEntry"]:
+    """Copies whose ``ontology_id`` holds the concept's standard SO/GO ids and whose ``kind`` is filled in,
+    from the shipped ontology's xrefs when the table leaves them empty or as a copy of the concept id (SAEs
+    trained before the xrefs existed); ids a table states itself are kept first."""
+    from protsae_cli.ontology import concept_terms
+
+    out = []
+    for e in concepts:
+        ont = e.ontology_id if e.ontology_id != e.concept_id else ""
+        terms = concept_terms(e.concept_id, ont)
+        std = ",".join(terms.ontology_terms)
+        out.append(dataclasses.replace(e, ontology_id=std or e.ontology_id, kind=e.kind or terms.kind,
+                                       score_curve=[list(p) for p in e.score_curve]))
+    return out
+
+
+def segment_score(entry: "ConceptEntry | None", max_act: float) -> float | None:
+    """A segment's score: the calibrated probability that a residue with the segment's peak activation carries
+    the concept, read off the entry's ``score_curve`` (a non-decreasing step function of activation fitted on
+    validation residues, docs/CALLS.md). None when the concept has no curve."""
+    curve = entry.score_curve if entry is not None else None
+    if not curve:
+        return None
+    x = float(np.float32(max_act))
+    j = -1
+    for i, (a, _) in enumerate(curve):   # curves have at most ~20 knots
+        if float(np.float32(a)) <= x:
+            j = i
+        else:
+            break
+    p = curve[max(j, 0)][1]
+    return float(p) if math.isfinite(p) else None
+
+
+def log_calling(sel: CallSelection, log: "logging.Logger") -> None:
+    """Say what annotate withholds and why, once per run (stderr; -q silences it, --log-file keeps it)."""
+    for e, why in sel.withheld:
+        log.warning("withheld concept %s %s (latent %d): %s on validation proteins; --call-withheld calls it",
+                    e.concept_id, e.name, e.latent, why)
+    for e, why in sel.forced:
+        log.warning("calling concept %s %s below the floor (%s) because of --call-withheld", e.concept_id, e.name, why)
+    if sel.unmeasured:
+        log.info("%d concept(s) have no measured reliability (protsae calibrate measures them): %s",
+                 len(sel.unmeasured), ", ".join(e.concept_id for e in sel.unmeasured[:10]))

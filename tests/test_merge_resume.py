@@ -65,7 +65,10 @@ def h5_content(path: Path, ignore_attrs: set[str] = PER_RUN) -> dict[str, object
                 if not (name == "" and k in ignore_attrs):
                     out[f"{name}@{k}"] = np.asarray(v).tolist()
             if isinstance(obj, h5py.Dataset):
-                out[name] = (str(obj.dtype), obj[()].tolist())
+                v = obj[()]
+                if v.dtype.kind == "f":  # NaN marks "not measured" (concept reliability); NaN != NaN in lists
+                    v = np.where(np.isnan(v), np.inf, v)
+                out[name] = (str(obj.dtype), v.tolist())
 
         visit("", f)
         f.visititems(visit)

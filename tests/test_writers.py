@@ -311,8 +311,11 @@ def test_gff3_round_trip(tmp_path: Path, results: list[ProteinResult], name: str
     assert directives[0] == "##gff-version 3"
     assert f"#command {PROVENANCE['command']}" in directives
     regions = [d.split(" ") for d in directives if d.startswith("##sequence-region")]
+    # The second protein named sp|P12345|KRING_HUMAN becomes <id>.2 (one seqid per sequence), mapped in a comment.
+    expected_seqids = [r.id + (".2" if r.index == 1 else "") for r in results if r.length > 0]
     assert [(unquote(r[1]), int(r[2]), int(r[3])) for r in regions] == \
-        [(r.id, 1, r.length) for r in results if r.length > 0]
+        [(sid, 1, r.length) for sid, r in zip(expected_seqids, [r for r in results if r.length > 0])]
+    assert "#protsae_seqid sp|P12345|KRING_HUMAN.2 2 sp|P12345|KRING_HUMAN" in directives
     assert len(features) == len(expected_tsv_rows(results))
     ids = [attributes(f[8])["ID"][0] for f in features]
     assert len(set(ids)) == len(ids)
@@ -322,17 +325,19 @@ def test_gff3_round_trip(tmp_path: Path, results: list[ProteinResult], name: str
     for f, (pid, lat, start, end) in zip(features, expected_tsv_rows(results)):
         seqid, source, ftype, s, e, score, strand, phase, col9 = f
         assert not any(ch.isspace() for ch in seqid) and not seqid.startswith(">")
-        assert unquote(seqid) == pid
-        assert (source, strand, phase) == ("protsae", ".", ".")
-        assert (int(s), int(e)) == (start, end) and int(e) <= max(lengths[seqid])
-        float(score)
         a = attributes(col9)
+        assert a.get("original_id", [unquote(seqid)]) == [pid]
+        assert unquote(seqid) in (pid, pid + ".2") and len(lengths[seqid]) == 1
+        assert (source, strand, phase) == ("protsae", ".", ".")
+        assert (int(s), int(e)) == (start, end) and int(e) <= lengths[seqid][0]
+        float(score)
         assert a["latent"] == [str(lat)]
-        assert set(a) <= {"ID", "Name", "Ontology_term", "latent", "concept_id", "threshold", "mean_activation",
-                          "n_residues"}
+        assert set(a) <= {"ID", "Name", "Ontology_term", "Dbxref", "original_id", "latent", "concept_id",
+                          "threshold", "mean_activation", "n_residues"}
         assert int(a["n_residues"][0]) == end - start + 1
         if lat == 3:
             assert a["Name"] == ["Kringle; domain=x,y"] and a["Ontology_term"] == ["GO:0005515"]
+            assert a["Dbxref"] == ["GO:0005515"]
             assert ftype == "polypeptide_region"
         elif lat == 7:
             assert a["Name"] == ["binding\tsite"] and ftype == "binding_site"
@@ -356,10 +361,86 @@ def test_gff3_escaping() -> None:
 
 @pytest.mark.skipif(shutil.which("gt") is None, reason="GenomeTools (gt) not installed")
 def test_gff3_validates_with_genometools(tmp_path: Path, results: list[ProteinResult]) -> None:
-    unique = [r for r in results if r.id != "sp|P12345|KRING_HUMAN" or r.index == 0]  # gt rejects repeated regions
-    write_all(GFF3Writer, tmp_path / "v.gff3", unique)
+    # Duplicate ids included (the fixture's first two proteins share one): each still gets its own seqid.
+    dup = results + [make_result(np.random.default_rng(3), 7, "sp|P12345|KRING_HUMAN.2", 14),  # taken by the map
+                     make_result(np.random.default_rng(4), 8, "sp|P12345|KRING_HUMAN", 11)]
+    write_all(GFF3Writer, tmp_path / "v.gff3", dup)
     proc = subprocess.run(["gt", "gff3validator", str(tmp_path / "v.gff3")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    problems = gff3_structure_problems((tmp_path / "v.gff3").read_text())
+    assert problems == []
+
+
+def gff3_structure_problems(text: str) -> list[str]:
+    """What `gt gff3validator` checks structurally, in Python, so the property is tested without GenomeTools:
+    version line first, 9 tab-separated columns, legal seqid characters, one ##sequence-region per seqid
+    declared before its features, features inside their region, start <= end, unique IDs, well-formed
+    key=value attributes with reserved characters escaped."""
+    import re
+
+    out: list[str] = []
+    lines = text.splitlines()
+    if not lines or lines[0] != "##gff-version 3":
+        out.append("first line is not ##gff-version 3")
+    regions: dict[str, tuple[int, int]] = {}
+    ids: set[str] = set()
+    seqid_ok = re.compile(r"^[a-zA-Z0-9.:^*$@!+_?|%-]+$")
+    for n, line in enumerate(lines[1:], start=2):
+        if line.startswith("##sequence-region"):
+            parts = line.split()
+            if len(parts) != 4:
+                out.append(f"line {n}: malformed region")
+                continue
+            if parts[1] in regions:
+                out.append(f"line {n}: sequence region {parts[1]} defined twice")
+            regions[parts[1]] = (int(parts[2]), int(parts[3]))
+            continue
+        if line.startswith("#") or not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != 9:
+            out.append(f"line {n}: {len(cols)} columns")
+            continue
+        seqid, _, ftype, start, end, score, strand, phase, col9 = cols
+        if not seqid_ok.match(seqid):
+            out.append(f"line {n}: illegal seqid {seqid!r}")
+        if seqid not in regions:
+            out.append(f"line {n}: feature on {seqid} before its ##sequence-region")
+        elif not regions[seqid][0] <= int(start) <= int(end) <= regions[seqid][1]:
+            out.append(f"line {n}: {start}-{end} outside the region of {seqid}")
+        if not ftype or " " in ftype:
+            out.append(f"line {n}: bad type {ftype!r}")
+        if score != ".":
+            float(score)
+        if strand not in ".+-?" or phase != ".":
+            out.append(f"line {n}: strand/phase")
+        for part in col9.split(";"):
+            key, eq, value = part.partition("=")
+            if not eq or not key or not value or any(c in value for c in "=\t"):
+                out.append(f"line {n}: malformed attribute {part!r}")
+            if key == "ID":
+                if value in ids:
+                    out.append(f"line {n}: ID {value} not unique")
+                ids.add(value)
+    return out
+
+
+def test_gff3_structure_with_duplicate_ids(tmp_path: Path, results: list[ProteinResult]) -> None:
+    """Runs without GenomeTools: the same structural rules gt checks, duplicates and a taken <id>.2 included."""
+    dup = results + [make_result(np.random.default_rng(3), 7, "sp|P12345|KRING_HUMAN.2", 14),
+                     make_result(np.random.default_rng(4), 8, "sp|P12345|KRING_HUMAN", 11)]
+    write_all(GFF3Writer, tmp_path / "v.gff3", dup)
+    text = (tmp_path / "v.gff3").read_text()
+    assert gff3_structure_problems(text) == []
+    regions = [line.split()[1] for line in text.splitlines() if line.startswith("##sequence-region")]
+    # input order: X, X, weird, (invalid: no region), enzyme, long1, oom, X.2 (an input id), X
+    assert [unquote(r) for r in regions] == [
+        "sp|P12345|KRING_HUMAN", "sp|P12345|KRING_HUMAN.2", "weird id/with slash", "énzyme_β;x=1%", "long1", "oom",
+        "sp|P12345|KRING_HUMAN.2.2", "sp|P12345|KRING_HUMAN.3"]
+    assert "#protsae_seqid sp|P12345|KRING_HUMAN.3 9 sp|P12345|KRING_HUMAN" in text.splitlines()
+    # The checker itself fails on what it is meant to catch.
+    bad = text.replace("sp|P12345|KRING_HUMAN.2 1", "sp|P12345|KRING_HUMAN 1", 1)
+    assert any("defined twice" in p for p in gff3_structure_problems(bad))
 
 
 # -- atomicity ------------------------------------------------------------------------------------------------

@@ -13,15 +13,25 @@ Choices worth knowing:
   bytes). The spec writes that set as the regex class ``[a-zA-Z0-9.:^*$@!+_?-|]``; we read ``?-|`` as the
   three characters, the evident intent, not as the ASCII range ``?``..``|`` (which would let ``[\\]`{``
   through). An empty id, which GFF3 cannot represent, becomes ``protsae_protein_<index>``.
-* Duplicate protein ids are legal input, and each protein still gets its own ``##sequence-region`` line;
-  remembering every id seen to suppress repeats would make memory grow with the input. GFF3 validators may
-  complain about a repeated region for duplicate ids; the ids are data and are kept verbatim.
+* Duplicate protein ids are legal input, but a GFF3 seqid names one sequence, so a repeated id cannot be
+  written twice (``gt gff3validator``: "sequence region defined twice"). The first protein with an id keeps it;
+  the n-th (n >= 2) becomes ``<id>.<n>`` (the next free ``.<n>`` if that name is taken by another input id),
+  its features carry ``original_id=<id>``, and a ``#protsae_seqid <seqid> <record> <id>`` comment before its
+  region line records the mapping (record = 1-based input record number). This needs a set of the seqids
+  written so far: 64-bit hashes, about 60 bytes per protein (60 MB per million proteins). A hash collision
+  can only rename a protein that did not need it, never let a repeat through.
 * ``ID`` is ``p<protein_index>.<n>``: unique in the file because protein indexes are unique input ordinals,
   and stable across sharding, so merged shards never collide.
-* type is ``polypeptide_region`` (SO:0000839) unless the concept's ontology_id names an SO term, which is then
-  used (by name when known, else as the accession, which the spec allows).
-* score is the segment's max activation; ``n_residues`` is the span ``end - start + 1`` (including residues
-  bridged by ``--merge-gap``), ``mean_activation`` is over on-residues only.
+* type is the concept's Sequence Ontology term (``ontology.concept_terms``): an SO id written in its
+  ontology_id, else its own or nearest ancestor's SO xref in the shipped concept ontology (signal_peptide,
+  transmembrane_polypeptide_region, metal_binding_site ...), by name when the ontology names it, else as the
+  accession (the spec allows both); ``polypeptide_region`` (SO:0000839) when there is none.
+* ``Ontology_term`` lists the concept's SO and GO ids (feature type first), ``Dbxref`` its GO ids, so the file
+  lines up with InterProScan's GFF3; ``concept_id`` is the protsae (PSC) id.
+* score (column 6) is the segment's max activation; ``n_residues`` is the span ``end - start + 1`` (including
+  residues bridged by ``--merge-gap``), ``mean_activation`` is over on-residues only. ``concept_precision``,
+  ``concept_recall``, ``concept_f1`` are the concept's validated reliability and ``score`` the segment's
+  calibrated probability (docs/CALLS.md); they are left out when not measured.
 * Attribute values percent-encode ``; = % & ,``, tab, CR, LF and control characters; other non-ASCII text
   stays UTF-8. ontology_id may hold several comma-separated terms, which become a multi-value attribute.
 """
@@ -32,11 +42,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from protsae_cli.concepts import ConceptLookup
+import hashlib
+
+from protsae_cli.concepts import ConceptLookup, segment_score
+from protsae_cli.ontology import concept_terms
 from protsae_cli.results import ProteinResult
 from protsae_cli.writers import identity_trailer, split_identity
 from protsae_cli.writers.atomic import OutputWriter, TextOutput
-from protsae_cli.writers.tsv import format_float, sorted_segments
+from protsae_cli.writers.tsv import format_float, format_metric, sorted_segments
 
 if TYPE_CHECKING:
     from protsae_cli.sae import ConceptEntry
@@ -74,12 +87,37 @@ def escape_text_column(value: str) -> str:
     return "".join(_percent(c) if c in _ATTR_UNSAFE or c == " " else c for c in value)
 
 
-def _feature_type(ontology_id: str) -> str:
-    for term in ontology_id.split(","):
-        term = term.strip()
-        if term.upper().startswith("SO:"):
-            return SO_NAMES.get(term.upper(), term.upper())
+def _feature_type(ontology_id: str, concept_id: str = "") -> str:
+    t = concept_terms(concept_id, ontology_id)
+    if t.so_id != "SO:0000839" or any(x.strip().upper() == "SO:0000839" for x in ontology_id.split(",")):
+        return SO_NAMES.get(t.so_id, t.feature_type)
     return DEFAULT_TYPE
+
+
+class SeqidMap:
+    """Unique GFF3 seqids for possibly repeated protein ids (see the module docstring for the rule)."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self._next: dict[int, int] = {}
+
+    @staticmethod
+    def _h(seqid: str) -> int:
+        return int.from_bytes(hashlib.blake2b(seqid.encode("utf-8"), digest_size=8).digest(), "little")
+
+    def assign(self, base: str) -> str:
+        """The seqid for the next protein whose escaped id is `base` (`base` itself the first time)."""
+        h = self._h(base)
+        if h not in self._seen:
+            self._seen.add(h)
+            return base
+        n = self._next.get(h, 2)
+        while self._h(f"{base}.{n}") in self._seen:
+            n += 1
+        self._next[h] = n + 1
+        seqid = f"{base}.{n}"
+        self._seen.add(self._h(seqid))
+        return seqid
 
 
 def _comment_line(key: str, value: object) -> str:
@@ -101,14 +139,19 @@ class GFF3Writer(OutputWriter):
         self.lookup = ConceptLookup(concepts)
         self.source = escape_text_column(source) or "protsae"
         self.n_features = 0
+        self.seqids = SeqidMap()
         provenance, identity = split_identity(provenance)
         self.set_input_identity(identity)
         self.out = TextOutput(path)
         self.out.write("##gff-version 3\n" + "".join(_comment_line(k_, v) for k_, v in provenance.items()))
 
     def _write(self, result: ProteinResult) -> None:
-        seqid = escape_seqid(result.id) if result.id else f"protsae_protein_{result.index}"
+        base = escape_seqid(result.id) if result.id else f"protsae_protein_{result.index}"
+        seqid = self.seqids.assign(base)
+        renamed = seqid != base
         lines = []
+        if renamed:
+            lines.append(_comment_line("protsae_seqid", f"{seqid} {result.index + 1} {base}"))
         if result.length > 0:
             lines.append(f"##sequence-region {seqid} 1 {result.length}\n")
         n = 0
@@ -120,9 +163,16 @@ class GFF3Writer(OutputWriter):
                 name = (c.name or c.concept_id) if c else ""
                 name = name or f"latent_{seg.latent}"
                 attrs = [f"ID=p{result.index}.{n}", f"Name={escape_attr(name)}"]
-                if ontology:
-                    terms = [t.strip() for t in ontology.split(",") if t.strip()]
-                    attrs.append("Ontology_term=" + ",".join(escape_attr(t) for t in terms))
+                std = concept_terms(c.concept_id, ontology) if c else None
+                if c:
+                    own = [t.strip() for t in ontology.split(",") if t.strip()]
+                    terms = list(dict.fromkeys([*std.ontology_terms, *own]))
+                    if terms:
+                        attrs.append("Ontology_term=" + ",".join(escape_attr(t) for t in terms))
+                    if std.go_ids:
+                        attrs.append("Dbxref=" + ",".join(escape_attr(t) for t in std.go_ids))
+                if renamed:
+                    attrs.append(f"original_id={escape_attr(result.id)}")
                 attrs += [
                     f"latent={seg.latent}",
                     f"concept_id={escape_attr(c.concept_id)}" if c and c.concept_id else "",
@@ -130,8 +180,17 @@ class GFF3Writer(OutputWriter):
                     f"mean_activation={format_float(seg.mean_act)}",
                     f"n_residues={seg.n_residues}",
                 ]
+                if c is not None:
+                    for key in ("precision", "recall", "f1"):
+                        v = getattr(c, key, None)
+                        if v is not None:
+                            attrs.append(f"concept_{key}={format_metric(v)}")
+                    score = segment_score(c, seg.max_act) if getattr(c, "score_curve", None) else None
+                    if score is not None:
+                        attrs.append(f"score={format_metric(score)}")
+                ftype = _feature_type(ontology, c.concept_id if c else "")
                 lines.append("\t".join((
-                    seqid, self.source, _feature_type(ontology), str(seg.start), str(seg.end),
+                    seqid, self.source, escape_text_column(ftype), str(seg.start), str(seg.end),
                     format_float(seg.max_act), ".", ".", ";".join(a for a in attrs if a),
                 )) + "\n")
         self.out.write("".join(lines))

@@ -1,7 +1,10 @@
 """Segment table as TSV: one row per (concept, segment), InterProScan-style but with a ``#`` header line.
 
 Users parse these files by column position (R, ``cut``, pandas), so the column order is fixed here and in
-docs/ARCHITECTURE.md, cells never contain tabs or line breaks, and missing values are always ``-``. Rows are
+docs/ARCHITECTURE.md, new columns are only ever appended, cells never contain tabs or line breaks, and missing
+values are always ``-``. ``ontology_id`` holds the concept's standard SO/GO ids (``concept_id`` is the PSC id);
+``concept_precision``/``concept_recall``/``concept_f1`` are the concept's validated reliability at its
+threshold and ``score`` the segment's calibrated probability (docs/CALLS.md), ``-`` where not measured. Rows are
 written as proteins arrive (input order), then by start, then latent, so memory does not depend on the
 number of proteins and two runs over the same input give the same file.
 """
@@ -12,7 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from protsae_cli.concepts import ConceptLookup
+from protsae_cli.concepts import ConceptLookup, segment_score
 from protsae_cli.results import ProteinResult, Segment
 from protsae_cli.writers.atomic import OutputWriter, TextOutput
 
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 TSV_COLUMNS: tuple[str, ...] = (
     "protein_id", "protein_index", "length", "seq_md5", "latent", "concept_id", "concept_name", "ontology_id",
     "start", "end", "max_act", "mean_act", "threshold", "hook", "layer", "plm",
+    # Appended, never inserted, so scripts that cut the columns above by position keep working.
+    "concept_precision", "concept_recall", "concept_f1", "score",
 )
 MISSING = "-"
 
@@ -43,6 +48,20 @@ def cell(value: object) -> str:
     if not s:
         return MISSING
     return s.translate(_CELL_BREAKS)
+
+
+def format_metric(x: float | None) -> str:
+    """Precision/recall/F1/score cells: three decimals (``-`` when not measured)."""
+    return MISSING if x is None else "%.3f" % float(x)
+
+
+def reliability_cells(entry: "ConceptEntry | None", max_act: float) -> tuple[str, str, str, str]:
+    """(precision, recall, F1, score) cells of one segment of `entry`."""
+    if entry is None:
+        return (MISSING,) * 4
+    return (format_metric(getattr(entry, "precision", None)), format_metric(getattr(entry, "recall", None)),
+            format_metric(getattr(entry, "f1", None)),
+            format_metric(segment_score(entry, max_act) if getattr(entry, "score_curve", None) else None))
 
 
 def sorted_segments(segments: Sequence[Segment]) -> list[Segment]:
@@ -86,6 +105,7 @@ class TSVWriter(OutputWriter):
                     cell(c.ontology_id if c else None),
                     str(seg.start), str(seg.end), format_float(seg.max_act), format_float(seg.mean_act),
                     format_float(seg.threshold), self._hook, self._layer, self._plm,
+                    *reliability_cells(c, seg.max_act),
                 )) + "\n")
         self.out.write("".join(lines))
         self.n_rows += len(lines)
