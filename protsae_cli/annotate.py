@@ -7,6 +7,7 @@ by length inside a chunk for efficient batches, written back in input order).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -26,7 +27,7 @@ from protsae_cli.batching import chunked_records, plan_batches, plan_windows
 from protsae_cli.errors import InputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.fasta import InputIdentity, InvalidRecord, ProteinRecord, read_fasta
-from protsae_cli.writers import FORMATS, output_paths  # noqa: F401  (re-exported for resume/multigpu)
+from protsae_cli.writers import FORMATS, output_paths, prepare_output_prefix  # noqa: F401  (re-exported)
 
 log = logging.getLogger("protsae.annotate")
 
@@ -308,6 +309,8 @@ class Annotator:
             t.join(timeout=_JOIN_SECONDS)
 
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
+        opts = dataclasses.replace(opts, output_prefix=prepare_output_prefix(opts.output_prefix, opts.formats,
+                                                                             opts.input))
         if opts.resume:
             from protsae_cli.resume import run_resumable
 
@@ -318,9 +321,6 @@ class Annotator:
         from protsae_cli.writers.tsv import TSVWriter
 
         paths = output_paths(opts.output_prefix, opts.formats)
-        for p in paths.values():
-            if p != "-":
-                Path(p).parent.mkdir(parents=True, exist_ok=True)
         prov = self.provenance(opts)
         cfg = self.sae.cfg
         writers = []
@@ -434,5 +434,8 @@ class _Progress:
 
 def annotate(opts: AnnotateOptions) -> AnnotateSummary:
     """Annotate a FASTA with concept calls; see AnnotateOptions for the knobs."""
+    # Output paths first: a bad -o fails in seconds, before the models load.
+    opts = dataclasses.replace(opts, output_prefix=prepare_output_prefix(opts.output_prefix, opts.formats,
+                                                                         opts.input))
     ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads)
     return ann.run(opts)

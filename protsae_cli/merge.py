@@ -34,7 +34,7 @@ from protsae_cli.errors import InputError
 from protsae_cli.fasta import InputIdentity
 from protsae_cli.results import ProteinResult, Segment
 from protsae_cli.writers import (FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, output_paths,
-                                 read_identity_trailer)
+                                 prepare_output_prefix, read_identity_trailer)
 
 log = logging.getLogger("protsae.merge")
 
@@ -388,7 +388,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     if provenance is None and not allow_partial and not renumber:  # internal callers merge sub-shards
         refuse_missing_shards([str(i.attrs.get("shard", "")) for i in infos], names)
 
-    out_paths = output_paths(output_prefix, formats)
+    out_paths = output_paths(prepare_output_prefix(output_prefix, formats), formats)
     for p in out_paths.values():
         if p != "-":
             Path(p).parent.mkdir(parents=True, exist_ok=True)
@@ -542,7 +542,7 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
                                  "come from the same models and settings")
     # A TSV records no input identity (a trailer would be a junk row to pandas and awk): say what is not checked.
     log.info("TSV shards do not record their input: merge the HDF5 or GFF3 shards to have it checked")
-    out_path = output_paths(output_prefix, ["tsv"])["tsv"]
+    out_path = output_paths(prepare_output_prefix(output_prefix, ["tsv"]), ["tsv"])["tsv"]
     out = TextOutput(out_path)
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
@@ -715,7 +715,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
         elif line.startswith("#shard"):
             line = f"#shard {shard}\n"
         header.append(line)
-    out_path = output_paths(output_prefix, ["gff3"])["gff3"]
+    out_path = output_paths(prepare_output_prefix(output_prefix, ["gff3"]), ["gff3"])["gff3"]
     out = TextOutput(out_path)
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:

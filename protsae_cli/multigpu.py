@@ -146,6 +146,7 @@ def _prepare_workdir(work: Path, opts: "AnnotateOptions", devices: Sequence[str]
 def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "AnnotateSummary":
     """Annotate with one worker process per device and merge their shards into `opts.output_prefix`."""
     from protsae_cli.annotate import AnnotateSummary, _tally, output_paths
+    from protsae_cli.writers import prepare_output_prefix
     from protsae_cli.logging_setup import current_level
     from protsae_cli.merge import merged_provenance, merge_h5
     from protsae_cli.resume import remove_stale_output_temps
@@ -153,6 +154,8 @@ def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "Annotate
 
     if opts.resume and opts.output_prefix == "-":
         raise InputError("--resume needs an output prefix (not -o -)")
+    opts = dataclasses.replace(opts, output_prefix=prepare_output_prefix(opts.output_prefix, opts.formats,
+                                                                         opts.input))
     paths = output_paths(opts.output_prefix, opts.formats)
     remove_stale_output_temps(opts.output_prefix)  # what an earlier, killed merge left next to the outputs
     t0 = time.perf_counter()

@@ -5,7 +5,11 @@ Kept free of torch so that `protsae merge` and `report` start fast on CPU-only n
 
 from __future__ import annotations
 
+import os
+import secrets
+import stat
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 FORMATS = ("h5", "tsv", "gff3")
@@ -49,3 +53,89 @@ def output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
         else:
             paths[f] = f"{prefix}.{f}"
     return paths
+
+
+_FASTA_SUFFIXES = {".fasta", ".fa", ".faa", ".fas", ".fsa", ".fna", ".pep", ".seq", ".txt"}
+
+
+def prefix_for_directory(directory: str, input_path: str | None) -> str:
+    """``-o out/`` (or an existing directory): ``out/<input stem>``, the convention of tools like esm-extract.
+
+    Only a named regular input has a stem worth using; for stdin or a pipe the user must name the prefix.
+    """
+    name = Path(input_path).name if input_path and input_path != "-" else ""
+    regular = False
+    if name:
+        try:
+            regular = stat.S_ISREG(os.stat(input_path).st_mode)
+        except OSError:
+            regular = False
+    if not regular:
+        from protsae_cli.errors import OutputError
+
+        raise OutputError(f"-o {directory}: a directory, and the input has no file name to name the outputs "
+                          f"after; give a prefix such as {os.path.join(directory, 'run')}")
+    stem = name[:-3] if name.endswith(".gz") else name
+    root, ext = os.path.splitext(stem)
+    if ext.lower() in _FASTA_SUFFIXES and root:
+        stem = root
+    return os.path.join(directory, stem)
+
+
+def prepare_output_prefix(prefix: str, formats: Iterable[str], input_path: str | None = None) -> str:
+    """Check, before any model is loaded, that every output of ``prefix`` can be written; return the prefix.
+
+    A bad ``-o`` must fail in seconds, not after the compute: the parent directories are created (a component
+    that is a file is named), each output path must not be a directory, and the directory must accept a new
+    file (probed by creating and removing one: permission bits say nothing on read-only or full filesystems,
+    and root ignores them). A prefix that is a directory (``d/`` or an existing ``d``) writes ``d/<input
+    stem>.*`` instead of hidden ``d/.h5`` files. Raises ``OutputError`` (exit 5) naming the path and the cause.
+    """
+    from protsae_cli.errors import OutputError
+
+    formats = tuple(formats)
+    if prefix == "-":
+        output_paths(prefix, formats)  # only TSV may go to stdout
+        return prefix
+    if not prefix:
+        raise OutputError("-o: the output prefix is empty")
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        directory = prefix.rstrip("/" + os.sep) or prefix
+        if not os.path.isdir(directory):
+            _make_parents(Path(directory) / "x")
+        prefix = prefix_for_directory(directory, input_path)
+    paths = output_paths(prefix, formats)
+    for path in paths.values():
+        p = Path(path)
+        _make_parents(p)
+        if p.is_dir():
+            raise OutputError(f"{p} is a directory, so the output cannot be written there; choose another -o "
+                              "prefix or remove the directory")
+    parent = Path(next(iter(paths.values()))).parent
+    probe = parent / f".protsae-write-probe.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot write outputs there ({e.strerror or e})") from None
+    return prefix
+
+
+def _make_parents(path: Path) -> None:
+    """Create ``path``'s parent directories, naming the component that is a file when one is in the way."""
+    from protsae_cli.errors import OutputError
+
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise OutputError(f"{path}: cannot create the output there: {ancestor} is a file, not a directory")
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create the output directory ({e.strerror or e})") from None

@@ -80,6 +80,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def named_os_error(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """The same error (same type, errno and reason) naming ``path``, the output the user asked for.
+
+    Buffered writers report ENOSPC/EIO without a file name, and the name they would give is the hidden temp;
+    a message must name the output the user knows.
+    """
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), str(path))
+
+
 class AtomicFile:
     """Owns one temporary path and either renames it to the final name or deletes it.
 
@@ -167,7 +178,13 @@ class TextOutput:
             raise
 
     def write(self, text: str) -> None:
-        self.stream.write(text)
+        if self.is_stdout:
+            self.stream.write(text)
+            return
+        try:
+            self.stream.write(text)
+        except OSError as e:
+            raise named_os_error(e, self.name) from e
 
     def close(self) -> None:
         """Finish the stream and publish it; on any failure the temp is removed and the error propagates."""
@@ -181,10 +198,15 @@ class TextOutput:
             self.stream.close()  # also closes the GzipFile, which writes the trailer
             if self._file is not None:
                 self._file.close()
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError):
+                raise named_os_error(e, self.name) from e
             raise
-        self.atomic.commit()
+        try:
+            self.atomic.commit()
+        except OSError as e:
+            raise named_os_error(e, self.name) from e
 
     def abort(self) -> None:
         if self.is_stdout:

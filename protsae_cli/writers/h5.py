@@ -31,6 +31,7 @@ Writer choices:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ from protsae_cli import __version__
 from protsae_cli.errors import InputError
 from protsae_cli.results import STATUS_CODES, STATUS_NAMES, ProteinResult, Segment
 from protsae_cli.writers import split_identity
-from protsae_cli.writers.atomic import AtomicFile, OutputWriter
+from protsae_cli.writers.atomic import AtomicFile, OutputWriter, named_os_error
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -124,7 +125,8 @@ class H5Writer(OutputWriter):
         self.set_input_identity(identity)
         self.atomic = AtomicFile(self.path)
         try:
-            self.f = h5py.File(self.atomic.tmp, "w-")
+            self._sink = _DiscardableFile(self.atomic.tmp, self.path)
+            self.f = h5py.File(self._sink, "w")
             self._create_layout(provenance, concepts)
         except BaseException:
             self._abort()
@@ -292,6 +294,7 @@ class H5Writer(OutputWriter):
             for name, _ in SEGMENT_COLUMNS:
                 self._append("seg_" + name, table[name])
         self._reset_buffers()
+        self._sink.raise_failure()
 
     def _close(self) -> None:
         self._flush()
@@ -299,16 +302,115 @@ class H5Writer(OutputWriter):
         for key, value in self.input_identity.items():
             self.f.attrs[key] = _attr_value(value)
         self.f.close()
-        self.atomic.commit()
+        self._sink.raise_failure()
+        self._sink.close()
+        try:
+            self.atomic.commit()
+        except OSError as e:
+            raise named_os_error(e, self.path) from e
 
     def _abort(self) -> None:
+        sink = getattr(self, "_sink", None)
+        if sink is not None:
+            sink.discard = True  # HDF5's last flushes go nowhere: the file is deleted below anyway
         f = getattr(self, "f", None)
         if f is not None:
             try:
                 f.close()
             except Exception:  # an abort must always get as far as deleting the temp
                 pass
+        if sink is not None:
+            sink.close()
         self.atomic.discard()
+
+
+class _DiscardableFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's file-object driver) instead of its own POSIX driver.
+
+    Why: when a write fails (disk full, quota, EIO), HDF5 is left with dirty metadata it can never flush, and
+    closing the file, or the library shutting down at exit, crashes the process (a segfault, exit 139, after
+    the error message) whichever driver reported the failure. So HDF5 never sees one: the first failed write
+    is remembered, it and every later write are dropped (reported as done), and the writer raises the
+    remembered ``OSError`` (naming the output) right after the HDF5 call that hit it; the abort that follows
+    then closes the file normally before the temp is deleted.
+    """
+
+    def __init__(self, tmp: Path, final: Path) -> None:
+        super().__init__()
+        self._f = open(tmp, "x+b", buffering=0)  # noqa: SIM115 (HDF5 buffers; closed by close())
+        self._final = final
+        self.discard = False
+        self.failure: OSError | None = None
+
+    def raise_failure(self) -> None:
+        """Raise the write failure HDF5 was shielded from, if there was one."""
+        if self.failure is not None:
+            raise self.failure
+
+    def _fail(self, e: OSError) -> None:
+        if self.failure is None:
+            self.failure = named_os_error(e, self._final)
+        self.discard = True
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._f.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.discard:
+            return len(memoryview(data))
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):  # unbuffered: a write may be short (the last bytes before a full disk)
+                done += self._f.write(view[done:])
+        except OSError as e:
+            self._fail(e)
+            return len(view)
+        return done
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.discard:
+            return self._f.tell() if size is None else size
+        try:
+            return self._f.truncate(size)
+        except OSError as e:
+            self._fail(e)
+            return self._f.tell() if size is None else size
+
+    def flush(self) -> None:
+        if self.discard or self._f.closed:
+            return
+        try:
+            self._f.flush()
+        except OSError as e:
+            self._fail(e)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self.flush()
+            finally:
+                try:
+                    self._f.close()
+                except OSError:
+                    if not self.discard:
+                        raise
+        super().close()
 
 
 # ---------------------------------------------------------------------------------------------------------
