@@ -182,15 +182,58 @@ def _load_safetensors_dir(d: Path, device, weights: Path | None = None) -> Loade
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{d / 'config.json'}: cannot read PLM config ({e})") from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("name"), str) or not cfg["name"]:
+        raise InputError(f"{d / 'config.json'}: a PLM config needs a \"name\" (the model's name, a string)")
     weights = weights or d / f"{cfg['name']}.safetensors"
     if not weights.exists():
         raise MissingWeightsError(f"PLM weights missing: {weights}")
+    _check_architecture(cfg, weights, d / "config.json")
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     ns = Namespace(encoder_layers=cfg["encoder_layers"], encoder_embed_dim=cfg["encoder_embed_dim"],
                    encoder_ffn_embed_dim=cfg["encoder_ffn_embed_dim"],
                    encoder_attention_heads=cfg["encoder_attention_heads"], token_dropout=cfg["token_dropout"])
     model, alphabet = _build_esm2(cfg["name"], {"cfg": {"model": ns}, "model": state}, str(weights))
     return _finish(model, alphabet, cfg["name"], file_sha256(weights), str(weights), device)
+
+
+_ARCH_INTS = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads")
+
+
+def _check_architecture(cfg: dict, weights: Path, where: Path) -> None:
+    """The config's sizes must be the weights' own, checked on the safetensors header before ESM-2 is built.
+
+    The model is built from the config and only then filled with the weights, so a config claiming a width of
+    a million would allocate terabytes before any mismatch surfaced: a downloaded config is data, checked
+    like the SAE's (`sae._check_shapes`). Heads cannot be read from shapes; they must divide the width.
+    """
+    import re
+
+    from safetensors import safe_open
+
+    for key in _ARCH_INTS:
+        v = cfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InputError(f"{where}: {key} must be a positive integer, got {v!r}")
+    if not isinstance(cfg.get("token_dropout"), bool):
+        raise InputError(f"{where}: token_dropout must be true or false, got {cfg.get('token_dropout')!r}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {re.sub(r"^encoder\.", "", k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors' own error types for a truncated or foreign file
+        raise InputError(f"{weights}: cannot read the weights header ({type(e).__name__}: {e})") from e
+    embed, fc1 = shapes.get("embed_tokens.weight"), shapes.get("layers.0.fc1.weight")
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k))}
+    if embed is None or fc1 is None or len(embed) != 2 or len(fc1) != 2:
+        raise InputError(f"{weights}: not an ESM-2 state dict (no embed_tokens.weight / layers.0.fc1.weight)")
+    found = {"encoder_layers": len(layers), "encoder_embed_dim": embed[1], "encoder_ffn_embed_dim": fc1[0]}
+    wrong = [f"{k} {cfg[k]} (weights have {v})" for k, v in found.items() if cfg[k] != v]
+    if layers != set(range(len(layers))):
+        wrong.append(f"layer numbers {sorted(layers)} are not 0..{len(layers) - 1}")
+    if cfg["encoder_embed_dim"] % cfg["encoder_attention_heads"]:
+        wrong.append(f"encoder_attention_heads {cfg['encoder_attention_heads']} does not divide the width "
+                     f"{cfg['encoder_embed_dim']}")
+    if wrong:
+        raise InputError(f"{where} does not match its weights {weights}: {'; '.join(wrong)}")
 
 
 def _load_shipped_standin(device) -> LoadedPLM:

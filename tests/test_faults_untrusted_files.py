@@ -239,3 +239,32 @@ def test_config_values_are_bounded_and_name_config_json(change, match, tmp_path:
     with pytest.raises(InputError, match=match) as e:
         load_sae(sae)
     assert str(e.value).startswith(str(sae / "config.json")), str(e.value)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"encoder_embed_dim": 10**6}, r"encoder_embed_dim 1000000 \(weights have 320\)"),
+    ({"encoder_layers": 40}, r"encoder_layers 40 \(weights have 6\)"),
+    ({"encoder_ffn_embed_dim": 7}, r"encoder_ffn_embed_dim 7 \(weights have 1280\)"),
+    ({"encoder_attention_heads": 7}, "encoder_attention_heads 7 does not divide the width 320"),
+    ({"encoder_attention_heads": "20"}, "encoder_attention_heads must be a positive integer"),
+    ({"token_dropout": "yes"}, "token_dropout must be true or false"),
+])
+def test_plm_config_sizes_checked_against_weights_before_building(change, match, tmp_path: Path) -> None:
+    """A PLM directory's config.json is data: a width of a million used to be allocated (terabytes) before
+    the weights were compared with it."""
+    from protsae_cli.models import standin_plm_dir
+    from protsae_cli.plm import load_plm
+
+    d = tmp_path / "plm"
+    shutil.copytree(standin_plm_dir(), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=match) as e:
+        load_plm(str(d))
+    assert str(d / "config.json") in str(e.value) and time.perf_counter() - t0 < 30
+    cfg.pop("name")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match='needs a "name"'):
+        load_plm(str(d))
