@@ -238,3 +238,53 @@ def test_directory_prefix_needs_a_named_input(tmp_path):
     assert prepare_output_prefix(str(tmp_path) + "/", ["tsv"], str(fa)) == os.path.join(str(tmp_path), "x")
     with pytest.raises(OutputError, match="empty"):
         prepare_output_prefix("", ["h5"])
+
+
+@pytest.mark.parametrize("handlers", ["cli", "library"])
+def test_a_signal_during_an_hdf5_write_unwinds_cleanly(tmp_path, handlers):
+    """A signal that arrives while HDF5 is calling back into Python (the file-object driver) must not be
+    raised inside HDF5: the CLI defers it to the end of the HDF5 call; for a library user (Python's default
+    Ctrl-C handler) the file object shields HDF5 from it. Either way the exception unwinds, the temp is
+    removed and the process exits without a crash."""
+    sig = "SIGTERM" if handlers == "cli" else "SIGINT"
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+if {handlers!r} == "cli":
+    from protsae_cli.cli.app import _exit_on_sigterm
+    _exit_on_sigterm()
+from protsae_cli.writers import h5 as H
+from tests.test_faults_output import result
+calls = [0]
+class SignallingFile:
+    # The OS file under the sink: its 6th write raises the signal, so the handler runs inside a callback
+    # that HDF5 made.
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.{sig})
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+real_init = H._DiscardableFile.__init__
+def init(self, tmp, final):
+    real_init(self, tmp, final)
+    self._f = SignallingFile(self._f)
+H._DiscardableFile.__init__ = init
+w = H.H5Writer({str(tmp_path / 'x.h5')!r}, {{"format": "t"}}, [], 64, 8, flush_rows=300)
+try:
+    for i in range(60):
+        w.write(result(i))
+    w.close()
+    print("NOT INTERRUPTED")
+except BaseException as e:
+    print("UNWOUND", type(e).__name__, sorted(os.listdir({str(tmp_path)!r})), flush=True)
+    raise
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert "UNWOUND" in p.stdout and "[]" in p.stdout, p.stdout + p.stderr[-3000:]
+    # An uncaught KeyboardInterrupt ends Python by SIGINT itself (-2), as the shell expects.
+    assert p.returncode == (143 if handlers == "cli" else -signal.SIGINT), (p.returncode, p.stderr[-3000:])
+    assert "Fatal Python" not in p.stderr and "Segmentation" not in p.stderr

@@ -276,7 +276,8 @@ def test_resume_after_kill_9_equals_uninterrupted_run(annotator, tiny_esm_path, 
     proc.stdin.flush()
     parts = Path(f"{prefix}.parts")
     deadline = time.monotonic() + 90
-    while len(list(parts.glob("chunk_*.h5"))) < 3:
+    # A part counts as finished once its checksum sidecar is written (renamed into place after the part itself).
+    while len(list(parts.glob("chunk_*.h5.sha256"))) < 3:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "no checkpoints appeared"
         time.sleep(0.05)

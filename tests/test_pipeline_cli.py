@@ -147,7 +147,8 @@ def test_sigterm_leaves_no_partial_files(tiny_esm_path, tiny_sae_dir, small_fast
     proc.stdin.write(small_fasta.read_bytes()[:20])  # part of a record: the run now waits for more input
     proc.stdin.flush()
     deadline = time.monotonic() + 90
-    while not (out.exists() and any(".tmp-" in p.name for p in out.iterdir())):  # writers are open
+    # The writers' temps (not the output check's short-lived write probe): the writers are open.
+    while not (out.exists() and any(p.name.startswith(".run.") and ".tmp-" in p.name for p in out.iterdir())):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -188,10 +188,18 @@ def _exit_on_sigterm() -> None:
     """
     import signal
 
+    from protsae_cli.writers.atomic import raise_or_defer
+
     def _handler(signum: int, frame: object) -> None:
-        raise _Terminated(128 + signum)
+        # Deferred while HDF5 is inside a write (writers.atomic.signals_deferred), raised right after it.
+        raise_or_defer(_Terminated(128 + signum))
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise_or_defer(KeyboardInterrupt())
 
     try:
         signal.signal(signal.SIGTERM, _handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when the parent ignores it
+            signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not in the main thread (embedded use): leave the default
         pass

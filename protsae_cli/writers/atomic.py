@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import abc
 import atexit
+import contextlib
 import gzip
 import io
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, TypeVar
@@ -46,6 +47,39 @@ def _cleanup_live_temps() -> None:
 
 
 atexit.register(_cleanup_live_temps)
+
+
+_defer_depth = 0
+_deferred: BaseException | None = None
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold the CLI's signal exceptions (Ctrl-C, SIGTERM) until the block ends, then raise the first.
+
+    HDF5 writes through a Python file object (see ``writers.h5``), so a signal handler's exception could be
+    raised while HDF5 is in the middle of a write, which leaves HDF5 unable to close the file (a crash at
+    exit). Blocks are cheap (a counter) and nest; outside them signals act at once, as usual.
+    """
+    global _defer_depth, _deferred
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+        if _defer_depth == 0 and _deferred is not None:
+            exc, _deferred = _deferred, None
+            raise exc
+
+
+def raise_or_defer(exc: BaseException) -> None:
+    """For signal handlers: raise ``exc`` now, or when the current ``signals_deferred`` block ends."""
+    global _deferred
+    if _defer_depth:
+        if _deferred is None:
+            _deferred = exc
+        return
+    raise exc
 
 
 def atomic_path(final: str | os.PathLike[str]) -> Path:

@@ -47,7 +47,7 @@ from protsae_cli import __version__
 from protsae_cli.errors import InputError
 from protsae_cli.results import STATUS_CODES, STATUS_NAMES, ProteinResult, Segment
 from protsae_cli.writers import split_identity
-from protsae_cli.writers.atomic import AtomicFile, OutputWriter, named_os_error
+from protsae_cli.writers.atomic import AtomicFile, OutputWriter, named_os_error, signals_deferred
 
 if TYPE_CHECKING:
     import scipy.sparse
@@ -125,9 +125,11 @@ class H5Writer(OutputWriter):
         self.set_input_identity(identity)
         self.atomic = AtomicFile(self.path)
         try:
-            self._sink = _DiscardableFile(self.atomic.tmp, self.path)
-            self.f = h5py.File(self._sink, "w")
-            self._create_layout(provenance, concepts)
+            with signals_deferred():
+                self._sink = _DiscardableFile(self.atomic.tmp, self.path)
+                self.f = h5py.File(self._sink, "w")
+                self._create_layout(provenance, concepts)
+            self._sink.raise_failure()
         except BaseException:
             self._abort()
             raise
@@ -274,6 +276,11 @@ class H5Writer(OutputWriter):
             self._flush()
 
     def _flush(self) -> None:
+        with signals_deferred():  # HDF5 calls back into Python here: a signal's exception waits until it returns
+            self._flush_buffers()
+        self._sink.raise_failure()
+
+    def _flush_buffers(self) -> None:
         b = self._b_prot
         if b["index"]:
             self._append("index", np.asarray(b["index"], np.int64))
@@ -294,14 +301,14 @@ class H5Writer(OutputWriter):
             for name, _ in SEGMENT_COLUMNS:
                 self._append("seg_" + name, table[name])
         self._reset_buffers()
-        self._sink.raise_failure()
 
     def _close(self) -> None:
         self._flush()
-        self.f["codes"].attrs["shape"] = np.array([self.n_rows, self.d_sae], dtype=np.int64)
-        for key, value in self.input_identity.items():
-            self.f.attrs[key] = _attr_value(value)
-        self.f.close()
+        with signals_deferred():
+            self.f["codes"].attrs["shape"] = np.array([self.n_rows, self.d_sae], dtype=np.int64)
+            for key, value in self.input_identity.items():
+                self.f.attrs[key] = _attr_value(value)
+            self.f.close()
         self._sink.raise_failure()
         self._sink.close()
         try:
@@ -310,18 +317,19 @@ class H5Writer(OutputWriter):
             raise named_os_error(e, self.path) from e
 
     def _abort(self) -> None:
-        sink = getattr(self, "_sink", None)
-        if sink is not None:
-            sink.discard = True  # HDF5's last flushes go nowhere: the file is deleted below anyway
-        f = getattr(self, "f", None)
-        if f is not None:
-            try:
-                f.close()
-            except Exception:  # an abort must always get as far as deleting the temp
-                pass
-        if sink is not None:
-            sink.close()
-        self.atomic.discard()
+        with signals_deferred():  # a second Ctrl-C must not stop the clean-up half way
+            sink = getattr(self, "_sink", None)
+            if sink is not None:
+                sink.discard = True  # HDF5's last flushes go nowhere: the file is deleted below anyway
+            f = getattr(self, "f", None)
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # an abort must always get as far as deleting the temp
+                    pass
+            if sink is not None:
+                sink.close()
+            self.atomic.discard()
 
 
 class _DiscardableFile(io.RawIOBase):
@@ -329,10 +337,12 @@ class _DiscardableFile(io.RawIOBase):
 
     Why: when a write fails (disk full, quota, EIO), HDF5 is left with dirty metadata it can never flush, and
     closing the file, or the library shutting down at exit, crashes the process (a segfault, exit 139, after
-    the error message) whichever driver reported the failure. So HDF5 never sees one: the first failed write
-    is remembered, it and every later write are dropped (reported as done), and the writer raises the
-    remembered ``OSError`` (naming the output) right after the HDF5 call that hit it; the abort that follows
-    then closes the file normally before the temp is deleted.
+    the error message) whichever driver reported the failure. So HDF5 never sees one: the first exception in
+    a callback (a failed write, or a signal's exception raised while Python ran the callback) is remembered,
+    it and every later write are dropped (reported as done), and the writer raises the remembered exception
+    (an ``OSError`` names the output) right after the HDF5 call that hit it; the abort that follows then
+    closes the file normally before the temp is deleted. The CLI also defers its signal exceptions while
+    HDF5 runs (`atomic.signals_deferred`), so a Ctrl-C lands between HDF5 calls, not inside one.
     """
 
     def __init__(self, tmp: Path, final: Path) -> None:
@@ -340,16 +350,16 @@ class _DiscardableFile(io.RawIOBase):
         self._f = open(tmp, "x+b", buffering=0)  # noqa: SIM115 (HDF5 buffers; closed by close())
         self._final = final
         self.discard = False
-        self.failure: OSError | None = None
+        self.failure: BaseException | None = None
 
     def raise_failure(self) -> None:
-        """Raise the write failure HDF5 was shielded from, if there was one."""
+        """Raise the exception HDF5 was shielded from, if there was one."""
         if self.failure is not None:
             raise self.failure
 
-    def _fail(self, e: OSError) -> None:
+    def _fail(self, e: BaseException) -> None:
         if self.failure is None:
-            self.failure = named_os_error(e, self._final)
+            self.failure = named_os_error(e, self._final) if isinstance(e, OSError) else e
         self.discard = True
 
     def readable(self) -> bool:
@@ -362,23 +372,35 @@ class _DiscardableFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
+        try:
+            return self._f.seek(offset, whence)
+        except BaseException as e:  # noqa: B036 (HDF5 must never see an exception; see the class docstring)
+            self._fail(e)
+            return offset
 
     def tell(self) -> int:
-        return self._f.tell()
+        try:
+            return self._f.tell()
+        except BaseException as e:  # noqa: B036
+            self._fail(e)
+            return 0
 
     def readinto(self, buffer: Any) -> int:
-        return self._f.readinto(buffer)
+        try:
+            return self._f.readinto(buffer)
+        except BaseException as e:  # noqa: B036
+            self._fail(e)
+            return 0
 
     def write(self, data: Any) -> int:
-        if self.discard:
-            return len(memoryview(data))
         view = memoryview(data).cast("B")
+        if self.discard:
+            return len(view)
         done = 0
         try:
             while done < len(view):  # unbuffered: a write may be short (the last bytes before a full disk)
                 done += self._f.write(view[done:])
-        except OSError as e:
+        except BaseException as e:  # noqa: B036
             self._fail(e)
             return len(view)
         return done
@@ -388,16 +410,16 @@ class _DiscardableFile(io.RawIOBase):
             return self._f.tell() if size is None else size
         try:
             return self._f.truncate(size)
-        except OSError as e:
+        except BaseException as e:  # noqa: B036
             self._fail(e)
-            return self._f.tell() if size is None else size
+            return 0 if size is None else size
 
     def flush(self) -> None:
         if self.discard or self._f.closed:
             return
         try:
             self._f.flush()
-        except OSError as e:
+        except BaseException as e:  # noqa: B036
             self._fail(e)
 
     def close(self) -> None:
