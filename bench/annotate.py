@@ -13,7 +13,7 @@ log-normal lengths around 300, 30-1022, seed 0); `--proteins heldout` takes real
 saw in training or checkpoint selection (see `heldout_proteins`).
 
 Every side runs in this process, with the same PLM, the same hook, the same SAE and the same threads, reads the
-FASTA inside its timed region and writes its codes as CSR to HDF5 (float16 values, gzip 4 + shuffle), so the
+FASTA inside its timed region and writes its codes as CSR to HDF5 (float32 values, annotate's default, gzip 4 + shuffle), so the
 work is comparable; models are loaded and warmed up before the clock starts.
 
 * ours: `protsae annotate`'s library path (length-sorted token-budget batches, stop at the hooked layer, SDPA
@@ -149,7 +149,7 @@ def file_order_batches(lengths: list[int], toks_per_batch: int, extra_toks_per_s
 
 def write_csr_codes(path: Path, labels: list[str], codes: list, d_sae: int) -> None:
     """Codes in file order as one canonical CSR matrix (only real entries, latents ascending within a row),
-    float16 values, gzip 4 + shuffle: what annotate's HDF5 keeps, so both sides pay for the same output."""
+    float32 values, gzip 4 + shuffle: what annotate's HDF5 keeps by default, so both sides pay for the same output."""
     import h5py
 
     from protsae_cli.writers.h5 import CSR_ENCODING, index_dtype
@@ -166,7 +166,7 @@ def write_csr_codes(path: Path, labels: list[str], codes: list, d_sae: int) -> N
         g = f.create_group("codes")
         g.attrs.update(CSR_ENCODING)
         g.attrs["shape"] = np.array([idx.shape[0], d_sae], np.int64)
-        g.create_dataset("data", data=val[keep].astype(np.float16), **z)
+        g.create_dataset("data", data=val[keep].astype(np.float32), **z)
         g.create_dataset("indices", data=idx[keep].astype(index_dtype(d_sae)), **z)
         g.create_dataset("indptr", data=indptr, **z)
         p = f.create_group("proteins")

@@ -54,7 +54,7 @@ class AnnotateOptions:
     merge_gap: int = 0
     skip_invalid: bool = False
     check_plm: bool = True
-    h5_dtype: str = "float16"
+    h5_dtype: str = "float32"  # what scipy.sparse / AnnData read; float16 halves the size but they refuse it
     compression: str | None = "gzip"
     shard: tuple[int, int] | None = None      # (i, n), 1-based i; selects records with index % n == i-1
     progress: bool = True

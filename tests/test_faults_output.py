@@ -288,3 +288,22 @@ except BaseException as e:
     # An uncaught KeyboardInterrupt ends Python by SIGINT itself (-2), as the shell expects.
     assert p.returncode == (143 if handlers == "cli" else -signal.SIGINT), (p.returncode, p.stderr[-3000:])
     assert "Fatal Python" not in p.stderr and "Segmentation" not in p.stderr
+
+
+def test_default_hdf5_codes_are_readable_by_scipy_and_anndata(tiny_esm_path, tiny_sae_dir, tmp_path, small_fasta):
+    """AnnData's read_elem (and scipy.sparse) refuse float16 CSR data, so the default stores float32."""
+    p = protsae("annotate", str(small_fasta), "-o", str(tmp_path / "run"), "--formats", "h5",
+                *model_args(tiny_esm_path, tiny_sae_dir))
+    assert p.returncode == 0, p.stderr
+    import scipy.sparse as sp
+
+    with h5py.File(tmp_path / "run.h5") as f:
+        c = f["codes"]
+        assert c["data"].dtype == np.float32
+        m = sp.csr_matrix((c["data"][()], c["indices"][()], c["indptr"][()]), shape=tuple(c.attrs["shape"]))
+        assert (m.getnnz(axis=1) <= 32).all() and m.sum() > 0  # arithmetic works: a supported dtype
+        try:
+            from anndata.io import read_elem
+        except ImportError:
+            return
+        assert read_elem(c).shape == m.shape

@@ -119,7 +119,7 @@ def test_h5_layout_and_raw_contents(tmp_path: Path, results: list[ProteinResult]
         assert indptr.shape == (n_rows + 1,) and indptr[0] == 0 and indptr[-1] == data.size == indices.size
         assert np.all(np.diff(indptr) >= 0) and np.all(np.diff(indptr) <= K)
         assert indices.dtype == index_dtype(D_SAE) == np.uint16
-        assert data.dtype == np.dtype(opts.get("dtype", "float16"))
+        assert data.dtype == np.dtype(opts.get("dtype", "float32"))
         assert np.all(data != 0)
         for r in range(n_rows):  # canonical CSR: latents strictly ascending within a row
             assert np.all(np.diff(indices[indptr[r]:indptr[r + 1]].astype(int)) > 0)

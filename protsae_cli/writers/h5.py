@@ -21,8 +21,9 @@ Writer choices:
 * CSR rows hold only real entries (top-k slots with ``idx >= 0`` and a nonzero value), sorted by latent index
   ascending within a row (canonical CSR, what scipy and AnnData expect). The encoder's value order is not kept;
   :meth:`H5Annotations.codes_topk` restores it (value desc, latent asc).
-* Values are float16 by default (half the size; activations are not needed to more than ~3 digits). Values
-  beyond float16's range (65504) become inf, and the writer warns once; pass ``dtype="float32"`` then.
+* Values are float32 by default, because scipy.sparse (and so AnnData's ``read_elem``) refuses float16 CSR
+  data. ``dtype="float16"`` makes files about 40 % smaller (activations need no more than ~3 digits) for
+  readers that use h5py directly; values beyond float16's range (65504) then become inf, with one warning.
 * gzip level 4 + shuffle by default because every HDF5 build (R, Julia, MATLAB, C) reads gzip; ``lzf`` is
   faster but needs h5py/a plugin to read; ``None`` disables compression (partial chunks then cost full size).
 * Chunks: ~256K elements for the residue- and entry-level arrays, smaller ones for per-protein and segment
@@ -89,7 +90,7 @@ class H5Writer(OutputWriter):
     """
 
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, str | int | float],
-                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int, *, dtype: str = "float16",
+                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int, *, dtype: str = "float32",
                  compression: str | None = "gzip", compression_level: int = 4, shuffle: bool = True,
                  chunk_elems: int = 1 << 18, flush_rows: int = 1 << 18, flush_proteins: int = 1 << 14):
         super().__init__()
