@@ -104,10 +104,13 @@ class ShardWriter:
     def _write(self, acts: torch.Tensor, protein: torch.Tensor, position: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
+        from protsae_cli.writers.atomic import follow_umask
+
         name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
         tmp = self.out / (name + ".tmp")
         save_file({"acts": acts.contiguous(), "protein": protein.to(torch.int64).contiguous(),
                    "position": position.to(torch.int64).contiguous()}, str(tmp))
+        follow_umask(tmp)  # safetensors creates its files 0600
         os.replace(tmp, self.out / name)
         self.shards.append({"file": name, "rows": int(acts.shape[0])})
 

@@ -345,11 +345,14 @@ def save_sae(sae: nn.Module, out_dir: str | os.PathLike, card: str | None = None
     """Write config.json + sae.safetensors atomically (temp names, then rename)."""
     from safetensors.torch import save_file
 
+    from protsae_cli.writers.atomic import follow_umask
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
     tmp_w = out / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
+    follow_umask(tmp_w)  # safetensors creates its files 0600
     tmp_c = out / (CONFIG_NAME + ".tmp")
     tmp_c.write_text(json.dumps(sae.cfg.to_json_dict(), indent=2, sort_keys=False) + "\n")
     os.replace(tmp_w, out / WEIGHTS_NAME)

@@ -307,3 +307,21 @@ def test_default_hdf5_codes_are_readable_by_scipy_and_anndata(tiny_esm_path, tin
         except ImportError:
             return
         assert read_elem(c).shape == m.shape
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, tiny_sae_dir, umask):
+    """Weights used to be 0600 whatever the umask (safetensors creates files private), so a lab's shared
+    model directory was unreadable to the group; outputs must follow the umask like any Unix tool's."""
+    from protsae_cli.sae import load_sae, save_sae
+
+    sae, _ = load_sae(tiny_sae_dir)
+    old = os.umask(umask)
+    try:
+        out = save_sae(sae, tmp_path / "sae")
+        with H5Writer(tmp_path / "x.h5", {"format": "t"}, [], 64, 8) as w:
+            w.write(result(0, rows=5))
+    finally:
+        os.umask(old)
+    for p in (out / "sae.safetensors", out / "config.json", tmp_path / "x.h5"):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask, (p, oct(os.stat(p).st_mode))

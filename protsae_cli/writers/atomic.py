@@ -82,6 +82,27 @@ def raise_or_defer(exc: BaseException) -> None:
     raise exc
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (changing it races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file written by a library that creates it private (safetensors: 0600) the mode the user's
+    umask asks for, like any file protsae writes itself: shared model directories must be readable by the
+    group when the umask says so."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def atomic_path(final: str | os.PathLike[str]) -> Path:
     """A fresh temporary name next to ``final``: ``.<name>.tmp-<pid>-<random>``.
 
