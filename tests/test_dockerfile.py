@@ -267,6 +267,6 @@ def test_docs_show_build_run_and_apptainer_lines():
     assert any("protsae annotate" in line for line in runs)
     assert "-u \"$(id -u):$(id -g)\"" in doc or "-u $(id -u):$(id -g)" in doc
     for name in TARGETS:
-        assert any(re.search(rf"docker build --target {name} -t protsae:\S*{name}\b", line) for line in lines), name
-    assert any(re.search(r"apptainer build \S+\.sif docker(-daemon)?://protsae:\S*cpu", line) for line in lines)
+        assert any(re.search(rf"docker build --target {name}\s+-t protsae:\S*{name}\b", line) for line in lines), name
+    assert any(re.search(r"apptainer build \S+\.sif\s+docker(-daemon)?://\S*protsae:\S*cpu", line) for line in lines)
     assert any("apptainer" in line and "--nv" in line for line in lines)
