@@ -27,7 +27,8 @@ from protsae_cli.batching import chunked_records, plan_batches, plan_windows
 from protsae_cli.errors import InputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.fasta import InputIdentity, InvalidRecord, ProteinRecord, read_fasta
-from protsae_cli.writers import FORMATS, output_paths, prepare_output_prefix  # noqa: F401  (re-exported)
+from protsae_cli.writers import (DEFAULT_FORMATS, FORMATS, open_writers, output_paths,  # noqa: F401 (re-exported)
+                                 prepare_output_prefix)
 
 log = logging.getLogger("protsae.annotate")
 
@@ -43,7 +44,7 @@ class AnnotateOptions:
     output_prefix: str
     model: str | None = None
     sae: str | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     device: str = "auto"
     backend: str = "auto"
     toks_per_batch: int = 16384
@@ -316,9 +317,6 @@ class Annotator:
 
             return run_resumable(self, opts)
         from protsae_cli.merge import canonical_result
-        from protsae_cli.writers.gff3 import GFF3Writer
-        from protsae_cli.writers.h5 import H5Writer
-        from protsae_cli.writers.tsv import TSVWriter
 
         paths = output_paths(opts.output_prefix, opts.formats)
         prov = self.provenance(opts)
@@ -327,13 +325,8 @@ class Annotator:
         summary = AnnotateSummary(backend=self.encoder.name, device=str(self.device))
         t0 = time.perf_counter()
         try:
-            if "h5" in paths:
-                writers.append(H5Writer(paths["h5"], prov, self.concepts, cfg.d_sae, self.code_width,
-                                        dtype=opts.h5_dtype, compression=opts.compression))
-            if "tsv" in paths:
-                writers.append(TSVWriter(paths["tsv"], prov, self.concepts, cfg.d_sae, self.code_width))
-            if "gff3" in paths:
-                writers.append(GFF3Writer(paths["gff3"], prov, self.concepts, cfg.d_sae, self.code_width))
+            writers = open_writers(paths, prov, self.concepts, cfg.d_sae, self.code_width, dtype=opts.h5_dtype,
+                                   compression=opts.compression)
             identity = InputIdentity()
             records = identity.track(read_fasta(opts.input, skip_invalid=opts.skip_invalid))
             if opts.shard:  # after tracking: every shard records the identity of the whole input

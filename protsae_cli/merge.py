@@ -33,8 +33,8 @@ import numpy as np
 from protsae_cli.errors import InputError
 from protsae_cli.fasta import InputIdentity
 from protsae_cli.results import ProteinResult, Segment
-from protsae_cli.writers import (FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, output_paths,
-                                 prepare_output_prefix, read_identity_trailer)
+from protsae_cli.writers import (DEFAULT_FORMATS, FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, open_writers,
+                                 output_paths, prepare_output_prefix, read_identity_trailer)
 
 log = logging.getLogger("protsae.merge")
 
@@ -293,7 +293,7 @@ def merge_files(inputs: Sequence[str | Path], output_prefix: str, formats: Seque
     kind = distinct.pop()
     command = command or merge_command()
     if kind == "h5":
-        return merge_h5(list(inputs), output_prefix, formats or FORMATS, renumber=renumber,
+        return merge_h5(list(inputs), output_prefix, formats or DEFAULT_FORMATS, renumber=renumber,
                         compression=compression, command=command, allow_partial=allow_partial)
     if renumber:
         raise InputError("--renumber needs HDF5 inputs: TSV/GFF3 files do not record how many proteins they hold")
@@ -341,7 +341,7 @@ def _scan_h5(path: Path) -> tuple[_H5Input, list[tuple]]:
     return _H5Input(path, attrs, int(index.size), first, last), concepts
 
 
-def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence[str] = FORMATS, *,
+def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence[str] = DEFAULT_FORMATS, *,
              provenance: dict[str, Any] | None = None, renumber: bool = False, compression: str | None = "gzip",
              command: str | None = None, on_result: Callable[[ProteinResult], None] | None = None,
              allow_partial: bool = False) -> MergeSummary:
@@ -353,9 +353,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     not interleave (resume parts) are read one after another, one file open at a time; interleaved ones
     (`--shard i/n` outputs) are merged with a heap, all open at once.
     """
-    from protsae_cli.writers.gff3 import GFF3Writer
-    from protsae_cli.writers.h5 import H5Annotations, H5Writer
-    from protsae_cli.writers.tsv import TSVWriter
+    from protsae_cli.writers.h5 import H5Annotations
 
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -402,12 +400,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     summary = MergeSummary(inputs=names, outputs=list(out_paths.values()))
     writers: list[Any] = []
     try:
-        if "h5" in out_paths:
-            writers.append(H5Writer(out_paths["h5"], prov, concepts, d_sae, k, dtype=dtype, compression=compression))
-        if "tsv" in out_paths:
-            writers.append(TSVWriter(out_paths["tsv"], prov, concepts, d_sae, k))
-        if "gff3" in out_paths:
-            writers.append(GFF3Writer(out_paths["gff3"], prov, concepts, d_sae, k))
+        writers = open_writers(out_paths, prov, concepts, d_sae, k, dtype=dtype, compression=compression)
         stream = _sequential(ranges) if sequential else _interleaved(nonempty)
         # Renumbered pieces were separate files: the identity of the input they add up to is rebuilt from the
         # records themselves (the protein table keeps every record, invalid ones included).

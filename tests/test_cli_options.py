@@ -188,7 +188,7 @@ def test_help_renders_with_defaults(app, command):
     assert res.exit_code == 0, res.output
     text = _flat(res.output)
     assert "[default:" in text
-    expected = {"annotate": ["float16", "h5,tsv,gff3", "window", "16384"], "merge": ["gzip"],
+    expected = {"annotate": ["float32", "h5,tsv,gff3", "window", "16384"], "merge": ["gzip"],
                 "train": ["resid_post", "topk", "cosine", "active_mean"], "eval": ["8192", "0.5"],
                 "steer": ["argmax", "masked", "mask"], "report": ["50"], "export-structure": ["max", "0.9"],
                 "export-onnx": ["17"]}[command]

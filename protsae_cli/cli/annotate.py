@@ -32,7 +32,8 @@ def command(
                                     "'-' writes the TSV to stdout (with --formats tsv)."),
     formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL, callback=formats_callback,
                                 metavar="FORMATS",
-                                help="Comma-separated subset of h5,tsv,gff3."),
+                                help="Comma-separated subset of h5,tsv,gff3,jsonl (jsonl: one JSON object per "
+                                     "protein, proteins without calls included)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", rich_help_panel=IO_PANEL,
                                       help="Record invalid proteins (status 'invalid') instead of stopping."),
     h5_dtype: H5Dtype = typer.Option(H5Dtype.FLOAT32, "--h5-dtype", rich_help_panel=IO_PANEL,

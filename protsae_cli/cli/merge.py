@@ -17,8 +17,8 @@ def command(
                                        help="Shard outputs, all of one kind: .h5 files (preferred: TSV and GFF3 "
                                             "are regenerated from them), or .tsv[.gz], or .gff3[.gz] files."),
     formats: Optional[str] = typer.Option(None, "--formats", callback=formats_callback, metavar="FORMATS",
-                                          help="Comma-separated subset of h5,tsv,gff3 to write. Default: all three "
-                                               "for HDF5 shards; the input kind for TSV/GFF3 shards."),
+                                          help="Comma-separated subset of h5,tsv,gff3,jsonl to write. Default: "
+                                               "h5,tsv,gff3 for HDF5 shards; the input kind for TSV/GFF3 shards."),
     renumber: bool = typer.Option(False, "--renumber",
                                   help="The HDF5 inputs are consecutive pieces of one FASTA given in order (e.g. "
                                        "Nextflow splitFasta chunks, each numbered from 0): offset their ordinals "

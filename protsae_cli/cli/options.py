@@ -43,6 +43,7 @@ class OutputFormat(Choice):
     H5 = "h5"
     TSV = "tsv"
     GFF3 = "gff3"
+    JSONL = "jsonl"
 
 
 class H5Dtype(Choice):

@@ -12,7 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("h5", "tsv", "gff3")
+# Written when --formats is not given; jsonl (one JSON object per protein) on request.
+DEFAULT_FORMATS: tuple[str, ...] = ("h5", "tsv", "gff3")
+FORMATS: tuple[str, ...] = (*DEFAULT_FORMATS, "jsonl")
 # Provenance entries that identify the whole input (fasta.InputIdentity); written when a writer closes.
 INPUT_IDENTITY_KEYS: tuple[str, ...] = ("input_records", "input_sha256")
 
@@ -38,8 +40,37 @@ def read_identity_trailer(lines: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def open_writers(paths: Mapping[str, str], provenance: Mapping[str, Any], concepts: Any, d_sae: int, k: int, *,
+                 dtype: str = "float32", compression: str | None = "gzip") -> list[Any]:
+    """One writer per output path (``output_paths``), in format order; all or none are open on return.
+
+    The one place that knows which class writes which format, so annotate, resume and merge cannot drift.
+    """
+    from protsae_cli.writers.gff3 import GFF3Writer
+    from protsae_cli.writers.h5 import H5Writer
+    from protsae_cli.writers.jsonl import JSONLWriter
+    from protsae_cli.writers.tsv import TSVWriter
+
+    writers: list[Any] = []
+    try:
+        for fmt in FORMATS:
+            if fmt not in paths:
+                continue
+            if fmt == "h5":
+                writers.append(H5Writer(paths[fmt], provenance, concepts, d_sae, k, dtype=dtype,
+                                        compression=compression))
+            else:
+                cls = {"tsv": TSVWriter, "gff3": GFF3Writer, "jsonl": JSONLWriter}[fmt]
+                writers.append(cls(paths[fmt], provenance, concepts, d_sae, k))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return writers
+
+
 def output_paths(prefix: str, formats: Iterable[str]) -> dict[str, str]:
-    """`-o out/run` -> out/run.h5, out/run.tsv, out/run.gff3 (a `-` prefix sends TSV to stdout)."""
+    """`-o out/run` -> out/run.h5, out/run.tsv, out/run.gff3, out/run.jsonl (a `-` prefix sends TSV to stdout)."""
     from protsae_cli.errors import InputError
 
     paths = {}
