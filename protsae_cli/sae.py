@@ -367,6 +367,10 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from protsae_cli import foreign_sae  # noqa: PLC0415 (imports this module)
+
+    if foreign_sae.detect(path) is not None:  # InterPLM, InterProt, SAELens, sparsify (docs/FOREIGN_SAES.md)
+        return foreign_sae.load(path, device)
     p = Path(path)
     if p.is_dir():
         cfg_path, w_path = p / CONFIG_NAME, p / WEIGHTS_NAME

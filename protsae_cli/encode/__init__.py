@@ -66,6 +66,8 @@ def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) ->
         if name not in ("auto", "torch"):
             from protsae_cli.errors import InputError
 
+            if hasattr(sae, "backend_refusal"):  # a foreign SAE's own reason (protsae_cli/foreign_sae.py)
+                raise InputError(sae.backend_refusal(name))
             raise InputError(f"the {name} backend encodes TopK over affine pre-activations; this ProtSAE keeps its "
                              f"defined latents outside TopK (topk_scope={sae.opts['topk_scope']!r}, "
                              f"inference_forced={sae.opts['inference_forced']}); use --backend torch or auto")
