@@ -314,3 +314,21 @@ QuietOpt = Annotated[int, typer.Option(
 
 LogFileOpt = Annotated[Optional[str], typer.Option(
     "--log-file", metavar="PATH", help="Also append the log (INFO and above) to this file.")]
+
+
+# -- published SAE formats (protsae_cli/foreign_sae.py, docs/FOREIGN_SAES.md): what a checkpoint does not record --
+
+SaeLayerOpt = Annotated[Optional[int], typer.Option(
+    "--sae-layer", min=1, rich_help_panel=MODELS_PANEL, metavar="L",
+    help="Layer a published SAE (InterPLM, InterProt, SAELens, sparsify) reads: protsae's 1-based ESM-2 block. "
+         "Only for files that do not record it; picks the layer of a multi-layer sparsify folder.")]
+
+SaePlmOpt = Annotated[Optional[str], typer.Option(
+    "--sae-plm", rich_help_panel=MODELS_PANEL, metavar="NAME",
+    help="ESM-2 a published SAE was trained on (e.g. esm2_t33_650M_UR50D), for files that do not record it. "
+         "Default with --model: that model.")]
+
+SaeKOpt = Annotated[Optional[int], typer.Option(
+    "--sae-k", min=1, rich_help_panel=MODELS_PANEL, metavar="N",
+    help="Code slots per residue for a published ReLU/JumpReLU SAE (no k of its own): the N largest "
+         "activations are kept; N = d_sae keeps all.")]
