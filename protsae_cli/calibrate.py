@@ -298,7 +298,7 @@ def _records(fasta: str) -> tuple[list[Any], dict[str, str]]:
 def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     """Measure (and unless `measure_only`, rechoose) every concept's threshold on labelled proteins; write the
     recalibrated SAE to `opts.output`; return the report (also written to `opts.json_out`)."""
-    from protsae_cli.annotate import AnnotateOptions, Annotator
+    from protsae_cli.annotate import Annotator
     from protsae_cli.concepts import standardize
     from protsae_cli.evaluate import load_label_sources
 
@@ -334,6 +334,41 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     if not bound:
         raise InputError("none of the SAE's concepts (" + ", ".join(e.concept_id for e in entries[:8])
                          + ") is labelled by the given annotations")
+    counts, proteins = collect_counts(ann, records, bound, entries, opts)
+    rows_out = []
+    for i, src in bound:
+        e = entries[i]
+        validation = f"{Path(opts.fasta).name}: {proteins[i]} proteins, {counts[i].n_residues} labelled residues"
+        rec = apply_choice(e, counts[i], point, src.name, validation, keep_threshold=opts.measure_only)
+        rec["source"] = src.name
+        rec["kind"] = e.kind
+        rows_out.append(rec)
+    report = {"format": "protsae-calibration", "format_version": 1, "command": opts.command, "sae": opts.sae,
+              "fasta": opts.fasta, "operating_point": "kept" if opts.measure_only else str(point),
+              "measure_only": opts.measure_only, "per_concept": rows_out}
+    _log_table(rows_out, opts.measure_only)
+    if not opts.measure_only:
+        new_cfg = dataclasses.replace(cfg, concepts=entries,
+                                      training={**cfg.training, "calibration": {
+                                          "command": opts.command, "fasta": opts.fasta,
+                                          "labels": [s.name for s in sources], "operating_point": str(point),
+                                          "method": "protsae calibrate: residue precision/recall/F1 of activation "
+                                                    ">= threshold on these proteins (docs/CALLS.md)"}})
+        write_sae_copy(ann.sae_path, new_cfg, opts.output)
+        report["output"] = str(opts.output)
+    if opts.json_out:
+        _write_json(opts.json_out, report)
+    return report
+
+
+
+def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, Any]], entries: Sequence[Any],
+                   opts: CalibrateOptions) -> tuple[dict[int, ConceptCounts], dict[int, int]]:
+    """Encode the labelled proteins as annotate does and bin, per bound concept (entry index -> its label
+    source), the activations of its latent on labelled residues. Returns (counts, proteins measured) by entry
+    index. Memory: one float32 + one bool per active labelled residue and concept."""
+    from protsae_cli.annotate import AnnotateOptions
+
     wanted = {pid for _, s in bound for pid in s.labels.protein_ids}
     chosen = [r for r in records if r.id in wanted]
     act: dict[int, list[np.ndarray]] = {i: [] for i, _ in bound}
@@ -341,7 +376,7 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     n_pos = {i: 0 for i, _ in bound}
     n_res = {i: 0 for i, _ in bound}
     proteins = {i: 0 for i, _ in bound}
-    ann.concepts = []  # codes only: segments are not needed here
+    saved, ann.concepts = ann.concepts, []  # codes only: segments are not needed here
     aopts = AnnotateOptions(input=opts.fasta, output_prefix="-", formats=("tsv",), toks_per_batch=opts.toks_per_batch,
                             long_policy=opts.long_policy, progress=False, command=opts.command)
     by_source: dict[str, list[int]] = {}
@@ -371,32 +406,11 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
                 n_pos[i] += int(yc[keep].sum())
                 n_res[i] += int(keep.sum())
                 proteins[i] += 1
-    rows_out = []
-    for i, src in bound:
-        e = entries[i]
-        counts = ConceptCounts.from_values(np.concatenate(act[i]) if act[i] else np.zeros(0, np.float32),
-                                           np.concatenate(lab[i]) if lab[i] else np.zeros(0, bool), n_pos[i], n_res[i])
-        validation = f"{Path(opts.fasta).name}: {proteins[i]} proteins, {n_res[i]} labelled residues"
-        rec = apply_choice(e, counts, point, src.name, validation, keep_threshold=opts.measure_only)
-        rec["source"] = src.name
-        rec["kind"] = e.kind
-        rows_out.append(rec)
-    report = {"format": "protsae-calibration", "format_version": 1, "command": opts.command, "sae": opts.sae,
-              "fasta": opts.fasta, "operating_point": "kept" if opts.measure_only else str(point),
-              "measure_only": opts.measure_only, "per_concept": rows_out}
-    _log_table(rows_out, opts.measure_only)
-    if not opts.measure_only:
-        new_cfg = dataclasses.replace(cfg, concepts=entries,
-                                      training={**cfg.training, "calibration": {
-                                          "command": opts.command, "fasta": opts.fasta,
-                                          "labels": [s.name for s in sources], "operating_point": str(point),
-                                          "method": "protsae calibrate: residue precision/recall/F1 of activation "
-                                                    ">= threshold on these proteins (docs/CALLS.md)"}})
-        write_sae_copy(ann.sae_path, new_cfg, opts.output)
-        report["output"] = str(opts.output)
-    if opts.json_out:
-        _write_json(opts.json_out, report)
-    return report
+    ann.concepts = saved
+    counts = {i: ConceptCounts.from_values(np.concatenate(act[i]) if act[i] else np.zeros(0, np.float32),
+                                           np.concatenate(lab[i]) if lab[i] else np.zeros(0, bool), n_pos[i],
+                                           n_res[i]) for i, _ in bound}
+    return counts, proteins
 
 
 def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:

@@ -45,7 +45,7 @@ PROVENANCE_ORDER: tuple[str, ...] = (
     "format", "format_version", "protsae_version", "command", "plm_model", "plm_sha256", "hook_point", "layer",
     "layer_semantics", "sae_id", "sae_sha256", "d_model", "d_sae", "k", "sae_arch", "dtype", "device_type",
     "backend", "compute_dtype", "long_policy", "max_window", "window_overlap", "min_segment_len", "merge_gap",
-    "coordinate_system", "shard",
+    "calling_policy", "concepts_withheld", "coordinate_system", "shard",
 )
 # Keys that change what the numbers mean: shards disagreeing on any of them are refused.
 STRICT_KEYS: tuple[str, ...] = (
@@ -273,6 +273,16 @@ class _Concept:
     name: str
     ontology_id: str
     threshold: float
+    # reliability (docs/CALLS.md), as `writers.h5.read_concept_reliability` returns it
+    kind: str = ""
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    positives: int = 0
+    label_source: str = ""
+    operating_point: str = ""
+    validation: str = ""
+    score_curve: tuple = ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,15 +332,17 @@ class _H5Input:
 
 def _scan_h5(path: Path) -> tuple[_H5Input, list[tuple]]:
     """Header facts of one input: provenance, ordinal range (checked strictly increasing), concept table."""
-    from protsae_cli.writers.h5 import H5Annotations
+    from protsae_cli.writers.h5 import H5Annotations, read_concept_reliability
 
     with H5Annotations(path) as h5:
         attrs = h5.attrs
         index = np.asarray(h5.proteins["index"], dtype=np.int64)
         g = h5.f["concepts"]
+        rel = [tuple((k, tuple(map(tuple, v)) if k == "score_curve" else v) for k, v in sorted(r.items()))
+               for r in read_concept_reliability(g)]
         concepts = list(zip(g["latent"][()].tolist(), g["concept_id"].asstr()[()].tolist(),
                             g["name"].asstr()[()].tolist(), g["ontology_id"].asstr()[()].tolist(),
-                            g["threshold"][()].tolist()))
+                            g["threshold"][()].tolist(), rel))
     if index.size > 1:
         bad = np.flatnonzero(index[1:] <= index[:-1])
         if bad.size:
@@ -393,7 +405,8 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
             if Path(p).resolve() in {x.resolve() for x in paths}:
                 raise InputError(f"{p}: the output would overwrite one of the inputs")
 
-    concepts = [_Concept(int(lat), cid, name, ont, float(thr)) for lat, cid, name, ont, thr in ref_concepts]
+    concepts = [_Concept(int(lat), cid, name, ont, float(thr), **dict(rel))
+                for lat, cid, name, ont, thr, rel in ref_concepts]
     with H5Annotations(paths[0]) as h5:
         d_sae, k = h5.d_sae, h5.k
     dtype = str(infos[0].attrs.get("dtype") or "float16")
@@ -527,7 +540,9 @@ def merge_tsv(inputs: Sequence[str | Path], output_prefix: str) -> MergeSummary:
             raise InputError(f"{p}: TSV header differs from {paths[0]}'s")
         if first.strip():
             cols = first.rstrip("\n").split("\t")
-            this = tuple(cols[-3:])  # hook, layer, plm: the provenance a TSV carries
+            names = h.lstrip("#").rstrip("\n").split("\t")
+            at = [names.index(c) if c in names else len(names) - 3 + i for i, c in enumerate(("hook", "layer", "plm"))]
+            this = tuple(cols[i] if i < len(cols) else "" for i in at)  # the provenance a TSV carries
             if facts is None:
                 facts = (this, p)
             elif this != facts[0]:
@@ -713,6 +728,9 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
     summary = MergeSummary(inputs=[str(p) for p in paths], outputs=[out_path])
     try:
         out.write("".join(header))
+        from protsae_cli.writers.gff3 import SeqidMap, rename_block
+
+        seqids = SeqidMap()  # an id repeated across shards is renamed here as an unsharded run would name it
         streams = [((key, j, lines) for key, lines in blocks) for j, (_, blocks, _, _) in enumerate(parsed)]
         prev_key, prev_file = None, -1
         for key, j, lines in heapq.merge(*streams, key=lambda t: t[0]):
@@ -721,6 +739,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
                                  "shard given twice?")
             if key.is_integer():
                 prev_key, prev_file = key, j
+            lines = rename_block(lines, seqids, int(key) if key.is_integer() else None)
             out.write("".join(lines))
             summary.proteins += 1
             summary.segments += sum(1 for x in lines if not x.startswith("#"))

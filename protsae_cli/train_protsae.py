@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from protsae_cli.activations import ActivationSet, Batch, InMemoryRows, ShuffleBufferStream
+from protsae_cli.calibrate import ConceptCounts, OperatingPoint, apply_choice
 from protsae_cli.concept_labels import ConceptLabels, build_concept_labels, concept_normal_forms, select_concepts
 from protsae_cli.distributed import SINGLE, DistEnv, all_reduce_sum
 from protsae_cli.errors import InputError
@@ -318,6 +320,7 @@ OFFSET_BINS = 1000
 @torch.no_grad()
 def _f1_optimal_cuts(scores: Callable[[int], torch.Tensor], val: ActivationSet, labels: ConceptLabels, m: int,
                      dev: torch.device, env: DistEnv, batch_size: int, bins: int, positive_only: bool,
+                     hist_out: dict | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per concept, the cut c maximising the residue F1 of "score >= c" on the validation rows.
 
@@ -325,7 +328,8 @@ def _f1_optimal_cuts(scores: Callable[[int], torch.Tensor], val: ActivationSet, 
     observed, then per-concept histograms of positives and negatives on a `bins`-step grid over that range
     (O(m x bins) memory, summed across DDP ranks). `positive_only`: a score of 0 is never a call (sparse codes:
     a latent TopK did not keep says nothing), and the range starts at 0.
-    Returns (cut [m], best F1 [m], positives [m], range low [m], range high [m]).
+    Returns (cut [m], best F1 [m], positives [m], range low [m], range high [m]); `hist_out`, when given, also
+    receives the per-concept histograms ("pos", "neg" [m, bins]) for the reliability record (calibrate.py).
     """
     inf = torch.full((m,), torch.inf, dtype=torch.float64, device=dev)
     lo, hi = inf.clone(), -inf
@@ -369,6 +373,10 @@ def _f1_optimal_cuts(scores: Callable[[int], torch.Tensor], val: ActivationSet, 
     f1 = 2 * tp / (tp + fp + n_pos[:, None]).clamp_min(1)
     j = torch.argmax(f1, 1)
     cut = lo + j.double() * (hi - lo) / bins
+    if hist_out is not None:
+        observed = sum((~torch.isnan(labels.rows(val.protein[s:s + batch_size], val.position[s:s + batch_size])))
+                       .sum(0) for s in range(0, len(val), batch_size))
+        hist_out.update(pos=pos.cpu(), neg=neg.cpu(), observed=torch.as_tensor(observed).reshape(-1))
     return cut, f1.gather(1, j[:, None]).squeeze(1), n_pos, lo, hi
 
 
@@ -398,7 +406,9 @@ def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels
     def codes(s: int) -> torch.Tensor:
         return defined_activations(*sae.encode(val.acts[s:s + batch_size].to(dev).float()), m)
 
-    cut, f1, n_pos, _, vmax = _f1_optimal_cuts(codes, val, labels, m, dev, env, batch_size, bins, True)
+    hist: dict = {}
+    cut, f1, n_pos, _, vmax = _f1_optimal_cuts(codes, val, labels, m, dev, env, batch_size, bins, True, hist)
+    n_prot = int(torch.unique(val.protein).numel()) if len(val) else 0
     for c, entry in enumerate(sae.cfg.concepts[:m]):
         rec: dict = {"positives": int(n_pos[c].item()), "validation_max": float(vmax[c].item())}
         if n_pos[c] == 0 or vmax[c] == 0:
@@ -407,6 +417,15 @@ def calibrate_thresholds(sae: ProtSAE, val: ActivationSet, labels: ConceptLabels
         else:
             entry.threshold = float(cut[c].item())
             rec.update(threshold=entry.threshold, valid_f1=float(f1[c].item()))
+            # The reliability the concept table carries (docs/CALLS.md), from the same validation histograms.
+            grid = (vmax[c].item() / bins) * np.arange(bins)
+            counts = ConceptCounts(grid, hist["pos"][c].numpy(), hist["neg"][c].numpy(), int(n_pos[c].item()),
+                                   int(hist["observed"][c]) if hist["observed"].numel() > c else 0)
+            apply_choice(entry, counts, OperatingPoint("f1"), entry.source or "training labels",
+                         f"training's validation split: {n_prot} proteins (this process's share under DDP)"
+                         if env.enabled else f"training's validation split: {n_prot} proteins")
+            entry.threshold = float(cut[c].item())  # the grid cut itself (apply_choice reads it as the same bin)
+            rec.update(precision=entry.precision, recall=entry.recall)
         out["per_concept"][entry.concept_id] = rec
     return out
 

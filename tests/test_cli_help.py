@@ -32,6 +32,7 @@ USAGE = {
     "steer": "protsae steer [OPTIONS]",
     "export-structure": "protsae export-structure [OPTIONS]",
     "export-onnx": "protsae export-onnx [OPTIONS]",
+    "calibrate": "protsae calibrate [OPTIONS] FASTA",
 }
 
 # (command, option, the value column it must show): metavars in the conventional words.

@@ -161,3 +161,50 @@ def test_matches_reference(case: tuple[np.ndarray, np.ndarray, list[ConceptEntry
     for s, w in zip(got, want):
         assert s.max_act == pytest.approx(w[3], rel=1e-6)
         assert s.mean_act == pytest.approx(w[4], rel=1e-6)
+
+
+# -- calling policy, segment scores, standard terms (#14) ------------------------------------------------------
+def measured(latent: int, precision: float | None, f1: float | None, positives: int = 100, **kw) -> ConceptEntry:
+    return ConceptEntry(latent=latent, concept_id=f"C{latent}", name=f"c{latent}", precision=precision, f1=f1,
+                        recall=None if f1 is None else 0.5, positives=positives, **kw)
+
+
+def test_select_calls_withholds_below_the_floors() -> None:
+    from protsae_cli.concepts import CallPolicy, select_calls
+
+    table = [measured(0, 0.9, 0.8), measured(1, 0.3, 0.4), measured(2, 0.95, 0.05), measured(3, 0.9, 0.8, positives=5),
+             measured(4, None, None), measured(5, 0.5, 0.1)]
+    sel = select_calls(table)
+    assert [e.latent for e in sel.called] == [0, 4, 5]             # at the floor is called
+    assert [(e.latent, why.split()[0]) for e, why in sel.withheld] == [(1, "precision"), (2, "F1"), (3, "5")]
+    assert [e.latent for e in sel.unmeasured] == [4]
+    assert sel.withheld_text().startswith("C1 c1 (precision 0.3 < 0.5); C2 c2 (F1 0.05 < 0.1)")
+    forced = select_calls(table, CallPolicy(call_withheld=True))
+    assert len(forced.called) == len(table) and [e.latent for e, _ in forced.forced] == [1, 2, 3]
+    assert not select_calls(table, CallPolicy(min_precision=0.0, min_f1=0.0, min_positives=0)).withheld
+
+
+def test_segment_score_reads_the_step_curve() -> None:
+    from protsae_cli.concepts import segment_score
+
+    e = ConceptEntry(latent=1, concept_id="C", name="c", score_curve=[[0.1, 0.2], [0.5, 0.6], [0.9, 0.95]])
+    assert [segment_score(e, a) for a in (0.05, 0.1, 0.49, 0.5, 0.7, 0.9, 3.0)] == [0.2, 0.2, 0.2, 0.6, 0.6, 0.95,
+                                                                                   0.95]
+    assert segment_score(e, np.float32(0.5)) == 0.6                 # float32 activations meet float knots exactly
+    assert segment_score(ConceptEntry(latent=1, concept_id="C", name="c"), 1.0) is None
+    assert segment_score(None, 1.0) is None
+
+
+def test_standardize_fills_standard_ids_and_kind() -> None:
+    from protsae_cli.concepts import standardize
+
+    table = [ConceptEntry(latent=0, concept_id="PSC:0000101", name="transmembrane helix", ontology_id="PSC:0000101"),
+             ConceptEntry(latent=1, concept_id="PSC:0000210", name="metal binding"),
+             ConceptEntry(latent=2, concept_id="PSC:T", name="custom", ontology_id="XX:1"),
+             ConceptEntry(latent=3, concept_id="PSC:0000120", name="signal peptide", ontology_id="GO:0099999",
+                          kind="site")]
+    out = standardize(table)
+    assert [(e.ontology_id, e.kind) for e in out] == [
+        ("SO:0001077", "region"), ("SO:0001656,GO:0046872", "site"), ("XX:1", ""),
+        ("SO:0000418,GO:0099999", "site")]                           # a table's own ids and kind are kept
+    assert table[0].ontology_id == "PSC:0000101"                     # copies, not edits

@@ -497,3 +497,33 @@ def test_atomic_file_helpers(tmp_path: Path) -> None:
             af.tmp.write_text("partial")
             raise OSError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]
+
+
+def test_gff3_shards_with_a_repeated_id_merge_to_the_unsharded_file(tmp_path: Path,
+                                                                     results: list[ProteinResult]) -> None:
+    """Each shard names its proteins alone (both copies of sp|P12345|KRING_HUMAN keep the id when they land in
+    different shards); merging renames them as one writer would have, so the merged file is valid too."""
+    from protsae_cli.merge import merge_gff3
+
+    ident = {"input_records": len(results), "input_sha256": "cd" * 32}
+    whole = tmp_path / "whole.gff3"
+    with GFF3Writer(whole, {**PROVENANCE, **ident}, CONCEPTS, D_SAE, K) as w:
+        for r in results:
+            w.write(r)
+    shards = []
+    for i in (1, 2):
+        p = tmp_path / f"s{i}.gff3"
+        with GFF3Writer(p, {**PROVENANCE, "shard": f"{i}/2", **ident}, CONCEPTS, D_SAE, K) as w:
+            for r in results:
+                if r.index % 2 == i - 1:
+                    w.write(r)
+        shards.append(p)
+    assert "#protsae_seqid" not in shards[0].read_text() + shards[1].read_text()   # 0 and 1 in different shards
+    merge_gff3(shards, str(tmp_path / "merged"))
+    merged = (tmp_path / "merged.gff3").read_text()
+
+    def body(text: str) -> list[str]:
+        return [x for x in text.splitlines() if not x.startswith(("#command ", "#shard "))]
+
+    assert body(merged) == body(whole.read_text())
+    assert gff3_structure_problems(merged) == []

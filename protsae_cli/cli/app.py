@@ -20,6 +20,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("export-structure", "protsae_cli.cli.export_structure"),
     ("export-onnx", "protsae_cli.cli.export_onnx"),
     ("eval", "protsae_cli.cli.eval"),
+    ("calibrate", "protsae_cli.cli.calibrate"),
 ]
 
 

@@ -38,11 +38,11 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
-
-import hashlib
 
 from protsae_cli.concepts import ConceptLookup, segment_score
 from protsae_cli.ontology import concept_terms
@@ -202,3 +202,56 @@ class GFF3Writer(OutputWriter):
 
     def _abort(self) -> None:
         self.out.abort()
+
+
+def rename_block(lines: list[str], seqids: SeqidMap, ordinal: int | None = None) -> list[str]:
+    """One protein's GFF3 lines (its ``#protsae_seqid`` comment, ``##sequence-region`` line and features) with
+    the seqid `seqids` assigns now, for merging shards: each shard named its proteins on its own, so an id
+    repeated across shards came out unrenamed in both. The original id comes from the block's mapping comment,
+    else from its seqid; the block is rewritten only when the seqid changes."""
+    base = current = None
+    for line in lines:
+        if line.startswith("#protsae_seqid "):
+            parts = line.split()
+            if len(parts) == 4:
+                current, base = parts[1], parts[3]
+                ordinal = int(parts[2]) - 1 if parts[2].isdigit() else ordinal
+        elif line.startswith("##sequence-region"):
+            current = line.split()[1] if len(line.split()) > 1 else current
+        elif not line.startswith("#") and line.strip():
+            cols = line.split("\t")
+            current = current or cols[0]
+            m = re.search(r"(?:^|;)ID=p(\d+)\.", cols[8]) if len(cols) == 9 else None
+            ordinal = int(m.group(1)) if m else ordinal
+    if current is None:
+        return lines
+    base = base or current
+    new = seqids.assign(base)
+    if new == current:
+        return lines
+    out = [] if new == base else [_comment_line(
+        "protsae_seqid", f"{new} {ordinal + 1 if ordinal is not None else '.'} {base}")]
+    original = escape_attr(unquote_seqid(base))
+    for line in lines:
+        if line.startswith("#protsae_seqid "):
+            continue
+        if line.startswith("##sequence-region"):
+            parts = line.split()
+            out.append(" ".join([parts[0], new, *parts[2:]]) + "\n")
+        elif line.startswith("#") or not line.strip():
+            out.append(line)
+        else:
+            cols = line.rstrip("\n").split("\t")
+            attrs = [a for a in cols[8].split(";") if not a.startswith("original_id=")]
+            if new != base:  # where the writer puts it: just before latent=
+                at = next((i for i, a in enumerate(attrs) if a.startswith("latent=")), len(attrs))
+                attrs.insert(at, f"original_id={original}")
+            out.append("\t".join([new, *cols[1:8], ";".join(attrs)]) + "\n")
+    return out
+
+
+def unquote_seqid(seqid: str) -> str:
+    """Inverse of `escape_seqid` (percent-decoding of UTF-8 bytes)."""
+    from urllib.parse import unquote
+
+    return unquote(seqid)

@@ -7,7 +7,8 @@ Layout (docs/ARCHITECTURE.md is the contract; this module is its only writer)::
     /residues/aa           one S1 per encoded row
     /codes/{data, indices, indptr}   CSR [N rows, d_sae]; attrs encoding-type/encoding-version/shape (AnnData)
     /segments/{protein_index, latent, start, end, max_act, mean_act, threshold}
-    /concepts/{latent, concept_id, name, ontology_id, threshold}
+    /concepts/{latent, concept_id, name, ontology_id, threshold, kind, precision, recall, f1, positives,
+               label_source, operating_point, validation, score_activation, score_probability}
 
 Why this shape: one flat CSR matrix scales to millions of proteins where one group per protein does not (HDF5
 object overhead), and ``anndata.experimental.sparse_dataset(f["codes"])`` or any CSR-aware reader opens it
@@ -65,6 +66,29 @@ SEGMENT_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 _SEGMENT_RECORD = np.dtype(list(SEGMENT_COLUMNS))
 _STR = h5py.string_dtype("utf-8")
+#: Text columns of /concepts beyond concept_id/name/ontology_id (reliability provenance, docs/CALLS.md).
+CONCEPT_TEXT_COLUMNS = ("kind", "label_source", "operating_point", "validation")
+
+
+def read_concept_reliability(g: "h5py.Group") -> list[dict[str, Any]]:
+    """Per concept row, the reliability fields of a /concepts group as ConceptEntry values (None for NaN);
+    empty dicts for files written before the columns existed."""
+    n = int(g["latent"].shape[0])
+    if "precision" not in g:
+        return [{} for _ in range(n)]
+    text = {name: g[name].asstr()[()] for name in CONCEPT_TEXT_COLUMNS if name in g}
+    num = {name: g[name][()] for name in ("precision", "recall", "f1")}
+    pos = g["positives"][()]
+    acts, probs = g["score_activation"][()], g["score_probability"][()]
+    out = []
+    for i in range(n):
+        rec: dict[str, Any] = {name: str(col[i]) for name, col in text.items()}
+        rec.update({name: None if np.isnan(col[i]) else float(col[i]) for name, col in num.items()})
+        rec["positives"] = int(pos[i])
+        ok = ~np.isnan(acts[i])
+        rec["score_curve"] = [[float(a), float(p)] for a, p in zip(acts[i][ok], probs[i][ok])]
+        out.append(rec)
+    return out
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -184,6 +208,23 @@ class H5Writer(OutputWriter):
             g.create_dataset(name, data=np.array([str(getattr(c_, name)) for c_ in concepts], dtype=object),
                              dtype=_STR)
         g.create_dataset("threshold", data=np.array([c_.threshold for c_ in concepts], dtype=np.float32))
+        # Reliability (docs/CALLS.md): NaN / "" where not measured; score curves NaN-padded to one width.
+        for name in CONCEPT_TEXT_COLUMNS:
+            g.create_dataset(name, data=np.array([str(getattr(c_, name, "") or "") for c_ in concepts],
+                                                 dtype=object), dtype=_STR)
+        for name in ("precision", "recall", "f1"):
+            g.create_dataset(name, data=np.array([np.nan if getattr(c_, name, None) is None else getattr(c_, name)
+                                                  for c_ in concepts], dtype=np.float32))
+        g.create_dataset("positives", data=np.array([int(getattr(c_, "positives", 0) or 0) for c_ in concepts],
+                                                    dtype=np.int64))
+        curves = [list(getattr(c_, "score_curve", None) or []) for c_ in concepts]
+        width = max([1, *(len(cv) for cv in curves)])
+        table = np.full((len(concepts), width, 2), np.nan, dtype=np.float32)
+        for i, cv in enumerate(curves):
+            if cv:
+                table[i, :len(cv)] = np.asarray(cv, dtype=np.float32)
+        g.create_dataset("score_activation", data=table[:, :, 0])
+        g.create_dataset("score_probability", data=table[:, :, 1])
 
     def _append(self, name: str, values: np.ndarray) -> None:
         if len(values) == 0:
@@ -581,9 +622,13 @@ class H5Annotations:
 
         g = self.f["concepts"]
         cols = {name: g[name].asstr()[()] for name in ("concept_id", "name", "ontology_id")}
-        return [ConceptEntry(latent=int(lat), concept_id=cid, name=name, ontology_id=ont, threshold=float(thr))
-                for lat, cid, name, ont, thr in zip(g["latent"][()], cols["concept_id"], cols["name"],
-                                                    cols["ontology_id"], g["threshold"][()])]
+        out = [ConceptEntry(latent=int(lat), concept_id=cid, name=name, ontology_id=ont, threshold=float(thr))
+               for lat, cid, name, ont, thr in zip(g["latent"][()], cols["concept_id"], cols["name"],
+                                                   cols["ontology_id"], g["threshold"][()])]
+        for e, rel in zip(out, read_concept_reliability(g)):
+            for key, value in rel.items():
+                setattr(e, key, value)
+        return out
 
     # -- one protein ----------------------------------------------------------------------------------------
     def _check(self, i: int) -> int:

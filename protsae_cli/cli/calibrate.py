@@ -1,0 +1,76 @@
+"""`protsae calibrate`: options in, one library call (`protsae_cli.calibrate.calibrate`), a summary out."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
+                                     DeviceOpt, ModelOpt, ThreadsOpt)
+
+IO_PANEL = "Input/Output"
+
+
+def command(
+    fasta: str = typer.Argument(..., metavar="FASTA", show_default=False,
+                                help="Labelled proteins (FASTA, .gz or -) the SAE was not trained on; ids must be "
+                                     "unique and match the labels."),
+    sae: Optional[str] = typer.Option(None, "--sae", metavar="DIR", rich_help_panel="Models",
+                                      help="SAE to calibrate. Default: the bundled demo SAE."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="DIR", rich_help_panel=IO_PANEL,
+                                         help="Write the recalibrated SAE here (its weights, byte for byte, and a "
+                                              "new concept table). Required unless --measure-only."),
+    annotations: AnnotationsOpt = [],
+    annotation_format: AnnotationFormatOpt = [],
+    calling: str = typer.Option("f1", "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
+                                help="Operating point each threshold is chosen for: f1 (best F1), precision:P "
+                                     "(most recall with precision >= P, e.g. precision:0.9) or recall:R."),
+    measure_only: bool = typer.Option(False, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
+                                      help="Keep the thresholds and only measure them on these proteins "
+                                           "(a held-out check); writes no SAE."),
+    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
+                                           help="Also write the per-concept report (before/after) as JSON."),
+    ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
+                                           help="OBO ontology for label propagation (default: the shipped residue "
+                                                "concept ontology)."),
+    propagate: bool = typer.Option(True, "--propagate/--no-propagate", rich_help_panel=CONCEPTS_PANEL,
+                                   help="Add ancestor concepts to the labels (zinc binding is metal binding)."),
+    model: ModelOpt = None,
+    check_plm: CheckPlmOpt = True,
+    device: DeviceOpt = "auto",
+    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+                                       help="Token budget per ESM-2 batch (padded tokens)."),
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure each concept's calls on your labelled proteins and choose its threshold (docs/CALLS.md).
+
+    Example: [bold]protsae calibrate --sae my_sae valid.fasta -a tm.fasta --annotation-format tmbed
+    --calling precision:0.9 -o my_sae_calibrated[/bold]
+    """
+    import logging
+
+    from protsae_cli.calibrate import CalibrateOptions, calibrate
+    from protsae_cli.errors import InputError
+    from protsae_cli.evaluate import AnnotationSpec
+
+    if annotation_format and len(annotation_format) not in (1, len(annotations)):
+        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
+                         "--annotations; give one per source, or one for all")
+    given = [f.value for f in annotation_format]
+    fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
+    specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
+    if measure_only and output:
+        raise InputError("--measure-only writes no SAE; drop -o (or drop --measure-only to recalibrate)")
+    report = calibrate(CalibrateOptions(sae=sae, fasta=fasta, annotations=specs, output=output, model=model,
+                                        device=device, calling=calling, measure_only=measure_only,
+                                        ontology=ontology, propagate=propagate, toks_per_batch=toks_per_batch,
+                                        check_plm=check_plm, threads=threads, json_out=json_out))
+    log = logging.getLogger("protsae.calibrate")
+    n = sum(1 for r in report["per_concept"] if "skipped" not in r)
+    log.info(f"{'measured' if measure_only else 'calibrated'} {n} of {len(report['per_concept'])} labelled "
+             f"concepts ({report['operating_point']})")
+    if report.get("output"):
+        log.info(f"wrote {report['output']}")
+    if json_out:
+        log.info(f"wrote {json_out}")
