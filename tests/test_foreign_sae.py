@@ -251,6 +251,26 @@ def test_interprot_lightning_checkpoint_and_last_layer(tmp_path):
         load_sae(str(tmp_path / "esm2_plm320_l6_sae16_k4.ckpt"))
 
 
+def test_interprot_published_safetensors_name(tmp_path):
+    """The published file (liambai/InterProt-ESM2-SAEs esm2_plm1280_l24_sae4096.safetensors) names no k: their
+    notebook builds SparseAutoencoder(ESM_DIM, SAE_DIM), whose default k is 128."""
+    from protsae_cli.foreign_sae import INTERPROT_DEFAULT_K, detect
+    from protsae_cli.sae import load_sae
+
+    n = 160
+    f = tmp_path / f"esm2_plm320_l3_sae{n}.safetensors"
+    save_file({"w_enc": torch.zeros(320, n), "w_dec": torch.zeros(n, 320), "b_enc": torch.zeros(n),
+               "b_pre": torch.zeros(320), "stats_last_nonzero": torch.zeros(n, dtype=torch.long)}, str(f))
+    assert detect(f) == "interprot"
+    sae, _ = load_sae(str(f))
+    assert (sae.cfg.k, sae.cfg.layer, sae.cfg.plm_name, sae.cfg.d_sae) == (INTERPROT_DEFAULT_K, 3,
+                                                                          "esm2_t6_8M_UR50D", n)
+    with pytest.raises(InputError, match="the file name says plm320/sae999"):
+        save_file({"w_enc": torch.zeros(320, n), "w_dec": torch.zeros(n, 320), "b_enc": torch.zeros(n),
+                   "b_pre": torch.zeros(320)}, str(tmp_path / "esm2_plm320_l3_sae999.safetensors"))
+        load_sae(str(tmp_path / "esm2_plm320_l3_sae999.safetensors"))
+
+
 # -- SAELens --------------------------------------------------------------------------------------------------
 
 def _saelens_dir(tmp_path: Path, name: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> Path:
