@@ -53,6 +53,7 @@ class AnnotateOptions:
     max_window: int = 1022
     min_segment_len: int = 1
     merge_gap: int = 0
+    call_withheld: bool = False               # also call concepts below the reliability floors (docs/CALLS.md)
     skip_invalid: bool = False
     check_plm: bool = True
     h5_dtype: str = "float32"  # what scipy.sparse / AnnData read; float16 halves the size but they refuse it
@@ -139,7 +140,9 @@ class Annotator:
     """Library entry point: load models once, then annotate any number of inputs."""
 
     def __init__(self, model: str | None = None, sae: str | None = None, device: str = "auto",
-                 backend: str = "auto", check_plm: bool = True, threads: int | None = None) -> None:
+                 backend: str = "auto", check_plm: bool = True, threads: int | None = None,
+                 call_withheld: bool = False) -> None:
+        from protsae_cli.concepts import CallPolicy, log_calling, select_calls, standardize
         from protsae_cli.encode import get_encoder
         from protsae_cli.models import default_sae_dir
         from protsae_cli.plm import load_plm, recorded_plm_spec
@@ -163,7 +166,11 @@ class Annotator:
         self.encoder = get_encoder(backend, self.sae, self.device)
         # Code slots per residue: k, or k + m for a ProtSAE that keeps its m defined latents outside TopK.
         self.code_width = int(getattr(self.sae, "code_width", cfg.k))
-        self.concepts = list(cfg.concepts)
+        # Concepts below the reliability floors are withheld unless asked for (docs/CALLS.md).
+        self.call_policy = CallPolicy(call_withheld=call_withheld)
+        self.calling = select_calls(standardize(cfg.concepts), self.call_policy)
+        log_calling(self.calling, log)
+        self.concepts = self.calling.called
 
     def provenance(self, opts: AnnotateOptions) -> dict[str, object]:
         cfg = self.sae.cfg
@@ -178,6 +185,7 @@ class Annotator:
             "compute_dtype": "bfloat16" if self.device.type == "cuda" else "float32",
             "long_policy": opts.long_policy, "max_window": opts.max_window, "window_overlap": opts.window_overlap,
             "min_segment_len": opts.min_segment_len, "merge_gap": opts.merge_gap,
+            "calling_policy": self.call_policy.describe(), "concepts_withheld": self.calling.withheld_text(),
             "coordinate_system": "0-based rows; text outputs 1-based inclusive",
             "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else "",
         }
@@ -430,5 +438,6 @@ def annotate(opts: AnnotateOptions) -> AnnotateSummary:
     # Output paths first: a bad -o fails in seconds, before the models load.
     opts = dataclasses.replace(opts, output_prefix=prepare_output_prefix(opts.output_prefix, opts.formats,
                                                                          opts.input))
-    ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads)
+    ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads,
+                    call_withheld=opts.call_withheld)
     return ann.run(opts)

@@ -52,6 +52,9 @@ def command(
                                         help="Drop concept segments shorter than this (after merging)."),
     merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL, min=0,
                                   help="Merge segments of one concept separated by at most this many residues."),
+    call_withheld: bool = typer.Option(False, "--call-withheld", rich_help_panel=CALL_PANEL,
+                                       help="Also call concepts whose validated precision or F1 is below the "
+                                            "floor (withheld by default; see docs/CALLS.md)."),
     device: DeviceOpt = "auto",
     backend: Backend = typer.Option(Backend.AUTO, "--backend", rich_help_panel=PERF_PANEL,
                                     help="SAE encode backend: auto, torch, triton or onnx."),
@@ -91,7 +94,8 @@ def command(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
         formats=tuple(formats.split(",")), device=device, backend=backend.value,
         toks_per_batch=toks_per_batch, long_policy=long_policy.value, window_overlap=window_overlap,
-        min_segment_len=min_segment_len, merge_gap=merge_gap, skip_invalid=skip_invalid, check_plm=check_plm,
+        min_segment_len=min_segment_len, merge_gap=merge_gap, call_withheld=call_withheld,
+        skip_invalid=skip_invalid, check_plm=check_plm,
         h5_dtype=h5_dtype.value, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
     )
     if chunk_residues is not None:  # else the env var / built-in default of AnnotateOptions applies
