@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -30,6 +31,20 @@ def test_profiles_and_config_parse():
     assert slurm["executor"] == "slurm" and "protsae_annotate" in slurm["set-resources"]
     snakefile = (WORKFLOW / "Snakefile").read_text()
     assert "gpu=" in snakefile and "--shard {params.shard:q}" in snakefile and "{params.protsae} merge" in snakefile
+
+
+def test_every_job_rule_has_the_conda_environment_and_the_container():
+    """--sdm conda and --sdm apptainer reach every rule that runs protsae (rule `all` runs nothing)."""
+    yaml = pytest.importorskip("yaml")
+    snakefile = (WORKFLOW / "Snakefile").read_text()
+    env_path = re.search(r'^CONDA_ENV = "([^"]+)"$', snakefile, re.M).group(1)
+    env = yaml.safe_load((WORKFLOW / env_path).read_text())  # relative to the Snakefile, as Snakemake reads it
+    assert any(str(d).startswith("protsae ") for d in env["dependencies"])
+    rules = dict(re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", snakefile, re.M))
+    assert set(rules) == {"all", "protsae_annotate", "protsae_merge"}
+    for name in ("protsae_annotate", "protsae_merge"):
+        assert re.search(r"^    conda: CONDA_ENV$", rules[name], re.M), name
+        assert re.search(r"^    container: CONTAINER$", rules[name], re.M), name
 
 
 def _snakemake(tmp_path: Path, *extra: str, config: dict[str, str]) -> subprocess.CompletedProcess:
