@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DeviceOpt, H5Dtype, LongPolicy, ModelOpt,
-                                     SaeOpt, ThreadsOpt, devices_callback, formats_callback)
+                                     SaeKOpt, SaeLayerOpt, SaeOpt, SaePlmOpt, ThreadsOpt, devices_callback,
+                                     formats_callback)
 
 IO_PANEL, CALL_PANEL = "Input/Output", "Concept calling"
 
@@ -42,6 +43,9 @@ def command(
                                           "and protsae read its codes."),
     model: ModelOpt = None,
     sae: SaeOpt = None,
+    sae_layer: SaeLayerOpt = None,
+    sae_plm: SaePlmOpt = None,
+    sae_k: SaeKOpt = None,
     check_plm: CheckPlmOpt = True,
     long_policy: LongPolicy = typer.Option(LongPolicy.WINDOW, "--long-policy", rich_help_panel=CALL_PANEL,
                                     help="Proteins over 1022 residues: window (overlapping windows, each residue "
@@ -90,6 +94,11 @@ def command(
 
     if devices is not None and device != "auto":
         raise typer.BadParameter("give either --device or --devices, not both", param_hint="--devices")
+    if sae and (sae_layer or sae_plm or sae_k or model):
+        from protsae_cli import foreign_sae
+
+        if sae_layer or sae_plm or sae_k or foreign_sae.detect(sae):  # published formats: docs/FOREIGN_SAES.md
+            sae = foreign_sae.with_options(sae, sae_layer, sae_plm, sae_k, model=model)
     opts = AnnotateOptions(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
         formats=tuple(formats.split(",")), device=device, backend=backend.value,
