@@ -416,3 +416,22 @@ def test_protsae_directories_are_not_foreign(tiny_sae_dir):
     assert detect(tiny_sae_dir) is None
     with pytest.raises(InputError, match="apply to published SAE formats"):
         detect(f"{tiny_sae_dir}#layer=2")
+
+
+def test_affine_foreign_sae_runs_on_every_cpu_backend(tmp_path):
+    """An InterPLM ReLU SAE is one affine map + TopK: it loads as a plain TopKSAE, so the ONNX backend (what
+    --backend auto picks on CPU) gives the torch backend's codes."""
+    pytest.importorskip("onnxruntime")
+    from protsae_cli.encode import get_encoder
+    from protsae_cli.sae import TopKSAE, load_sae
+
+    f = tmp_path / "ae.pt"
+    torch.save(_interplm_relu_state(), f)
+    sae, _ = load_sae(f"{f}#layer=2,plm=x,k=12")
+    assert type(sae) is TopKSAE
+    x = _rand(200, D, seed=3)
+    i_t, v_t = get_encoder("torch", sae).encode(x)
+    i_o, v_o = get_encoder("onnx", sae).encode(x)
+    assert (i_t >= 0).sum() > 200
+    torch.testing.assert_close(i_o, i_t)
+    torch.testing.assert_close(v_o, v_t, rtol=1e-4, atol=1e-5)
