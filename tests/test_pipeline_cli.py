@@ -125,7 +125,9 @@ def test_stdout_carries_only_data(tiny_esm_path, tiny_sae_dir, small_fasta, tmp_
     out, err = capsys.readouterr()
     rows = out.splitlines()
     assert rows[0].startswith("#protein_id") and len(rows) > 1
-    assert all(len(r.split("\t")) == 16 for r in rows)
+    from protsae_cli.writers.tsv import TSV_COLUMNS
+
+    assert all(len(r.split("\t")) == len(TSV_COLUMNS) for r in rows)
     assert "annotated 3 proteins" in err
 
 
