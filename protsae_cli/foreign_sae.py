@@ -233,7 +233,9 @@ class ForeignTopKSAE(TopKSAE):
 
     def encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.supports_affine_encode:
-            raise InputError(self.backend_refusal("affine encode"))
+            raise InputError(f"this {self.source_format} SAE is not one affine map + TopK (it also needs "
+                             f"{self._non_affine_parts()}), which ONNX export and the triton/onnx backends "
+                             "require; annotate encodes it with the torch backend")
         return super().encoder_affine()
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
