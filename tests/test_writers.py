@@ -527,3 +527,18 @@ def test_gff3_shards_with_a_repeated_id_merge_to_the_unsharded_file(tmp_path: Pa
 
     assert body(merged) == body(whole.read_text())
     assert gff3_structure_problems(merged) == []
+
+
+def test_duplicate_ids_stay_distinct_records_in_tsv_and_h5(tmp_path: Path, results: list[ProteinResult]) -> None:
+    """The fixture's first two proteins share an id: TSV rows and HDF5 records keep them apart by ordinal."""
+    write_all(TSVWriter, tmp_path / "d.tsv", results)
+    write_all(H5Writer, tmp_path / "d.h5", results)
+    rows = [r.split("\t") for r in (tmp_path / "d.tsv").read_text().splitlines()[1:]]
+    dup = "sp|P12345|KRING_HUMAN"
+    by_index = {r[1] for r in rows if r[0] == dup}
+    assert by_index == {"0", "1"}
+    assert {r[2] for r in rows if r[0] == dup and r[1] == "1"} == {"12"}      # each row keeps its own length
+    with H5Annotations(tmp_path / "d.h5") as h5:
+        pos = h5.find(dup)
+        assert len(pos) == 2 and [h5.protein(p).index for p in pos] == [0, 1]
+        assert [h5.protein(p).length for p in pos] == [30, 12]
