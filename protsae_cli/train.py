@@ -34,6 +34,7 @@ from protsae_cli.distributed import SINGLE, DistEnv, barrier, init_distributed, 
 from protsae_cli.errors import InputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.fasta import ProteinRecord, read_fasta
+from protsae_cli.progress import Progress
 from protsae_cli.sae import SAEConfig, build_sae, save_sae
 from protsae_cli.trainer import STATE_NAME, TrainConfig
 
@@ -73,6 +74,7 @@ class TrainOptions:
     protsae: dict = field(default_factory=dict)            # ProtSAE model options (protsae_model.PROTSAE_DEFAULTS)
     train: TrainConfig = field(default_factory=TrainConfig)
     progress: bool = True
+    auto_batch: bool = False             # --batch-size not given: lower it to the training rows when fewer
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
 
 
@@ -141,7 +143,8 @@ def prepare_activations(opts: TrainOptions, runner: EsmRunner, hook: HookPoint,
         return cache
     prots = read_proteins(opts.fasta, opts.max_proteins, opts.train.seed)
     total_res = sum(min(len(s), 1022) for _, s in prots)
-    with _bar(opts.progress and env.is_main, "activations", total_res) as adv:
+    with Progress("collecting activations", total_res, unit="residues",
+                  enabled=opts.progress and env.is_main) as adv:
         if cache_dir is None:
             acts = collect_activations(runner, hook, prots, tokens_per_protein=opts.tokens_per_protein,
                                        seed=opts.train.seed, progress=adv)
@@ -192,7 +195,9 @@ def split_data(opts: TrainOptions, src: ActivationSet | ActivationCache, env: Di
     cfg = opts.train
     n = len(src.protein_ids)
     train_idx, val_idx = split_proteins(n, opts.val_fraction, cfg.seed)
-    val_idx = cap_validation(val_idx, _rows_per_protein(src), opts.max_val_tokens, cfg.seed)
+    rows_per_protein = _rows_per_protein(src)
+    val_idx = cap_validation(val_idx, rows_per_protein, opts.max_val_tokens, cfg.seed)
+    fit_batch_to_data(opts, int(rows_per_protein[train_idx].sum()), len(train_idx), env)
     in_train = np.zeros(n, dtype=bool)
     in_train[train_idx] = True
     in_val = np.zeros(n, dtype=bool)
@@ -215,42 +220,55 @@ def split_data(opts: TrainOptions, src: ActivationSet | ActivationCache, env: Di
     return rows, val, train_idx, val_idx
 
 
+def fit_batch_to_data(opts: TrainOptions, n_rows: int, n_proteins: int, env: DistEnv = SINGLE) -> None:
+    """A batch no larger than the training rows, decided before anything is written.
+
+    Why: the default batch (4096 tokens) needs more residues than a small FASTA has (the bundled 20 proteins
+    give ~1,200 at 64 per protein), and a run with zero steps per epoch cannot train. Without an explicit
+    --batch-size the batch is lowered to what the data holds (a multiple of the process count), and a log
+    line says so; an explicit --batch-size that does not fit is an error naming the options that change it.
+    """
+    cfg = opts.train
+    if n_rows >= cfg.batch_size:
+        return
+    fitted = n_rows - n_rows % env.world_size
+    more = ("--tokens-per-protein 0 (every residue), " if opts.tokens_per_protein else "") + "more proteins"
+    if not opts.auto_batch or fitted < env.world_size:
+        raise InputError(f"{opts.fasta}: only {n_rows} training tokens ({n_proteins} proteins) for batch size "
+                         f"{cfg.batch_size}; lower --batch-size to at most {max(fitted, 1)}, or give {more}")
+    log.info("only %d training tokens (%d proteins): batch size lowered from %d to %d; set --batch-size to "
+             "choose it, or give %s", n_rows, n_proteins, cfg.batch_size, fitted, more)
+    cfg.batch_size = fitted
+
+
+def check_output_dir(output: str) -> None:
+    """Fail in seconds on an -o that cannot become a directory, without creating it.
+
+    The directory itself is created only when its first file is complete (the training state or the SAE), so a
+    run that fails early (bad input, a batch that does not fit, Ctrl-C while collecting) leaves no empty
+    output directory behind.
+    """
+    from protsae_cli.errors import OutputError
+
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"-o {output}: exists and is not a directory")
+    parent = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), Path("/"))
+    if not parent.is_dir():
+        raise OutputError(f"-o {output}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"-o {output}: cannot write in {parent}")
+
+
 # ----------------------------------------------------------------------------------------------- progress
-class _bar:
-    """Rich progress on stderr when interactive; a no-op callable otherwise."""
-
-    def __init__(self, enabled: bool, label: str, total: int) -> None:
-        self.enabled, self.label, self.total = enabled and sys.stderr.isatty(), label, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda *a, **k: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), console=Console(stderr=True))
-        self.p.start()
-        task = self.p.add_task(self.label, total=self.total)
-
-        def advance(n: int = 1, total: int | None = None, info: str | None = None) -> None:
-            kw = {"description": f"{self.label} {info}"} if info else {}
-            self.p.update(task, advance=n, total=total or self.total or None, **kw)
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.p.stop()
-
-
-def _train_progress(adv):
+def _train_progress(adv: Progress):
+    """The trainer's (step, total, metrics) callback as progress: one step each, the latest losses as info."""
     def cb(step: int, total: int, metrics: dict) -> None:
         info = None
         if metrics:
             keys = [k for k in ("loss", "fvu", "nmse", "l_annot") if k in metrics]
             info = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
-        adv(1, total=total, info=info)
+        adv.advance(step - adv.done, total=total, info=info)
     return cb
 
 
@@ -288,7 +306,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
     opts.train.device = str(device)
     out_dir = Path(opts.output)
     if env.is_main and not opts.cache_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(opts.output)  # created by its first complete file, not now
     plm = load_plm(opts.model, device)
     hook = HookPoint(opts.hook, opts.layer)
     runner = EsmRunner(plm, device)
@@ -312,7 +330,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
     resume = opts.resume
     if resume is not None and Path(resume).is_dir() and not (Path(resume) / STATE_NAME).exists():
         raise InputError(f"--resume {resume}: no {STATE_NAME} there")
-    with _bar(opts.progress and env.is_main, "training", opts.train.max_steps or 0) as adv:
+    with Progress("training", opts.train.max_steps, unit="steps", enabled=opts.progress and env.is_main) as adv:
         kw = dict(env=env, device=device, state_dir=str(out_dir), resume=resume, progress=_train_progress(adv))
         if opts.arch == "protsae":
             from protsae_cli.concept_labels import check_unique_sequences, load_label_sources

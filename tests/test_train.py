@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from protsae_cli.activations import ActivationCache, ActivationSet, InMemoryRows, ShuffleBufferStream
 from protsae_cli.cli.app import build_app
 from protsae_cli.distributed import SINGLE
-from protsae_cli.errors import InputError
+from protsae_cli.errors import InputError, OutputError
 from protsae_cli.esm_forward import EsmRunner, HookPoint
 from protsae_cli.plm import load_plm
 from protsae_cli.sae import SAEConfig, TopKSAE, load_sae
@@ -91,6 +91,40 @@ def test_cli_trains_topk_and_writes_the_documented_outputs(fasta, tiny_esm_path,
     assert log["selection"]["rule"] == "min val fvu"
     best = min(log["evals"], key=lambda e: e["val"]["fvu"])
     assert log["selection"]["selected_step"] == best["step"]
+
+
+def test_small_input_lowers_the_default_batch_and_says_so(fasta, tiny_esm_path, tmp_path, caplog):
+    """#16.5: the default batch (4096) no longer fails on a small FASTA; the log says what was changed."""
+    out = tmp_path / "small"
+    caplog.set_level("INFO", logger="protsae.train")
+    res = CliRunner().invoke(build_app(), [
+        "train", str(fasta), "-o", str(out), "-m", str(tiny_esm_path), "--layer", "2", "--d-sae", "64", "--k", "4",
+        "--tokens-per-protein", "32", "--max-steps", "2", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lowered = [r.getMessage() for r in caplog.records if "batch size lowered" in r.getMessage()]
+    assert lowered and "from 4096 to 1822" in lowered[0], lowered  # 57 training proteins, <= 32 tokens each
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["train_config"]["batch_size"] == 1822
+
+
+def test_explicit_batch_too_large_fails_naming_the_option_and_leaves_no_directory(fasta, tiny_esm_path, tmp_path):
+    out = tmp_path / "nested" / "big"
+    res = CliRunner().invoke(build_app(), [
+        "train", str(fasta), "-o", str(out), "-m", str(tiny_esm_path), "--layer", "2", "--d-sae", "64", "--k", "4",
+        "--tokens-per-protein", "32", "--batch-size", "5000", "--device", "cpu", "--no-progress"])
+    assert isinstance(res.exception, InputError), res.output  # exit 3 through protsae's main
+    msg = str(res.exception)
+    assert "only 1822 training tokens" in msg and "--batch-size to at most 1822" in msg, msg
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_output_that_is_a_file_fails_before_the_models_load(fasta, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(build_app(), ["train", str(fasta), "-o", str(blocker), "-m", "/nonexistent/plm",
+                                           "--device", "cpu"])
+    assert isinstance(res.exception, OutputError), res.output  # exit 5 through protsae's main
+    assert "is not a directory" in str(res.exception)
 
 
 # -- checkpoint selection ------------------------------------------------------------------------------------
