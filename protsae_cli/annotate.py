@@ -340,13 +340,13 @@ class Annotator:
             if opts.shard:  # after tracking: every shard records the identity of the whole input
                 i, n = opts.shard
                 records = (r for r in records if r.index % n == i - 1)
-            with _Progress(opts.progress, _count_records(opts.input)) as bar:
+            with _progress(opts.progress, _count_records(opts.input)) as bar:
                 for res in self.iter_results(records, opts):
                     res = canonical_result(res)  # what HDF5 keeps, so merged/resumed text outputs match this run's
                     for wr in writers:
                         wr.write(res)
                     _tally(summary, res)
-                    bar.advance(len(res.sequence))
+                    bar.advance(1, residues=len(res.sequence))
             for wr in writers:
                 wr.set_input_identity(identity.attrs())
                 wr.close()
@@ -401,36 +401,12 @@ def _count_records(source: str) -> int | None:
         return None
 
 
-class _Progress:
-    """A rich progress bar on stderr, only when stderr is a terminal (pipelines get clean logs)."""
+def _progress(enabled: bool, total: int | None):
+    """Proteins done (residues beside them): a bar on a terminal, periodic log lines in pipelines
+    (protsae_cli.progress). `total` is None for inputs that cannot be counted without consuming them."""
+    from protsae_cli.progress import Progress
 
-    def __init__(self, enabled: bool, total: int | None) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.total = total
-        self._p = None
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._p = Progress(TextColumn("annotating"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.fields[res]} residues"), TimeElapsedColumn(), TimeRemainingColumn(),
-                               console=Console(stderr=True), transient=False)
-            self._p.start()
-            self._task = self._p.add_task("annotate", total=self.total, res=0)
-            self._res = 0
-        return self
-
-    def advance(self, residues: int) -> None:
-        if self._p is not None:
-            self._res += residues
-            self._p.update(self._task, advance=1, res=self._res)
-
-    def __exit__(self, *exc) -> None:
-        if self._p is not None:
-            self._p.stop()
+    return Progress("annotating", total, unit="proteins", enabled=enabled)
 
 
 def annotate(opts: AnnotateOptions) -> AnnotateSummary:

@@ -310,7 +310,7 @@ class PartStore:
 
 def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary":
     """The body of `Annotator.run` under `--resume` (see the module docstring)."""
-    from protsae_cli.annotate import AnnotateSummary, _count_records, _Progress, _tally, output_paths
+    from protsae_cli.annotate import AnnotateSummary, _count_records, _progress, _tally, output_paths
     from protsae_cli.batching import chunked_records
     from protsae_cli.fasta import read_fasta
     from protsae_cli.merge import canonical_result, merge_h5
@@ -338,7 +338,7 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
         chunks = chunked_records(records, opts.chunk_residues, opts.chunk_records,
                                  length=lambda r: len(r.sequence) if isinstance(r, ProteinRecord) else 0)
         n_chunks = 0
-        with _Progress(opts.progress, _count_records(opts.input)) as bar:
+        with _progress(opts.progress, _count_records(opts.input)) as bar:
             for n, chunk in enumerate(chunks):
                 n_chunks = n + 1
                 if store.reusable(n, chunk):
@@ -352,7 +352,7 @@ def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary
                     store.seal(n)
                     computed += 1
                 for r in chunk:
-                    bar.advance(len(r.sequence) if isinstance(r, ProteinRecord) else 0)
+                    bar.advance(1, residues=len(r.sequence) if isinstance(r, ProteinRecord) else 0)
         if reused:
             log.info("resumed: reused %d finished chunks from %s, computed %d", reused, store.dir, computed)
         # Parts see one chunk each; the final outputs record the whole input's identity, known only now.
