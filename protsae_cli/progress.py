@@ -150,7 +150,7 @@ class Progress:
                            extra=self._counters_text())
             return
         now = self.clock()
-        if now - self._last >= self.interval:
+        if now - self._last >= self.interval and not (self.total and self.done >= self.total):  # the end has its line
             self._last = now
             self.log.info("%s", self.line())
 

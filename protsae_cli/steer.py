@@ -54,6 +54,7 @@ Design decisions (docs/METHOD.md §1.8, §3.4), and why:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -87,6 +88,11 @@ PPPL_POSITIONS = ("all", "designed")
 GIBBS_BLOCK_FRACTION = 0.15
 ACTIVITY_NEIGHBOURS = 10
 MAX_RESIDUES = 1022
+#: Pseudo-perplexity positions scored per sequence on CPU when --pppl-max-positions is not given. Each scored
+#: position is one forward pass of the whole sequence; scoring every residue of the 20 bundled proteins under
+#: 7 conditions is ~50,000 passes (hours on a laptop CPU), 32 seeded positions per sequence keep it to minutes.
+CPU_PPPL_MAX_POSITIONS = 32
+PPPL_PROBE_ROWS = 8  # rows of the first, timed pseudo-perplexity batch (the estimate's probe)
 
 TSV_COLUMNS = (
     "id", "source_id", "source_index", "condition", "concept", "latents", "mode", "strength",
@@ -144,8 +150,8 @@ class SteerSpec:
             raise InputError(f"--temperature must be > 0 for {self.decode} decoding, got {self.temperature}")
         if self.n_controls < 1:
             raise InputError(f"--n-controls must be >= 1, got {self.n_controls}")
-        if self.pppl_max_positions is not None and self.pppl_max_positions < 1:
-            raise InputError(f"--pppl-max-positions must be >= 1, got {self.pppl_max_positions}")
+        if self.pppl_max_positions is not None and self.pppl_max_positions < 0:
+            raise InputError(f"--pppl-max-positions must be >= 0 (0: all positions), got {self.pppl_max_positions}")
 
 
 @dataclass
@@ -165,6 +171,7 @@ class SteerOptions:
     check_plm: bool = True
     threads: int | None = None
     command: str = ""
+    progress: bool = True
 
 
 @dataclass
@@ -646,7 +653,7 @@ def steer_sequences(runner: EsmRunner, sae: Any, hook: HookPoint, inputs: Sequen
         rows = plan_rows(spec, targets, controls)
         seqs = decode_rows(runner, sae, hook, inp.sequence, designed, masked, rows, spec, dec_gen, latent_scale)
         score_pos = designed if spec.pppl_positions == "designed" else torch.arange(L)
-        if spec.pppl_max_positions is not None and len(score_pos) > spec.pppl_max_positions:
+        if spec.pppl_max_positions and len(score_pos) > spec.pppl_max_positions:
             score_pos = score_pos[torch.randperm(len(score_pos), generator=pppl_gen)[:spec.pppl_max_positions]]
         score_t = tuple(int(p) for p in score_pos.sort().values)
         for row, s in zip(rows, seqs):
@@ -677,11 +684,14 @@ def _length_batches(seqs: list[str], batch_tokens: int) -> list[list[str]]:
 
 @torch.no_grad()
 def pseudo_perplexity(runner: EsmRunner, seqs: Sequence[str], positions: Sequence[Sequence[int]] | None = None,
-                      batch_tokens: int = 16384) -> list[float]:
+                      batch_tokens: int = 16384, progress: Callable[[int, int], None] | None = None,
+                      probe_rows: int = 0) -> list[float]:
     """Masked-marginal pseudo-perplexity of each sequence under the plain (unedited) model.
 
     Each scored position (default: all residues; else `positions[i]`, 0-based) is masked in its own row and
     the rows are batched; PPPL = exp(-mean_i log p(x_i | x_-i)), softmax over the full vocabulary.
+    `progress(rows, tokens)` is called after each batch with the rows and tokens it held; `probe_rows` > 0
+    makes the first batch that small, so a caller can time it and estimate the rest early.
     """
     jobs: list[tuple[int, int]] = []  # (sequence, 0-based position)
     for i, s in enumerate(seqs):
@@ -696,8 +706,12 @@ def pseudo_perplexity(runner: EsmRunner, seqs: Sequence[str], positions: Sequenc
     mask_id = runner.tokenizer.mask
     for L, items in by_len.items():
         rows_per = max(1, batch_tokens // (L + 2))
-        for start in range(0, len(items), rows_per):
-            chunk = items[start:start + rows_per]
+        starts = list(range(0, len(items), rows_per))
+        if probe_rows > 0 and 0 < probe_rows < rows_per and len(items) > probe_rows:
+            starts = [0] + list(range(probe_rows, len(items), rows_per))
+            probe_rows = 0
+        for start, end in zip(starts, starts[1:] + [len(items)]):
+            chunk = items[start:end]
             tok = runner.tokenizer.batch([seqs[i] for i, _ in chunk])
             r = torch.arange(len(chunk))
             p = torch.tensor([q + 1 for _, q in chunk])
@@ -708,6 +722,8 @@ def pseudo_perplexity(runner: EsmRunner, seqs: Sequence[str], positions: Sequenc
             for (i, _), v in zip(chunk, lp):
                 total[i] += v
                 count[i] += 1
+            if progress is not None:
+                progress(len(chunk), len(chunk) * (L + 2))
     return [float(math.exp(-t / c)) if c else float("nan") for t, c in zip(total, count)]
 
 
@@ -744,13 +760,60 @@ class Scorer:
             out.append((act, prob))
         return out
 
-    def pppl(self, seqs: Sequence[str], positions: Sequence[tuple[int, ...]]) -> list[float]:
+    def pppl(self, seqs: Sequence[str], positions: Sequence[tuple[int, ...]], show_progress: bool = False
+             ) -> list[float]:
         keys = [(s, tuple(p)) for s, p in zip(seqs, positions)]
         todo = list(dict.fromkeys(k for k in keys if k not in self._pppl))
         if todo:
-            vals = pseudo_perplexity(self.runner, [k[0] for k in todo], [k[1] for k in todo], self.batch_tokens)
+            with PpplProgress(todo, str(self.runner.device), show_progress) as cb:
+                vals = pseudo_perplexity(self.runner, [k[0] for k in todo], [k[1] for k in todo], self.batch_tokens,
+                                         progress=cb, probe_rows=PPPL_PROBE_ROWS)
             self._pppl.update(zip(todo, vals))
         return [self._pppl[k] for k in keys]
+
+
+class PpplProgress:
+    """Progress of pseudo-perplexity scoring, with an estimate of the whole after its first batch.
+
+    Why: scoring is one forward pass per scored position and dominates a steer run on CPU; the first batch
+    (a few dozen rows, seconds) is the timed probe, and cost is taken as proportional to tokens (rows x
+    (length + 2)), so the estimate holds across sequence lengths. The estimate is logged even with
+    progress off, unless -q.
+    """
+
+    def __init__(self, todo: Sequence[tuple[str, tuple[int, ...]]], device: str, show: bool,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        from protsae_cli.progress import Progress
+
+        self.rows = sum(len(p) for _, p in todo)
+        self.tokens = sum(len(p) * (len(s) + 2) for s, p in todo)
+        self.n, self.device, self.clock = len(todo), device, clock
+        counts = sorted({len(p) for _, p in todo})
+        self.positions = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        self.bar = Progress("scoring pseudo-perplexity", self.rows, unit="positions", enabled=show)
+        self.estimate: float | None = None
+        self._t0 = 0.0
+        self._tokens_done = 0
+
+    def __enter__(self) -> "PpplProgress":
+        self.bar.__enter__()
+        self._t0 = self.clock()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, rows: int, tokens: int) -> None:
+        self._tokens_done += tokens
+        if self.estimate is None:
+            from protsae_cli.progress import format_duration
+
+            probe = self.clock() - self._t0
+            self.estimate = probe * self.tokens / max(self._tokens_done, 1)
+            log.info("scoring %d candidates x %s positions (%d forward rows): about %s on %s (probe: %d rows in "
+                     "%s); --pppl-max-positions or --no-pppl makes it shorter", self.n, self.positions, self.rows,
+                     format_duration(self.estimate), self.device, rows, format_duration(probe))
+        self.bar.advance(rows)
 
 
 def composition(seq: str) -> np.ndarray:
@@ -770,11 +833,12 @@ def identity(a: str, b: str) -> float:
 
 
 def score_generated(scorer: Scorer, generated: Sequence[Generated], targets: Sequence[int], prob_col: int | None,
-                    concept: str, spec: SteerSpec) -> list[dict[str, Any]]:
+                    concept: str, spec: SteerSpec, show_progress: bool = False) -> list[dict[str, Any]]:
     """One report row per generated sequence (the TSV columns), each compared with its input's unsteered row."""
     seqs = [g.sequence for g in generated]
     reads = scorer.readout(seqs, targets, prob_col)
-    pppls = scorer.pppl(seqs, [g.pppl_positions for g in generated]) if spec.pppl else [None] * len(seqs)
+    pppls = scorer.pppl(seqs, [g.pppl_positions for g in generated], show_progress) if spec.pppl \
+        else [None] * len(seqs)
     base: dict[int, int] = {g.source_index: i for i, g in enumerate(generated) if g.condition == "unsteered"}
     rows = []
     for i, g in enumerate(generated):
@@ -927,10 +991,26 @@ def read_inputs(opts: SteerOptions) -> list[SteerInput]:
         recs = [SteerInput(r.index, r.id, r.sequence) for r in read_fasta(opts.input)]
         if not recs:
             raise InputError(f"{opts.input}: no proteins")
+        for r in recs:  # before the models load, not after steering the proteins before it
+            if len(r.sequence) > MAX_RESIDUES:
+                raise InputError(f"{opts.input}: protein {r.id!r} has {len(r.sequence)} residues; steering works "
+                                 f"on whole sequences of at most {MAX_RESIDUES} residues (crop it first)")
         return recs
     if opts.length is None or opts.num is None:
         raise InputError("generation from scratch needs both --length and --num")
     return scratch_inputs(opts.length, opts.num, opts.spec.init, opts.spec.seed)
+
+
+def resolve_pppl_positions(spec: SteerSpec, device: Any) -> SteerSpec:
+    """The spec with --pppl-max-positions decided: given, it stands (0: every position); not given, every
+    position on a GPU and CPU_PPPL_MAX_POSITIONS seeded positions on CPU (logged; the TSV records the value)."""
+    if not spec.pppl or spec.pppl_max_positions is not None:
+        return spec
+    if torch.device(device).type == "cpu":
+        log.info("pseudo-perplexity on CPU: scoring %d seeded positions per sequence (--pppl-max-positions 0 "
+                 "scores all, --no-pppl none)", CPU_PPPL_MAX_POSITIONS)
+        return dataclasses.replace(spec, pppl_max_positions=CPU_PPPL_MAX_POSITIONS)
+    return dataclasses.replace(spec, pppl_max_positions=0)
 
 
 def run_steer(opts: SteerOptions, progress: Callable[[int, int], None] | None = None) -> SteerSummary:
@@ -953,9 +1033,18 @@ def run_steer(opts: SteerOptions, progress: Callable[[int, int], None] | None = 
         if inputs[0].scratch:
             raise InputError("activity-matched controls measure latent activity on input proteins: use --input")
         activity = measure_latent_activity(m.runner, m.sae, m.hook, [i.sequence for i in inputs])
-    generated = steer_sequences(m.runner, m.sae, m.hook, inputs, spec, targets, activity, progress)
+    spec = resolve_pppl_positions(spec, m.runner.device)
+    from protsae_cli.progress import Progress
+
+    with Progress("steering", len(inputs), unit="proteins", enabled=opts.progress) as bar:
+        def step(done: int, total: int) -> None:
+            bar.advance(done - bar.done)
+            if progress is not None:
+                progress(done, total)
+
+        generated = steer_sequences(m.runner, m.sae, m.hook, inputs, spec, targets, activity, step)
     scorer = Scorer(m.runner, m.sae, m.hook)
-    rows = score_generated(scorer, generated, targets, prob_col, label, spec)
+    rows = score_generated(scorer, generated, targets, prob_col, label, spec, show_progress=opts.progress)
     provenance = {
         "protsae_version": __version__,
         "command": opts.command or " ".join(shlex.quote(a) for a in sys.argv),

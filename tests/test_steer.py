@@ -487,3 +487,51 @@ def test_cli_errors(tmp_path, tiny_esm_path, tiny_sae_dir):
     r = CliRunner().invoke(build_app(), [*base, "--concept", "latent:3", "--input", str(fasta), "-s", "a,b"])
     assert r.exit_code == 2
     assert not (tmp_path / "e.fasta").exists()
+
+
+# -- CPU defaults, the up-front estimate and progress (#16.5, #16.6) -------------------------------------------
+
+def test_pppl_positions_default_to_a_cpu_budget_and_zero_means_all():
+    spec = st.SteerSpec(concept="x")
+    assert st.resolve_pppl_positions(spec, "cpu").pppl_max_positions == st.CPU_PPPL_MAX_POSITIONS
+    assert st.resolve_pppl_positions(spec, "cuda:0").pppl_max_positions == 0
+    given = st.SteerSpec(concept="x", pppl_max_positions=0)
+    assert st.resolve_pppl_positions(given, "cpu").pppl_max_positions == 0
+
+
+def test_zero_max_positions_scores_every_position(ref_runner, tiny_sae):
+    spec = st.SteerSpec(concept="x", pppl_max_positions=0)
+    gen = st.steer_sequences(ref_runner, tiny_sae, HOOK, inputs(SEQS[:1]), spec, [3])
+    assert gen[0].pppl_positions == tuple(range(len(SEQS[0])))
+    spec = st.SteerSpec(concept="x", pppl_max_positions=5)
+    gen = st.steer_sequences(ref_runner, tiny_sae, HOOK, inputs(SEQS[:1]), spec, [3])
+    assert len(gen[0].pppl_positions) == 5
+
+
+def test_probe_batch_does_not_change_the_scores(tiny_plm):
+    runner = EsmRunner(tiny_plm, "cpu", attention="reference")
+    seen: list[int] = []
+    plain = st.pseudo_perplexity(runner, [SEQS[0], SEQS[0]], batch_tokens=4096)
+    probed = st.pseudo_perplexity(runner, [SEQS[0], SEQS[0]], batch_tokens=4096, probe_rows=3,
+                                  progress=lambda rows, tokens: seen.append(rows))
+    assert probed == pytest.approx(plain, rel=1e-6)
+    assert seen[0] == 3 and sum(seen) == 2 * len(SEQS[0])
+
+
+def test_scoring_logs_an_estimate_after_a_timed_probe(tiny_plm, tiny_sae, caplog):
+    runner = EsmRunner(tiny_plm, "cpu", attention="reference")
+    caplog.set_level("INFO", logger="protsae")
+    scorer = st.Scorer(runner, tiny_sae, HOOK)
+    scorer.pppl([SEQS[0], SEQS[1]], [tuple(range(20)), tuple(range(20))])
+    msgs = [r.getMessage() for r in caplog.records if r.name == "protsae.steer"]
+    est = [m for m in msgs if m.startswith("scoring 2 candidates x 20 positions (40 forward rows): about ")]
+    assert est and "on cpu (probe: 8 rows in" in est[0], msgs
+
+
+def test_long_protein_refused_before_the_models_load(tmp_path):
+    fasta = tmp_path / "long.fasta"
+    fasta.write_text(f">short\n{SEQS[0]}\n>huge\n{'A' * 1023}\n")
+    opts = st.SteerOptions(spec=st.SteerSpec(concept="x"), output=str(tmp_path / "o.fa"), input=str(fasta),
+                           sae=str(tmp_path / "no_such_sae"))  # loading it would fail differently
+    with pytest.raises(InputError, match=r"protein 'huge' has 1023 residues"):
+        st.run_steer(opts)
