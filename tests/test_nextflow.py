@@ -166,10 +166,20 @@ def test_module_follows_nf_core_conventions(name):
     assert meta["name"] == name.lower()
     assert meta["tools"][0]["protsae"]["licence"] == ["MIT"]
     declared_in = re.findall(r"(?:val|path)\((\w+)", sec["input"]) + re.findall(r"^    path (\w+)$", sec["input"], re.M)
-    meta_in = [k for entry in meta["input"] for item in (entry if isinstance(entry, list) else [entry]) for k in item]
+    # nf-core's meta.yml layout: one list per input channel, one {emit: [elements]} per output channel, and
+    # every element with a type and a description.
+    assert all(isinstance(channel, list) for channel in meta["input"])
+    meta_in = [k for channel in meta["input"] for item in channel for k in item]
     assert meta_in == declared_in, f"{name}: meta.yml inputs {meta_in} != main.nf inputs {declared_in}"
+    assert all(isinstance(channel, dict) and len(channel) == 1 for channel in meta["output"])
     emits = re.findall(r"emit: (\w+)", sec["output"])
-    assert list(meta["output"]) == emits
+    assert [next(iter(channel)) for channel in meta["output"]] == emits
+    elements = [item for channel in meta["input"] for item in channel] + \
+               [item for channel in meta["output"] for items in channel.values() for item in items]
+    for item in elements:
+        (key, spec), = item.items()
+        assert spec["type"] in ("map", "file", "directory", "string", "integer") and spec["description"], key
+    assert len(meta["keywords"]) >= 3 and meta["tools"][0]["protsae"]["documentation"].startswith("https://")
 
     env = yaml.safe_load((directory / "environment.yml").read_text())
     assert env["dependencies"] == [f"protsae={protsae_cli.__version__}"]
