@@ -8,6 +8,13 @@ that fair-esm itself put in the torch hub cache under a fair-esm name). Never un
 in the hub cache only), and the contact-regression file beside a checkpoint (read with `weights_only=True`, else
 skipped: protsae never predicts contacts). Offline machines get a message naming the exact files and folder to
 fill, instead of a stack trace from a failed download.
+
+Hugging Face (transformers) ESM-2 checkpoints load too, from safetensors only (hf_esm.py renames them into
+fair-esm's layout and they are built as the same `ESM2`): a directory with config.json (model_type "esm") +
+model.safetensors, or a hub id (`facebook/esm2_t33_650M_UR50D`, or `hf:ORG/NAME` to skip the path lookup) found
+in the local Hugging Face cache. protsae never downloads those: a missing one is MissingWeightsError (exit 4).
+An HF model is named by its hub id; `canonical_esm2_name` maps `facebook/esm2_X` and fair-esm's `esm2_X` to one
+release name (docs/MODELS.md says what the pairing check does with the two formats' different checksums).
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ KNOWN_SHA256: dict[str, str] = {
 }
 
 STANDIN_ALIASES = ("standin", "esm2_t6_8M_standin", "default")
+#: The organisation that publishes ESM-2 on the Hugging Face hub; its repos carry fair-esm's model names.
+HF_ESM2_ORG = "facebook"
+HF_PREFIX = "hf:"
 FAIR_ESM_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 
 
@@ -53,6 +63,13 @@ class LoadedPLM:
     source: str           # file the weights came from
     num_layers: int
     d_model: int
+    format: str = "fair-esm"   # "fair-esm" (.pt), "protsae-safetensors" (stand-in layout) or "hf-safetensors"
+    has_lm_head: bool = True    # False for an HF EsmModel checkpoint: no logits (steer/eval's fidelity need them)
+
+    @property
+    def release(self) -> str:
+        """The ESM-2 release name shared by both formats (see `canonical_esm2_name`)."""
+        return canonical_esm2_name(self.name)
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_layers} layers, d_model {self.d_model}, sha256 {self.sha256[:12]}...)"
@@ -66,26 +83,46 @@ def offline_mode() -> bool:
     return os.environ.get("PROTSAE_OFFLINE", "").lower() in {"1", "true", "yes"}
 
 
+def canonical_esm2_name(name: str) -> str:
+    """One name per ESM-2 release across formats: `facebook/esm2_t6_8M_UR50D` (HF) -> `esm2_t6_8M_UR50D`
+    (fair-esm). Other names (fine-tunes, other orgs, the stand-in) are returned unchanged."""
+    org, _, rest = name.partition("/")
+    if org == HF_ESM2_ORG and rest in ESM2_MODELS:
+        return rest
+    return name
+
+
 def load_plm(spec: str | None = None, device: str | torch.device = "cpu", verify_sha256: bool = False) -> LoadedPLM:
-    """Resolve `spec` (None/'standin' -> shipped stand-in; a fair-esm ESM-2 name; or a path) and load it.
+    """Resolve `spec` (None/'standin' -> shipped stand-in; a fair-esm ESM-2 name; a path; an HF hub id) and load it.
 
     A fair-esm name is resolved before any path: it means the torch hub cache's `<name>.pt`, never a file of
     that name in the working directory, which would be a pickle nobody pointed protsae at (`./NAME` still
     loads such a file on purpose). `verify_sha256` compares a fair-esm name's file against the published
-    checksum when we know one.
+    checksum when we know one. `ORG/NAME` that is no existing path, and `hf:ORG/NAME` always, is a hub id
+    looked up in the local Hugging Face cache (safetensors only, never downloaded).
     """
+    from protsae_cli.hf_esm import HUB_ID
+
     if spec is None or spec in STANDIN_ALIASES:
         return _load_shipped_standin(device)
     if spec in ESM2_MODELS:
         return _load_by_name(spec, device, verify_sha256)
+    if spec.startswith(HF_PREFIX):
+        hub_id = spec[len(HF_PREFIX):]
+        if not HUB_ID.match(hub_id):
+            raise InputError(f"{spec!r}: a Hugging Face hub id is ORG/NAME, e.g. hf:facebook/esm2_t33_650M_UR50D")
+        return _load_hub_id(hub_id, device)
     path = Path(spec).expanduser()
     if path.exists():
         return _load_from_path(path, device)
+    if HUB_ID.match(spec) and not spec.endswith((".pt", ".safetensors", ".bin")):
+        return _load_hub_id(spec, device)
     if spec.endswith((".pt", ".safetensors")) or "/" in spec:
         raise InputError(f"PLM checkpoint not found: {spec}")
     raise InputError(
         f"unknown PLM {spec!r}: give a fair-esm ESM-2 name ({', '.join(ESM2_MODELS)}), a checkpoint path, "
-        f"or 'standin' for the bundled demonstration model")
+        f"a Hugging Face hub id in the local cache (e.g. facebook/esm2_t6_8M_UR50D), or 'standin' for the "
+        f"bundled demonstration model")
 
 
 def _build_esm2(name: str, model_data: dict[str, Any], source: str,
@@ -144,21 +181,38 @@ def recorded_plm_spec(name: str, where: str) -> str | None:
     """The PLM to load for an SAE that records `name`, or None for the bundled stand-in.
 
     An SAE's config is data from wherever the user got it, so what it records may only *name* a model: the
-    stand-in or a fair-esm ESM-2 name (then found in the torch hub cache and checked against the recorded
-    checksum). A path there would make protsae unpickle a file nobody pointed it at, so it is refused.
+    stand-in, a fair-esm ESM-2 name (then found in the torch hub cache and checked against the recorded
+    checksum) or an HF hub id (then found in the HF cache, safetensors only, as `hf:ORG/NAME` so that a path of
+    that name in the working directory is never read instead). A path there would make protsae unpickle a file
+    nobody pointed it at, so it is refused.
     """
+    from protsae_cli.hf_esm import HUB_ID
+
     if not name or name in STANDIN_ALIASES:
         return None
     if name in ESM2_MODELS:
         return name
+    if HUB_ID.match(name) and not name.endswith((".pt", ".safetensors", ".bin")):
+        return HF_PREFIX + name
     raise InputError(f"{where} records PLM {name!r}, which is not a model name protsae loads by itself (the "
-                     f"stand-in or one of {', '.join(ESM2_MODELS)}); pass --model with the checkpoint to use")
+                     f"stand-in, one of {', '.join(ESM2_MODELS)}, or a Hugging Face hub id); pass --model with "
+                     f"the checkpoint to use")
 
 
 def _load_from_path(path: Path, device) -> LoadedPLM:
     if path.is_dir():
+        from protsae_cli.hf_esm import snapshot_of
+
+        if (path / "snapshots").is_dir() and not (path / "config.json").exists():
+            snap = snapshot_of(path)  # a models--ORG--NAME folder of the HF cache: its refs/main snapshot
+            if snap is None:
+                raise InputError(f"{path}: an HF cache repo folder without refs/main or a single snapshot; pass "
+                                 f"--model {path}/snapshots/<revision>")
+            path = snap
         cfg = path / "config.json"
         if cfg.exists():
+            if _is_hf_dir(path):
+                return _load_hf_dir(path, device)
             return _load_safetensors_dir(path, device)
         pts = sorted(p for p in path.glob("*.pt") if not p.name.endswith("-contact-regression.pt"))
         hint = f"; pass the checkpoint file itself, e.g. --model {pts[0]}" if pts else ""
@@ -166,10 +220,80 @@ def _load_from_path(path: Path, device) -> LoadedPLM:
         raise InputError(f"{path}: a directory without config.json; protsae loads a directory only in its "
                          f"safetensors layout (config.json + weights){hint}")
     if path.suffix == ".safetensors":
+        if _is_hf_dir(path.parent):
+            return _load_hf_dir(path.parent, device)
         return _load_safetensors_dir(path.parent, device, weights=path)
+    if path.suffix == ".bin" and _is_hf_dir(path.parent):
+        from protsae_cli.hf_esm import weight_files
+
+        weight_files(path.parent)  # refuses a pickle-only folder with the message saying what to do instead
     data = _torch_load_checkpoint(path)
     model, alphabet = _build_esm2(path.stem, data, str(path), _regression_beside(path))
     return _finish(model, alphabet, path.stem, file_sha256(path), str(path), device)
+
+
+def _is_hf_dir(d: Path) -> bool:
+    from protsae_cli.hf_esm import is_hf_config
+
+    try:
+        return is_hf_config(json.loads((d / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _load_hub_id(hub_id: str, device) -> LoadedPLM:
+    from protsae_cli.hf_esm import find_in_hub_cache
+
+    return _load_hf_dir(find_in_hub_cache(hub_id), device, hub_id=hub_id)
+
+
+def _load_hf_dir(d: Path, device, hub_id: str | None = None) -> LoadedPLM:
+    """An HF ESM-2 directory built as fair-esm's ESM2 (see hf_esm.py for the key mapping)."""
+    import logging
+
+    import esm
+
+    from protsae_cli.hf_esm import (
+        checkpoint_sha256,
+        hf_to_fair_esm,
+        load_state,
+        open_checkpoint,
+    )
+
+    ck = open_checkpoint(d, hub_id)
+    where = ", ".join(str(w) for w in ck.weights)
+    state, has = hf_to_fair_esm(load_state(ck), ck.num_layers, where)
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    model = esm.model.esm2.ESM2(num_layers=ck.num_layers, embed_dim=ck.d_model, attention_heads=ck.heads,
+                                alphabet=alphabet, token_dropout=ck.token_dropout)
+    if not has["lm_head"]:
+        model.lm_head = _NoLMHead(ck.name, where)
+    result = model.load_state_dict(state, strict=False)
+    allowed = {k for k in result.missing_keys
+               if k.startswith("contact_head.") or k.endswith("rot_emb.inv_freq")}
+    if set(result.missing_keys) - allowed or result.unexpected_keys:  # hf_to_fair_esm checked; a guard, not a path
+        raise InputError(f"{where}: does not fill fair-esm's ESM2: missing "
+                         f"{sorted(set(result.missing_keys) - allowed)[:4]}, unexpected {result.unexpected_keys[:4]}")
+    log = logging.getLogger("protsae.plm")
+    log.debug("%s: %s; LM head %s, contact head %s, rotary inv_freq %s", d, "; ".join(ck.notes),
+              has["lm_head"], has["contact_head"], "stored" if has["inv_freq"] else "computed")
+    plm = _finish(model, alphabet, ck.name, checkpoint_sha256(ck), where, device)
+    plm.format, plm.has_lm_head = "hf-safetensors", has["lm_head"]
+    return plm
+
+
+class _NoLMHead(torch.nn.Module):
+    """Stands in for the LM head of an HF EsmModel checkpoint (no `lm_head.*` weights): hook activations need no
+    head, but logits from a random head would be silently wrong, so asking for them is an error."""
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__()
+        self.name, self.where = name, where
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise InputError(f"{self.where}: {self.name} is an EsmModel checkpoint without an LM head (no lm_head.* "
+                         f"weights), so it gives no logits; use its EsmForMaskedLM checkpoint for steering or "
+                         f"fidelity metrics")
 
 
 def _load_safetensors_dir(d: Path, device, weights: Path | None = None) -> LoadedPLM:
@@ -193,7 +317,9 @@ def _load_safetensors_dir(d: Path, device, weights: Path | None = None) -> Loade
                    encoder_ffn_embed_dim=cfg["encoder_ffn_embed_dim"],
                    encoder_attention_heads=cfg["encoder_attention_heads"], token_dropout=cfg["token_dropout"])
     model, alphabet = _build_esm2(cfg["name"], {"cfg": {"model": ns}, "model": state}, str(weights))
-    return _finish(model, alphabet, cfg["name"], file_sha256(weights), str(weights), device)
+    plm = _finish(model, alphabet, cfg["name"], file_sha256(weights), str(weights), device)
+    plm.format = "protsae-safetensors"
+    return plm
 
 
 _ARCH_INTS = ("encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads")
