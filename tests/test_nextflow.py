@@ -182,8 +182,8 @@ def test_module_follows_nf_core_conventions(name):
     assert len(meta["keywords"]) >= 3 and meta["tools"][0]["protsae"]["documentation"].startswith("https://")
 
     env = yaml.safe_load((directory / "environment.yml").read_text())
-    assert env["dependencies"] == [f"protsae={protsae_cli.__version__}"]
-    assert env["channels"][0] == "local" and "bioconda" in env["channels"]
+    assert env["dependencies"] == [f"bioconda::protsae={protsae_cli.__version__}"]
+    assert env["channels"] == ["conda-forge", "bioconda"] and "name" not in env  # what nf-core's lint allows
 
 
 def test_workflow_includes_calls_params_and_config_agree():
