@@ -279,7 +279,7 @@ def groovy_to_python(expr: str) -> str:
     raise AssertionError(f"Groovy expression not understood by the test: {expr}")
 
 
-def render(section: str, scope: dict) -> str:
+def render(section: str, scope: dict) -> tuple[str, dict]:
     """What Nextflow runs for a `script:`/`stub:` section: its assignments evaluated, then the triple-quoted
     GString with ${...} substituted, backslash escapes applied and the common indentation stripped."""
     head, sep, rest = section.partition('"""')
@@ -290,10 +290,10 @@ def render(section: str, scope: dict) -> str:
     for line in head.strip().splitlines():
         m = re.fullmatch(r"\s*(?:def )?(\w+) = (.+)", line)
         assert m, f"unexpected line before the script: {line!r}"
-        scope[m.group(1)] = eval(groovy_to_python(m.group(2)), {}, scope)  # noqa: S307 - the module's own text
+        scope[m.group(1)] = eval(groovy_to_python(m.group(2)), {}, scope)  # the module's own text, translated
 
     def sub(m: re.Match) -> str:
-        return str(eval(groovy_to_python(m.group(1)), {}, scope))  # noqa: S307
+        return str(eval(groovy_to_python(m.group(1)), {}, scope))
 
     text = re.sub(r"(?<!\\)\$\{([^}]+)\}", sub, body)
     text = text.replace("\\$", "$").replace("\\\\", "\\")
@@ -336,7 +336,7 @@ def test_rendered_command_lines_use_only_options_protsae_has():
                                                         task=task("PROTSAE_ANNOTATE", args)))
         words = protsae_words(script)
         assert words[1] == "annotate" and words[2] == "in.fasta"
-        assert set(w.split("=")[0] for w in words if w.startswith("-")) <= annotate_opts, words
+        assert {w.split("=")[0] for w in words if w.startswith("-")} <= annotate_opts, words
         assert words[words.index("-o") + 1] == scope["prefix"] == f"in.{shard}-of-{n}"
         assert ("--shard" in words) == (n > 1) and (n == 1 or words[words.index("--shard") + 1] == f"{shard}/{n}")
         assert ("--sae" in words) == bool(sae) and ("--model" in words) == bool(model)
@@ -349,7 +349,7 @@ def test_rendered_command_lines_use_only_options_protsae_has():
                                              task=task("PROTSAE_MERGE", "--formats h5,tsv")))
     words = protsae_words(script)
     assert words[:5] == ["protsae", "merge", "in", "shards/a.h5", "shards/b.h5"]
-    assert set(w for w in words if w.startswith("-")) <= merge_opts, words
+    assert {w for w in words if w.startswith("-")} <= merge_opts, words
 
 
 def test_groovy_translation_refuses_what_it_does_not_know():
@@ -436,7 +436,7 @@ def test_stub_blocks_create_every_declared_output(tmp_path):
         script, rendered = render(sec["stub"], scope)
         _run_task(work, script, bindir)
         for pattern in re.findall(r'path\("([^"]+)"\)', sec["output"]):
-            expected = re.sub(r"\$\{(\w+)\}", lambda m: str(rendered[m.group(1)]), pattern)
+            expected = re.sub(r"\$\{(\w+)\}", lambda m, values=rendered: str(values[m.group(1)]), pattern)
             assert (work / expected).is_file(), f"{name}: stub does not create {expected}"
         assert yaml.safe_load((work / "versions.yml").read_text()) == {name: {"protsae": protsae_cli.__version__}}
 
