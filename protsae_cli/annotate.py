@@ -53,6 +53,7 @@ class AnnotateOptions:
     max_window: int = 1022
     min_segment_len: int = 1
     merge_gap: int = 0
+    decode: str = "viterbi"                   # region concepts: topology Viterbi (docs/SEGMENTS.md) or "none"
     call_withheld: bool = False               # also call concepts below the reliability floors (docs/CALLS.md)
     skip_invalid: bool = False
     check_plm: bool = True
@@ -227,9 +228,10 @@ class Annotator:
 
     def _results(self, chunk: list[ProteinRecord | InvalidRecord], opts: AnnotateOptions,
                  stop: "threading.Event | None" = None):
-        from protsae_cli.concepts import call_segments
         from protsae_cli.results import ProteinResult
+        from protsae_cli.segments import RegionCaller
 
+        call_segments = RegionCaller(self.concepts, getattr(self.sae.cfg, "segment_decoder", None), opts.decode)
         k = self.code_width
         works: list[_Work | InvalidRecord] = []
         items: list[tuple[_Work, int]] = []
@@ -261,8 +263,7 @@ class Annotator:
                 continue
             idx = np.concatenate([p[0] for p in w.parts])
             val = np.concatenate([p[1] for p in w.parts])
-            segs = call_segments(idx, val, self.concepts, min_segment_len=opts.min_segment_len,
-                                 merge_gap=opts.merge_gap)
+            segs = call_segments(idx, val, min_segment_len=opts.min_segment_len, merge_gap=opts.merge_gap)
             yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
                                 status=w.status, status_detail="", idx=idx, val=val, segments=segs)
 

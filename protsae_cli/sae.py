@@ -106,6 +106,8 @@ class SAEConfig:
     concepts: list[ConceptEntry] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     protsae: dict[str, Any] = field(default_factory=dict)
+    # Fitted topology decoder for the region concepts (protsae_cli.segments, docs/SEGMENTS.md); {} = none.
+    segment_decoder: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.hook_point not in HOOK_POINTS:
@@ -132,6 +134,7 @@ class SAEConfig:
             "concepts": [dataclasses.asdict(c) for c in self.concepts],
             "training": self.training,
             "protsae": self.protsae,
+            **({"segment_decoder": self.segment_decoder} if self.segment_decoder else {}),
         }
 
     @classmethod
@@ -154,7 +157,7 @@ class SAEConfig:
             for key in ("name", "sha256"):
                 if not isinstance(plm.get(key, ""), str):
                     raise InputError(f"plm {key} must be a string, got {plm[key]!r}")
-            for key, kind in (("concepts", list), ("training", dict), ("protsae", dict)):
+            for key, kind in (("concepts", list), ("training", dict), ("protsae", dict), ("segment_decoder", dict)):
                 if not isinstance(d.get(key, kind()), kind):
                     raise InputError(f"{key!r} must be a JSON {'array' if kind is list else 'object'}")
             cfg = cls(
@@ -166,6 +169,7 @@ class SAEConfig:
                 arch=d.get("arch", "topk"),
                 concepts=[ConceptEntry.from_dict(c) for c in d.get("concepts", [])],
                 training=d.get("training", {}), protsae=d.get("protsae", {}),
+                segment_decoder=d.get("segment_decoder", {}),
             )
             for c in cfg.concepts:
                 c.check()

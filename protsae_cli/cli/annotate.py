@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DeviceOpt, H5Dtype, LongPolicy, ModelOpt,
+from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DecodeMode, DeviceOpt, H5Dtype, LongPolicy,
+                                     ModelOpt,
                                      SaeKOpt, SaeLayerOpt, SaeOpt, SaePlmOpt, ThreadsOpt, devices_callback,
                                      formats_callback)
 
@@ -56,6 +57,11 @@ def command(
                                         help="Drop concept segments shorter than this (after merging)."),
     merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL, min=0,
                                   help="Merge segments of one concept separated by at most this many residues."),
+    decode: DecodeMode = typer.Option(DecodeMode.VITERBI, "--decode", rich_help_panel=CALL_PANEL,
+                                      help="Region concepts (membrane spans, sides, signal peptide): viterbi decodes "
+                                           "one consistent topology per protein with the SAE's fitted state model "
+                                           "(docs/SEGMENTS.md); none calls them per residue like sites. Sites "
+                                           "always stay per residue."),
     call_withheld: bool = typer.Option(False, "--call-withheld", rich_help_panel=CALL_PANEL,
                                        help="Also call concepts whose validated precision or F1 is below the "
                                             "floor (withheld by default; see docs/CALLS.md)."),
@@ -103,7 +109,7 @@ def command(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
         formats=tuple(formats.split(",")), device=device, backend=backend.value,
         toks_per_batch=toks_per_batch, long_policy=long_policy.value, window_overlap=window_overlap,
-        min_segment_len=min_segment_len, merge_gap=merge_gap, call_withheld=call_withheld,
+        min_segment_len=min_segment_len, merge_gap=merge_gap, decode=decode.value, call_withheld=call_withheld,
         skip_invalid=skip_invalid, check_plm=check_plm,
         h5_dtype=h5_dtype.value, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
     )

@@ -332,3 +332,10 @@ SaeKOpt = Annotated[Optional[int], typer.Option(
     "--sae-k", min=1, rich_help_panel=MODELS_PANEL, metavar="N",
     help="Code slots per residue for a published ReLU/JumpReLU SAE (no k of its own): the N largest "
          "activations are kept; N = d_sae keeps all.")]
+
+
+class DecodeMode(Choice):
+    """How annotate turns region concepts into segments (docs/SEGMENTS.md)."""
+
+    VITERBI = "viterbi"
+    NONE = "none"
