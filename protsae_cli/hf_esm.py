@@ -139,7 +139,7 @@ def snapshot_of(repo_dir: Path) -> Path | None:
     return snaps[0] if len(snaps) == 1 else None
 
 
-def find_in_hub_cache(hub_id: str) -> Path:
+def find_in_hub_cache(hub_id: str, not_a_path: bool = False) -> Path:
     """The local snapshot directory of `hub_id`. protsae never downloads: a missing one names the folders
     searched and the command that fetches exactly the files protsae reads."""
     searched = []
@@ -154,7 +154,8 @@ def find_in_hub_cache(hub_id: str) -> Path:
                                  f"pass the snapshot directory itself: --model {repo}/snapshots/<revision>")
             return snap
     raise MissingWeightsError(
-        f"Hugging Face checkpoint {hub_id} is not in the local cache (protsae never downloads it); searched "
+        f"Hugging Face checkpoint {hub_id} is not in the local cache (protsae never downloads it"
+        f"{'; nor is it a path here' if not_a_path else ''}); searched "
         f"{', '.join(searched)}. Fetch it on a machine with network access: `hf download {hub_id} config.json "
         f"model.safetensors` (or huggingface-cli download; set HF_HOME/HF_HUB_CACHE to choose the cache), or pass "
         f"a directory holding config.json + model.safetensors: --model DIR")

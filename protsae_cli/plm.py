@@ -116,7 +116,7 @@ def load_plm(spec: str | None = None, device: str | torch.device = "cpu", verify
     if path.exists():
         return _load_from_path(path, device)
     if HUB_ID.match(spec) and not spec.endswith((".pt", ".safetensors", ".bin")):
-        return _load_hub_id(spec, device)
+        return _load_hub_id(spec, device, not_a_path=True)
     if spec.endswith((".pt", ".safetensors")) or "/" in spec:
         raise InputError(f"PLM checkpoint not found: {spec}")
     raise InputError(
@@ -241,10 +241,10 @@ def _is_hf_dir(d: Path) -> bool:
         return False
 
 
-def _load_hub_id(hub_id: str, device) -> LoadedPLM:
+def _load_hub_id(hub_id: str, device, not_a_path: bool = False) -> LoadedPLM:
     from protsae_cli.hf_esm import find_in_hub_cache
 
-    return _load_hf_dir(find_in_hub_cache(hub_id), device, hub_id=hub_id)
+    return _load_hf_dir(find_in_hub_cache(hub_id, not_a_path), device, hub_id=hub_id)
 
 
 def _load_hf_dir(d: Path, device, hub_id: str | None = None) -> LoadedPLM:

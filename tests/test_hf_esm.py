@@ -203,6 +203,27 @@ def test_hub_id_resolves_in_the_local_cache(tiny_plm, hf_cache, tmp_path, monkey
     assert load_plm("facebook/esm2_t3_tiny").name == "facebook/esm2_t3_tiny"
 
 
+def test_sae_recording_a_hub_id_loads_it_from_the_cache(tiny_plm, tiny_sae_dir, hf_cache, tmp_path, monkeypatch):
+    """An SAE trained on an HF model records its hub id and safetensors checksum: annotate without --model
+    finds it in the cache (as hf:ORG/NAME, never a same-named path here) and the checksum check passes."""
+    import shutil
+
+    from protsae_cli.annotate import Annotator
+
+    repo = fake_hub_cache(hf_cache, "facebook/esm2_t3_tiny", tiny_plm.model)
+    sae = tmp_path / "sae_on_hf"
+    shutil.copytree(tiny_sae_dir, sae)
+    cfg = json.loads((sae / "config.json").read_text())
+    hf = load_plm("facebook/esm2_t3_tiny")
+    cfg["plm"].update(name="facebook/esm2_t3_tiny", sha256=hf.sha256)
+    (sae / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "facebook").mkdir()
+    (tmp_path / "facebook" / "esm2_t3_tiny").write_bytes(b"not a model: must not be read")
+    monkeypatch.chdir(tmp_path)
+    ann = Annotator(sae=str(sae), device="cpu")
+    assert ann.plm.name == "facebook/esm2_t3_tiny" and str(repo) in ann.plm.source
+
+
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_missing_hub_id_names_the_folders_searched_and_never_downloads(hf_cache, monkeypatch, offline):
     monkeypatch.setenv("PROTSAE_OFFLINE", offline)

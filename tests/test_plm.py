@@ -72,3 +72,26 @@ def test_shipped_standin_loads_offline(torch_home):
     plm = load_plm(None)
     assert plm.name == "esm2_t6_8M_standin" and (plm.num_layers, plm.d_model) == (6, 320)
     assert all(p.dtype == torch.float32 for p in plm.model.parameters())
+
+
+def test_spec_forms_for_hugging_face_ids(tmp_path, monkeypatch):
+    """ORG/NAME that is no path is a hub id (exit 4, cache folders named); a .pt-looking one stays 'not found';
+    hf: takes only ORG/NAME."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingWeightsError, match=r"nor is it a path here.*models--lab--esm_ft"):
+        load_plm("lab/esm_ft")
+    with pytest.raises(InputError, match="PLM checkpoint not found"):
+        load_plm("lab/esm_ft.pt")
+    with pytest.raises(InputError, match="a Hugging Face hub id is ORG/NAME"):
+        load_plm("hf:just_a_name")
+    with pytest.raises(MissingWeightsError) as e:
+        load_plm("hf:lab/esm_ft")
+    assert "nor is it a path" not in str(e.value)
+
+
+def test_loaded_plm_records_its_format(tiny_esm_path):
+    assert load_plm(str(tiny_esm_path)).format == "fair-esm"
+    standin = load_plm(None)
+    assert (standin.format, standin.has_lm_head, standin.release) == ("protsae-safetensors", True,
+                                                                      "esm2_t6_8M_standin")
