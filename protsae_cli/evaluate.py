@@ -143,6 +143,7 @@ class EvalOptions:
     plots_dir: str | None = None
     no_check_plm: bool = False
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
+    progress: bool = True  # a bar on a terminal, periodic log lines otherwise (protsae_cli.progress)
 
 
 # ================================================================================================ label sources
@@ -261,8 +262,9 @@ Batch = tuple[list[int], list[torch.Tensor]]   # (protein indices, per-protein a
 
 
 def plm_activation_batches(runner: Any, hook: Any, sequences: Sequence[str], toks_per_batch: int,
-                           max_residues: int) -> Iterator[Batch]:
-    """Hook activations of every protein (cropped to its first `max_residues` residues), batch by batch."""
+                           max_residues: int, progress: Callable[..., None] | None = None) -> Iterator[Batch]:
+    """Hook activations of every protein (cropped to its first `max_residues` residues), batch by batch;
+    `progress(n_proteins, residues=n)` after each batch is handed on."""
     lengths = [min(len(s), max_residues) for s in sequences]
     from protsae_cli.batching import plan_batches
 
@@ -270,6 +272,8 @@ def plm_activation_batches(runner: Any, hook: Any, sequences: Sequence[str], tok
         seqs = [sequences[i][:lengths[i]] for i in batch]
         h = runner.hook_activations(runner.tokenizer.batch(seqs), hook)
         yield batch, [h[b, 1:len(s) + 1].float().cpu() for b, s in enumerate(seqs)]
+        if progress is not None:
+            progress(len(batch), residues=sum(map(len, seqs)))
 
 
 def cached_activation_batches(acts: Any, protein_order: Sequence[int] | None = None,
@@ -938,6 +942,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     from protsae_cli.esm_forward import EsmRunner, HookPoint
     from protsae_cli.fasta import ProteinRecord, read_fasta
     from protsae_cli.plm import load_plm
+    from protsae_cli.progress import Progress
     from protsae_cli.sae import check_compatible, load_sae
 
     if not opts.sae:
@@ -984,10 +989,11 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "saes": [sae_summary(n, p, sha, s) for n, p, (s, sha) in zip(names, opts.sae, loaded)],
     }
     log.info("evaluating %d SAE(s) on %d proteins (%d residues)", len(saes), len(prots), sum(lengths))
-    main = evaluate_activations(
-        saes, names, ids, lengths,
-        plm_activation_batches(runner, hook, seqs, opts.toks_per_batch, opts.max_residues),
-        sources, split, opts.thresholds, opts.dense_threshold, device, full_lengths=[len(s) for s in seqs])
+    with Progress("encoding", len(prots), unit="proteins", enabled=opts.progress) as bar:
+        main = evaluate_activations(
+            saes, names, ids, lengths,
+            plm_activation_batches(runner, hook, seqs, opts.toks_per_batch, opts.max_residues, progress=bar),
+            sources, split, opts.thresholds, opts.dense_threshold, device, full_lengths=[len(s) for s in seqs])
     mean_act = main.pop("mean_activation")
     result.update(main)
     if opts.lm_proteins > 0:
@@ -995,8 +1001,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         chosen = pool[:opts.lm_proteins]
         lm_seqs = [seqs[i][:opts.lm_max_len] for i in chosen]
         log.info("LM fidelity on %d proteins (%d residues)", len(lm_seqs), sum(map(len, lm_seqs)))
-        fid = lm_fidelity(runner, hook, saes, names, lm_seqs, mean_act, opts.toks_per_batch,
-                          opts.mask_fraction, opts.seed)
+        with Progress("LM fidelity", len(lm_seqs), unit="proteins", enabled=opts.progress) as bar:
+            fid = lm_fidelity(runner, hook, saes, names, lm_seqs, mean_act, opts.toks_per_batch,
+                              opts.mask_fraction, opts.seed, progress=bar)
         fid.update(max_len=opts.lm_max_len, attention=runner.attention,
                    proteins="first test proteins" if split_info["n_test"] else "first proteins")
         result["lm_fidelity"] = fid

@@ -814,8 +814,12 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
                  proteins: Sequence[str] | None = None, max_proteins: int = 50, top_latents: int = 24,
                  max_lanes: int = 25, top_concepts: int = 20, hist_latents: int = 12,
                  scan_entries: int = 20_000_000, table_limit: int = 200_000,
-                 title: str | None = None) -> ReportSummary:
-    """Write the HTML report of ``h5`` to ``output`` (atomically) and, with ``png_dir``, matplotlib PNGs."""
+                 title: str | None = None, progress: bool = True) -> ReportSummary:
+    """Write the HTML report of ``h5`` to ``output`` (atomically) and, with ``png_dir``, matplotlib PNGs.
+
+    ``progress``: per drawn protein and per PNG, a bar on a terminal or periodic log lines (protsae_cli.progress).
+    """
+    from protsae_cli.progress import Progress
     from protsae_cli.writers.atomic import TextOutput
     from protsae_cli.writers.h5 import H5Annotations
 
@@ -841,7 +845,11 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
         latent_histograms(ann, scan, chosen)
         run = _Run(ann, ann.attrs, concepts, stats, seg_pp, con_pp, scan, chosen, names)
         by_key = {(s.latent, s.threshold): s for s in stats}
-        views = [build_view(ann, p, by_key, names, scan, top_latents, max_lanes) for p in positions]
+        views = []
+        with Progress("drawing proteins", len(positions), unit="proteins", enabled=progress) as bar:
+            for p in positions:
+                views.append(build_view(ann, p, by_key, names, scan, top_latents, max_lanes))
+                bar.advance()
         drawn = set(positions)
         for v in views:
             v.slug = f"{v.info.index:06d}_{slugify(v.info.id)}"
@@ -869,7 +877,7 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
         summary = ReportSummary(output=Path(output), proteins_total=ann.n_proteins, proteins_drawn=len(views),
                                 sampled=not scan.complete)
         if png_dir is not None:
-            summary.pngs = _write_pngs(Path(png_dir), run, views)
+            summary.pngs = _write_pngs(Path(png_dir), run, views, progress)
 
     out = TextOutput(output)
     try:
@@ -881,7 +889,16 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
     return summary
 
 
-def _write_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView]) -> list[Path]:
+def _write_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView], progress: bool = True) -> list[Path]:
+    from protsae_cli.progress import Progress
+
+    drawn = [v for v in views if v.info.n_rows]
+    n = 2 + sum(1 + (v.heat is not None) for v in drawn)
+    with Progress("writing PNGs", n, unit="PNGs", enabled=progress) as bar:
+        return _draw_pngs(png_dir, run, drawn, bar)
+
+
+def _draw_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView], bar: Any) -> list[Path]:
     from protsae_cli import plots
 
     png_dir.mkdir(parents=True, exist_ok=True)
@@ -890,6 +907,7 @@ def _write_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView]) -> list[
     written.append(plots.concepts_png(png_dir / "top_concepts.png", [s.short for s in top],
                                       [s.segments for s in top], [s.residues for s in top],
                                       [s.color for s in top], "Top concepts"))
+    bar.advance()
     by_latent = {s.latent: s for s in reversed(run.stats)}
     panels = []
     for l in run.hist_latents:
@@ -900,13 +918,14 @@ def _write_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView]) -> list[
     if panels:
         written.append(plots.histograms_png(png_dir / "latent_histograms.png", panels,
                                             "Nonzero activations per latent"))
+    bar.advance()
     for v in views:
-        if v.info.n_rows == 0:
-            continue
         head = f"{v.info.id}  ({v.info.length} aa, {v.info.status})"
         written.append(plots.tracks_png(png_dir / f"{v.slug}.tracks.png", head, v.sequence, v.info.length,
                                         v.lanes))
+        bar.advance()
         if v.heat is not None:
             written.append(plots.heatmap_png(png_dir / f"{v.slug}.heatmap.png", head + " \u2014 most active latents",
                                              v.heat, v.info.length))
+            bar.advance()
     return written

@@ -36,22 +36,29 @@ def command(
                                     help="Most proteins listed in the searchable table (bounds the page size; "
                                          "~70 bytes per protein)."),
     title: Optional[str] = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
 ) -> None:
     """Write a self-contained HTML report (no network needed) of an annotation file.
 
     Run summary, top concepts, latent histograms, a searchable table of all proteins, and concept tracks with a latent heatmap for the first proteins (or --proteins).
 
-    Example: [bold]protsae report out/run.h5 -o run.html --png-dir figures/[/bold]
+    Example (from the repository root: annotate the bundled proteins, then report on them; about 20 s and 10 s on 2 CPU cores):
+
+    [bold]$ protsae annotate examples/proteins.fasta -o out/run[/bold]
+
+    [bold]$ protsae report out/run.h5 -o run.html --png-dir figures/ --max-proteins 5[/bold]
     """
     import sys
 
+    from protsae_cli.logging_setup import is_quiet
     from protsae_cli.report import write_report
 
     out = output if output is not None else h5.with_name(
         (h5.name[:-3] if h5.name.endswith(".h5") else h5.name) + ".report.html")
     summary = write_report(h5, out, png_dir=png_dir, proteins=proteins or None, max_proteins=max_proteins,
                            top_latents=top_latents, max_lanes=max_lanes, scan_entries=scan_entries,
-                           table_limit=table_limit, title=title)
+                           table_limit=table_limit, title=title, progress=progress and not is_quiet())
     print(f"protsae report: wrote {summary.output} ({summary.proteins_drawn} of {summary.proteins_total} "
           f"proteins drawn{'; latent histograms sampled' if summary.sampled else ''})", file=sys.stderr)
     if summary.pngs:
