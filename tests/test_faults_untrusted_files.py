@@ -95,7 +95,9 @@ def test_recorded_plm_names_only() -> None:
     assert recorded_plm_spec("esm2_t6_8M_standin", "c") is None
     assert recorded_plm_spec("", "c") is None
     assert recorded_plm_spec("esm2_t33_650M_UR50D", "c") == "esm2_t33_650M_UR50D"
-    for bad in ("/tmp/x.pt", "../esm2_t6_8M_UR50D", "models/x", "esm2_custom"):
+    # ORG/NAME is a Hugging Face hub id: looked up only in the HF cache (safetensors), never as a path here
+    assert recorded_plm_spec("models/x", "c") == "hf:models/x"
+    for bad in ("/tmp/x.pt", "../esm2_t6_8M_UR50D", "./models/x", "models/x.pt", "esm2_custom"):
         with pytest.raises(InputError, match="not a model name"):
             recorded_plm_spec(bad, "c")
 
