@@ -101,6 +101,7 @@ class Progress:
         self.clock = clock
         self.use_bar = self.enabled and (interactive(self.stream) if bar is None else bar)
         self.done = 0.0
+        self._base = 0.0  # work done before this run (a resumed job): counted in done, not in the rate
         self.counters: dict[str, float] = {}
         self.info: Optional[str] = None
         self._p = None
@@ -133,6 +134,12 @@ class Progress:
         """Same as `advance`, so the object itself can be handed to code that takes a progress callback."""
         self.advance(n, total=total, info=info, **counters)
 
+    def start_at(self, done: float) -> None:
+        """Work already done before this run (resumed training): shown in the count, left out of the rate."""
+        self.done = self._base = float(done)
+        if self._p is not None:
+            self._p.update(self._task, completed=self.done)
+
     def advance(self, n: float = 1, *, total: Optional[int] = None, info: Optional[str] = None,
                 **counters: float) -> None:
         if not self.enabled:
@@ -161,14 +168,14 @@ class Progress:
     def line(self, final: bool = False) -> str:
         """The log line: done/total (percent), rate, ETA (or elapsed at the end), counters, info."""
         elapsed = max(self.clock() - self._t0, 0.0)
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self._base) / elapsed if elapsed > 0 else 0.0
         count = f"{_count(self.done)}/{_count(self.total)}" if self.total else _count(self.done)
         parts = [f"{count} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
         if final:
             text = f"{self.label}: done, {parts[0]} in {format_duration(elapsed)}"
-            if elapsed > 0 and self.done:
+            if elapsed > 0 and self.done > self._base:
                 text += f" ({_rate(rate, self.unit)})"
         else:
             if elapsed > 0:

@@ -268,6 +268,8 @@ def _train_progress(adv: Progress):
         if metrics:
             keys = [k for k in ("loss", "fvu", "nmse", "l_annot") if k in metrics]
             info = " ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+        if adv.done == 0 and step > 1:  # resumed: the steps before it are not this run's rate
+            adv.start_at(step - 1)
         adv.advance(step - adv.done, total=total, info=info)
     return cb
 

@@ -154,3 +154,13 @@ def test_annotate_progress_on_a_fifo_has_no_precount_and_logs_without_eta(tmp_pa
         p.advance(1, residues=300)
     first = _lines(caplog)[0]
     assert first.startswith("annotating: 1 proteins, ") and "ETA" not in first and "300 residues" in first
+
+
+def test_resumed_work_counts_but_is_not_in_the_rate(caplog):
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="protsae.progress")
+    with Progress("training", 100, unit="steps", interval=10, clock=clock, stream=io.StringIO()) as p:
+        p.start_at(60)
+        clock.t += 10
+        p.advance(10)
+    assert _lines(caplog)[0] == "training: 70/100 steps (70%), 1.0 steps/s, ETA 30 s"
