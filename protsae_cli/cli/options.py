@@ -263,7 +263,8 @@ def open_ends(low: Optional[float] = None,
 # -- option types shared by several commands ---------------------------------------------------------------
 
 _MODEL_HELP = ("ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in the torch hub cache, downloaded "
-               "when online) or a checkpoint path.")
+               "when online), a checkpoint path, a Hugging Face ESM-2 folder (config.json + model.safetensors) or "
+               "hub id in the local HF cache (facebook/esm2_t33_650M_UR50D; never downloaded).")
 
 # annotate, steer: the PLM defaults to the one the SAE was trained on.
 ModelOpt = Annotated[Optional[str], typer.Option(
