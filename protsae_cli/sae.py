@@ -450,6 +450,12 @@ def check_compatible(cfg: SAEConfig, plm_name: str, plm_sha256: str, plm_d_model
         raise CompatibilityError(
             f"SAE hooks layer {cfg.layer} but PLM {plm_name} has {plm_num_layers} layers")
     if strict_checksum and cfg.plm_sha256 and plm_sha256 and cfg.plm_sha256 != plm_sha256:
+        from protsae_cli.plm import canonical_esm2_name
+
+        other_format = cfg.plm_name != plm_name and canonical_esm2_name(cfg.plm_name) == canonical_esm2_name(plm_name)
         raise CompatibilityError(
             f"SAE was trained on PLM {cfg.plm_name} (sha256 {cfg.plm_sha256[:12]}...) but the loaded PLM is "
-            f"{plm_name} (sha256 {plm_sha256[:12]}...); pass --no-check-plm to override")
+            f"{plm_name} (sha256 {plm_sha256[:12]}...); pass --no-check-plm to override"
+            + ("; both name one ESM-2 release, but a fair-esm .pt and a Hugging Face safetensors file have different "
+               "checksums, so protsae cannot confirm they hold the same weights (docs/MODELS.md §3)"
+               if other_format else ""))

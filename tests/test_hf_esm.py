@@ -304,6 +304,20 @@ def test_names_map_between_formats_and_recorded_hub_ids_use_the_cache():
         recorded_plm_spec("/abs/path/model.pt", "x")
 
 
+def test_pairing_across_formats_names_the_reason():
+    """Same release, other format: still refused (file checksums differ), with the reason in the message."""
+    from protsae_cli.sae import SAEConfig, check_compatible
+
+    cfg = SAEConfig(d_model=320, d_sae=64, k=8, hook_point="resid_post", layer=3, plm_name="esm2_t6_8M_UR50D",
+                    plm_sha256="a" * 64, plm_num_layers=6)
+    with pytest.raises(CompatibilityError, match=r"--no-check-plm.*one ESM-2 release.*different checksums"):
+        check_compatible(cfg, "facebook/esm2_t6_8M_UR50D", "b" * 64, 320, 6)
+    with pytest.raises(CompatibilityError) as e:
+        check_compatible(cfg, "lab/esm2_t6_8M_UR50D", "b" * 64, 320, 6)
+    assert "one ESM-2 release" not in str(e.value)
+    check_compatible(cfg, "facebook/esm2_t6_8M_UR50D", "b" * 64, 320, 6, strict_checksum=False)
+
+
 def test_official_config_names(tmp_path):
     """The real 8M config records _name_or_path "/tmp/facebook/esm2_t6_8M_UR50D": named by its hub id."""
     from protsae_cli.hf_esm import hf_model_name
