@@ -284,7 +284,8 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
                          f"({env.world_size}): it is the global batch, split evenly over ranks")
     spe = train.steps_per_epoch
     if spe == 0:
-        raise InputError(f"only {train.n_rows} training tokens for batch size {cfg.batch_size}")
+        raise InputError(f"only {train.n_rows} training tokens for batch size {cfg.batch_size}; lower --batch-size "
+                         "or give more training tokens")
     total = cfg.max_steps or spe * cfg.epochs
     eval_every = cfg.eval_every or spe
     save_after = save_after_default if cfg.save_after is None else cfg.save_after

@@ -78,7 +78,7 @@ RANGE_CASES = [
     ("steer", "--mask-ratio", "0"), ("steer", "--mask-ratio", "1.1"), ("steer", "--iterations", "0"),
     ("steer", "--temperature", "0"), ("steer", "--n-controls", "0"), ("steer", "--length", "0"),
     ("steer", "--length", "2000"), ("steer", "--num", "0"), ("steer", "--threads", "0"),
-    ("steer", "--pppl-max-positions", "0"),
+    ("steer", "--pppl-max-positions", "-1"),  # 0 = all positions (#16.5)
     ("report", "--max-proteins", "-1"), ("report", "--top-latents", "-1"), ("report", "--max-lanes", "-1"),
     ("report", "--scan-entries", "-1"), ("report", "--table-limit", "-1"),
     ("export-structure", "--min-identity", "1.5"), ("export-structure", "--index", "-1"),
