@@ -321,6 +321,10 @@ class Annotator:
     def run(self, opts: AnnotateOptions) -> AnnotateSummary:
         opts = dataclasses.replace(opts, output_prefix=prepare_output_prefix(opts.output_prefix, opts.formats,
                                                                              opts.input))
+        return self._run_prepared(opts)
+
+    def _run_prepared(self, opts: AnnotateOptions) -> AnnotateSummary:
+        """`run` once the output prefix is final (a `-o d/` is expanded once: `d/x` may itself be a directory)."""
         if opts.resume:
             from protsae_cli.resume import run_resumable
 
@@ -417,4 +421,4 @@ def annotate(opts: AnnotateOptions) -> AnnotateSummary:
                                                                          opts.input))
     ann = Annotator(opts.model, opts.sae, opts.device, opts.backend, opts.check_plm, opts.threads,
                     call_withheld=opts.call_withheld)
-    return ann.run(opts)
+    return ann._run_prepared(opts)

@@ -138,14 +138,14 @@ def check_input_identity(identities: Sequence[dict[str, Any]], names: Sequence[s
                 f"{str(ident['input_sha256'])[:12]}...) than {ref_name} ({ref['input_records']} records, sha256 "
                 f"{str(ref['input_sha256'])[:12]}...); shards must be cut from the same FASTA (for separately "
                 "numbered pieces of one input use --renumber)")
-    if not present:
-        return {}
     if len(present) < len(identities):
-        missing = [n for i, n in zip(identities, names) if not all(k in i for k in INPUT_IDENTITY_KEYS)]
-        log.warning("%s record no input identity (older protsae?): cannot check they come from the same input "
-                    "as %s", ", ".join(missing), present[0][1])
-        return {}
+        return {}  # the caller warns (resume parts have none by design)
     return {k: _norm(present[0][0][k]) for k in INPUT_IDENTITY_KEYS}
+
+
+def _warn_no_identity(names: Sequence[str]) -> None:
+    log.warning("not every input records the identity of the FASTA it was cut from (written by an older "
+                "protsae?): %s merged without checking that they come from the same input", ", ".join(names))
 
 
 def missing_shards(values: Sequence[str]) -> list[str]:
@@ -395,6 +395,8 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     sequential = all(a.last + a.offset < b.first + b.offset for a, b in zip(ranges, ranges[1:]))
     if not sequential:
         _check_no_shared_ordinals(nonempty)
+    if provenance is None and not renumber and not any(k in merged for k in INPUT_IDENTITY_KEYS):
+        _warn_no_identity(names)
     if provenance is None and not allow_partial and not renumber:  # internal callers merge sub-shards
         refuse_missing_shards([str(i.attrs.get("shard", "")) for i in infos], names)
 
@@ -708,6 +710,8 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
                 raise InputError(f"{p}: {key} is {prov.get(key)!r} but {paths[0]} has {provs[0].get(key)!r}; "
                                  "shards must come from the same models and settings")
     identity = check_input_identity([t for _, _, _, t in parsed], [str(p) for p in paths])
+    if not identity:
+        _warn_no_identity([str(p) for p in paths])
     if not allow_partial:
         refuse_missing_shards([prov.get("shard", "") for prov in provs], [str(p) for p in paths])
     approximate = sum(a for _, _, a, _ in parsed)

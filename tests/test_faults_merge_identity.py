@@ -165,3 +165,15 @@ def test_cli_merge_exit_codes(runs, tmp_path):
     p = subprocess.run([*cmd[:4], str(tmp_path / "n"), str(runs / "a1.h5"), str(other), str(runs / "a3.h5")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 3 and "copy_of_b2.h5 was made from a different input" in p.stderr, p.stderr
+
+
+def test_shards_without_any_identity_merge_with_a_warning(runs, tmp_path, caplog):
+    old = []
+    for i in (1, 2, 3):
+        dst = tmp_path / f"old{i}.h5"
+        shutil.copy(runs / f"a{i}.h5", dst)
+        with h5py.File(dst, "r+") as f:
+            del f.attrs["input_records"], f.attrs["input_sha256"]
+        old.append(dst)
+    merge_files(old, str(tmp_path / "m"), formats=("h5",))
+    assert "merged without checking that they come from the same input" in caplog.text

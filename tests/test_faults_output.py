@@ -325,3 +325,18 @@ def test_written_files_follow_the_umask(tmp_path, tiny_sae_dir, umask):
         os.umask(old)
     for p in (out / "sae.safetensors", out / "config.json", tmp_path / "x.h5"):
         assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask, (p, oct(os.stat(p).st_mode))
+
+
+def test_directory_prefix_is_expanded_once(tiny_esm_path, tiny_sae_dir, tmp_path, small_fasta):
+    """`-o dd/` with a directory `dd/small/` already there must write dd/small.h5, not dd/small/small.h5."""
+    (tmp_path / "dd" / "small").mkdir(parents=True)
+    p = protsae("annotate", str(small_fasta), "-o", str(tmp_path / "dd") + "/", "--formats", "h5",
+                *model_args(tiny_esm_path, tiny_sae_dir))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "dd" / "small.h5").is_file() and not list((tmp_path / "dd" / "small").iterdir())
+
+
+def test_a_name_too_long_is_an_output_error(tmp_path, small_fasta):
+    p = protsae("annotate", str(small_fasta), "-o", str(tmp_path / ("x" * 300)), "--model",
+                str(tmp_path / "no_such_model.pt"), "--device", "cpu")
+    assert_output_fault(p, "x" * 50, "File name too long")

@@ -58,3 +58,21 @@ def test_jsonl_is_not_a_default_and_not_for_stdout(annotator, tiny_esm_path, tin
 
     with pytest.raises(InputError, match="-o - writes TSV to stdout"):
         annotator.run(opts_for(tiny_esm_path, tiny_sae_dir, fa, "-", formats=("jsonl",)))
+
+
+def test_segments_carry_the_calibrated_score(tmp_path):
+    from protsae_cli.concepts import segment_score
+    from protsae_cli.results import ProteinResult, Segment
+    from protsae_cli.sae import ConceptEntry
+    from protsae_cli.writers.jsonl import JSONLWriter
+    import numpy as np
+
+    c = ConceptEntry(latent=0, concept_id="PSC:0000101", name="tm", threshold=0.5,
+                     score_curve=[[0.0, 0.1], [1.0, 0.9]])
+    seg = Segment(latent=0, start=1, end=3, max_act=1.5, mean_act=1.0, threshold=0.5)
+    res = ProteinResult(index=0, id="p", description="", sequence="MKV", status="ok", status_detail="",
+                        idx=np.zeros((3, 1), np.int64), val=np.ones((3, 1), np.float32), segments=[seg])
+    with JSONLWriter(tmp_path / "x.jsonl", {}, [c], 4, 1) as w:
+        w.write(res)
+    rec = json.loads((tmp_path / "x.jsonl").read_text())
+    assert rec["segments"][0]["score"] == pytest.approx(segment_score(c, 1.5)) and segment_score(c, 1.5) == 0.9

@@ -130,30 +130,42 @@ def prepare_output_prefix(prefix: str, formats: Iterable[str], input_path: str |
         return prefix
     if not prefix:
         raise OutputError("-o: the output prefix is empty")
-    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
-        directory = prefix.rstrip("/" + os.sep) or prefix
-        if not os.path.isdir(directory):
-            _make_parents(Path(directory) / "x")
-        prefix = prefix_for_directory(directory, input_path)
-    paths = output_paths(prefix, formats)
-    for path in paths.values():
-        p = Path(path)
-        _make_parents(p)
-        if p.is_dir():
-            raise OutputError(f"{p} is a directory, so the output cannot be written there; choose another -o "
-                              "prefix or remove the directory")
+    try:  # a name too long, a directory we may not search: the OS's reason, named, not a traceback
+        if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+            directory = prefix.rstrip("/" + os.sep) or prefix
+            if not os.path.isdir(directory):
+                _make_parents(Path(directory) / "x")
+            prefix = prefix_for_directory(directory, input_path)
+        paths = output_paths(prefix, formats)
+        for path in paths.values():
+            p = Path(path)
+            _make_parents(p)
+            if p.is_dir():
+                raise OutputError(f"{p} is a directory, so the output cannot be written there; choose another -o "
+                                  "prefix or remove the directory")
+    except OSError as e:
+        raise OutputError(f"{e.filename or prefix}: cannot write outputs there ({e.strerror or e})") from None
     parent = Path(next(iter(paths.values()))).parent
+    _probe_directory(parent)
+    return prefix
+
+
+def _probe_directory(parent: Path) -> None:
+    """Create and remove a file in ``parent``: the only reliable test that outputs can be written there."""
+    from protsae_cli.errors import OutputError
+
     probe = parent / f".protsae-write-probe.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             os.write(fd, b"x")
         finally:
-            os.close(fd)
-            os.unlink(probe)
+            try:
+                os.close(fd)
+            finally:
+                os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{parent}: cannot write outputs there ({e.strerror or e})") from None
-    return prefix
 
 
 def _make_parents(path: Path) -> None:

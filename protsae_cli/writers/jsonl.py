@@ -27,7 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from protsae_cli.concepts import ConceptLookup
+from protsae_cli.concepts import ConceptLookup, segment_score
 from protsae_cli.results import ProteinResult
 from protsae_cli.writers.atomic import OutputWriter, TextOutput
 from protsae_cli.writers.tsv import sorted_segments
@@ -70,7 +70,7 @@ class JSONLWriter(OutputWriter):
             if value is None or value == "" or (name == "positives" and not value):
                 continue
             rec[name] = _number(value) if isinstance(value, float) else value
-        score = getattr(seg, "score", None)
+        score = segment_score(concept, seg.max_act) if getattr(concept, "score_curve", None) else None
         if score is not None:
             rec["score"] = _number(score)
         return rec
