@@ -45,8 +45,6 @@ ARG PROTSAE_GID=1000
 FROM scratch AS src
 COPY pyproject.toml README.md LICENSE /src/
 COPY protsae_cli /src/protsae_cli
-COPY kernels /src/kernels
-COPY models /src/models
 
 
 # ---------------------------------------------------------------------------------------------------- cpu ---

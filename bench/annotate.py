@@ -70,8 +70,10 @@ def make_models(shape: str, layer: int, d_sae: int, k: int, workdir: Path) -> tu
     """A random-weight ESM-2 of the given shape in fair-esm's format and a matching random TopK SAE."""
     import esm
 
-    from protsae_cli.plm import load_plm
-    from protsae_cli.sae import SAEConfig, TopKSAE, save_sae
+    from protsae_cli.plm.loading import load_plm
+    from protsae_cli.sae.checkpoint import save_sae
+    from protsae_cli.sae.config import SAEConfig
+    from protsae_cli.sae.topk import TopKSAE
 
     L, D, H = SHAPES[shape]
     torch.manual_seed(0)
@@ -107,7 +109,7 @@ def _fasta_pairs(path: Path) -> list[tuple[str, str]]:
 def heldout_proteins(data_dir: Path, n: int) -> list[tuple[str, str]]:
     """The first `n` proteins of TMbed split 3 that the default SAE never trained on or selected with.
 
-    models/default_sae's card: TMbed splits 0-1 train it, split 2 selects its checkpoint and thresholds, split 3
+    protsae_cli/models/default_sae's card: TMbed splits 0-1 train it, split 2 selects its checkpoint and thresholds, split 3
     is its test split; bindPredict splits 1-3 train, 4 validates. So: split 3, minus any sequence also in TMbed
     0-2 or bindPredict 1-4 (a few proteins are in both sources), minus proteins over 1,022 residues (esm-extract
     truncates them and annotate windows them: the two sides would not do the same work).
@@ -152,7 +154,7 @@ def write_csr_codes(path: Path, labels: list[str], codes: list, d_sae: int) -> N
     float32 values, gzip 4 + shuffle: what annotate's HDF5 keeps by default, so both sides pay for the same output."""
     import h5py
 
-    from protsae_cli.writers.h5 import CSR_ENCODING, index_dtype
+    from protsae_cli.io.writers.h5 import CSR_ENCODING, index_dtype
 
     idx = np.concatenate([c[0] for c in codes])
     val = np.concatenate([c[1] for c in codes])
@@ -181,8 +183,8 @@ class ExtractBaseline:
     """
 
     def __init__(self, plm_spec: str | None, sae_dir: Path, device: torch.device) -> None:
-        from protsae_cli.plm import load_plm
-        from protsae_cli.sae import load_sae
+        from protsae_cli.plm.loading import load_plm
+        from protsae_cli.sae.checkpoint import load_sae
 
         self.device = device
         self.plm = load_plm(plm_spec, device)
@@ -200,7 +202,7 @@ class ExtractBaseline:
 
     def _encode(self, pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(idx, val) [length, k] per protein of one batch, in the SAE's reference slot order."""
-        from protsae_cli.sae import priority_topk_relu
+        from protsae_cli.sae.topk import priority_topk_relu
 
         _, strs, toks = self.convert(pairs)
         rep = self.model(toks.to(self.device), repr_layers=[self.layer])["representations"][self.layer]
@@ -241,7 +243,7 @@ class ExtractBaseline:
 
 def ours(plm_spec: str | None, sae_dir: Path, fasta: Path, out: Path, device: torch.device, backend: str,
          toks_per_batch: int) -> tuple[float, str]:
-    from protsae_cli.annotate import AnnotateOptions, Annotator
+    from protsae_cli.annotate.pipeline import AnnotateOptions, Annotator
 
     ann = Annotator(plm_spec, str(sae_dir), device=str(device), backend=backend)
     warm = write_fasta([("w", AA * 10)] * 4, out.parent / "warm.fa")
@@ -321,7 +323,7 @@ def main() -> None:
             seqs = heldout_proteins(a.data, a.n_seqs) if a.proteins == "heldout" else sequence_set(a.n_seqs)
             total = sum(len(s) for _, s in seqs)
             fasta = write_fasta(seqs, work / "set.fa")
-            from protsae_cli.sae import load_sae
+            from protsae_cli.sae.checkpoint import load_sae
 
             cfg = load_sae(sae_dir)[0].cfg
             print(f"{a.models} models, {cfg.hook_point}@{cfg.layer}, d_sae {cfg.d_sae}, k {cfg.k}: {len(seqs)} "

@@ -9,7 +9,7 @@ CUDA (issue #3 shapes: (d_model, d_sae) in (320, 10240), (480, 10240), (1280, 10
 rows, k = 64, bf16 inputs, fp32 accumulate), per shape, all measured in the same process:
   * cuBLAS GEMM alone: torch.addmm(b, x, W^T) in bf16 -- the floor a fused kernel is judged against;
   * torch: addmm -> relu -> topk(sorted=False), as the anchors of docs/PERFORMANCE_ANCHORS.md §1;
-  * fused: protsae_cli.kernels.topk_encode with its default config, and every config of
+  * fused: protsae_cli.encode.topk_kernel with its default config, and every config of
     `candidate_configs` (modes, tile shapes, warps, stages, scratch size) so one GPU session can pick one.
 Each kernel's output is checked against the fp32 reference computed from the same bf16 inputs before it is
 timed (a config that fails is reported, not timed). Times are triton.testing.do_bench medians; calls rotate
@@ -64,7 +64,7 @@ def bench_cuda(args) -> dict:
     import triton
     from triton.testing import do_bench
 
-    from protsae_cli.kernels import topk_encode as tk
+    from protsae_cli.encode import topk_kernel as tk
 
     dev = "cuda"
     k, rows = args.k, args.rows
@@ -86,7 +86,7 @@ def bench_cuda(args) -> dict:
             turn[0] = (turn[0] + 1) % len(xs)
             return xs[turn[0]]
 
-        from protsae_cli.sae import topk_relu
+        from protsae_cli.sae.topk import topk_relu
 
         pre_ref = torch.addmm(b, xs[0][:check_rows].float(), W.float().T)
         ref = topk_relu(pre_ref, k)  # once per shape; every variant is checked against it on the GPU
@@ -153,8 +153,9 @@ def bench_cpu(args) -> dict:
 
     from protsae_cli.encode.onnx_backend import OnnxEncoder
     from protsae_cli.encode.torch_backend import TorchEncoder
-    from protsae_cli.kernels.topk_encode import check_topk
-    from protsae_cli.sae import SAEConfig, TopKSAE
+    from protsae_cli.encode.topk_kernel import check_topk
+    from protsae_cli.sae.config import SAEConfig
+    from protsae_cli.sae.topk import TopKSAE
 
     rows, k = args.rows, args.k
     out = {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)",

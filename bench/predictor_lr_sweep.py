@@ -78,7 +78,7 @@ def main() -> None:
     a = p.parse_args()
     if a.data is None:
         p.error("--data DIR or $PROTSAE_SHARED_DATA is needed: the data folder of docs/METHOD.md §4")
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     torch.set_num_threads(2)
     splits, names = B.probe_splits(Path(a.data), Path(a.work))

@@ -3,10 +3,10 @@
     python bench/protsae_vs_topk.py prepare      # splits, FASTAs, CB513 labels, activation caches (once)
     python bench/protsae_vs_topk.py train        # TopK, ProtSAE and the METHOD.md §1.9(d) ablations
     python bench/protsae_vs_topk.py calibrate    # annotation thresholds for ProtSAEs trained before calibration
-    python bench/protsae_vs_topk.py eval         # protsae_cli.evaluate on the cached valid/test activations
+    python bench/protsae_vs_topk.py eval         # protsae_cli.evaluate.pipeline on the cached valid/test activations
     python bench/protsae_vs_topk.py report       # tables (Markdown) from the eval JSON
     python bench/protsae_vs_topk.py ceiling      # converged linear probes per concept (a defined latent's ceiling)
-    python bench/protsae_vs_topk.py ship         # install the ProtSAE as models/default_sae with its model card
+    python bench/protsae_vs_topk.py ship         # install the ProtSAE as protsae_cli/models/default_sae with its model card
     python bench/protsae_vs_topk.py all          # prepare, train, eval, report
 
 The budget (defaults): d_sae 4096, k 32, 400 Adam steps of 2,048 residues (~2 epochs), lr 2e-3 with cosine
@@ -73,7 +73,7 @@ def _read_tmbed(path: Path) -> list[tuple[str, str, str]]:
 
 
 def _read_fasta_dict(path: Path) -> dict[str, str]:
-    from protsae_cli.fasta import ProteinRecord, read_fasta
+    from protsae_cli.io.fasta import ProteinRecord, read_fasta
 
     return {r.id: r.sequence for r in read_fasta(str(path), skip_invalid=True) if isinstance(r, ProteinRecord)}
 
@@ -88,9 +88,9 @@ def _write_fasta(path: Path, records: list[tuple[str, str, str]]) -> None:
 
 def prepare(args: argparse.Namespace) -> None:
     """Splits by protein, FASTAs, CB513 labels as a generic TSV, and the activation caches."""
-    from protsae_cli.activations import collect_activations
-    from protsae_cli.esm_forward import EsmRunner, HookPoint
-    from protsae_cli.plm import load_plm
+    from protsae_cli.train.activations import collect_activations
+    from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
+    from protsae_cli.plm.loading import load_plm
 
     data, work = Path(args.data), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ CONCEPTS = ["PSC:0000101", "PSC:0000102", "PSC:0000120", "PSC:0000111", "PSC:000
 
 def _concat_sets(parts: list) -> "ActivationSet":
     """One ActivationSet over several caches: protein indices offset so each cache keeps its own proteins."""
-    from protsae_cli.activations import ActivationSet
+    from protsae_cli.train.activations import ActivationSet
 
     acts, prot, pos, ids, seqs = [], [], [], [], []
     for a in parts:
@@ -232,7 +232,7 @@ def _label_sets(data: Path, sequences: dict[str, str], tmbed_cvs: tuple[int, ...
     """(name, labels) per source, each source's files merged: a bindPredict protein missing from the metal list
     is a metal *negative* (the development set lists every protein's binding residues per class), which the
     library's one-source-per-file reading would turn into "not observed"."""
-    from protsae_cli.annotation_sources import load_annotations
+    from protsae_cli.labels.formats import load_annotations
 
     out = []
     tm = None
@@ -252,7 +252,7 @@ def _label_sets(data: Path, sequences: dict[str, str], tmbed_cvs: tuple[int, ...
 
 
 def train_config(args: argparse.Namespace):
-    from protsae_cli.trainer import TrainConfig
+    from protsae_cli.train.trainer import TrainConfig
 
     return TrainConfig(d_sae=args.d_sae, k=args.k, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                        max_steps=args.max_steps,
@@ -262,11 +262,12 @@ def train_config(args: argparse.Namespace):
 
 def train(args: argparse.Namespace) -> None:
     """Every variant from the same cached activations, with the same TrainConfig (the budget)."""
-    from protsae_cli.plm import load_plm
-    from protsae_cli.sae import SAEConfig, save_sae
-    from protsae_cli.train import model_card
-    from protsae_cli.train_protsae import train_protsae
-    from protsae_cli.train_topk import train_topk
+    from protsae_cli.plm.loading import load_plm
+    from protsae_cli.sae.checkpoint import save_sae
+    from protsae_cli.sae.config import SAEConfig
+    from protsae_cli.train.pipeline import model_card
+    from protsae_cli.train.protsae import train_protsae
+    from protsae_cli.train.topk import train_topk
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -307,9 +308,9 @@ def train(args: argparse.Namespace) -> None:
 
 def _training_data(args: argparse.Namespace):
     """(train set, checkpoint-selection set, concept labels, normal forms, train / selection protein indices)."""
-    from protsae_cli.activations import ActivationSet
-    from protsae_cli.annotation_sources import concept_ontology
-    from protsae_cli.train_protsae import prepare_concepts
+    from protsae_cli.train.activations import ActivationSet
+    from protsae_cli.labels.formats import concept_ontology
+    from protsae_cli.train.protsae import prepare_concepts
 
     data, work = Path(args.data), Path(args.work)
     tr, va = ActivationSet.load(work / "cache" / "train"), ActivationSet.load(work / "cache" / "valid")
@@ -330,9 +331,9 @@ def _training_data(args: argparse.Namespace):
 def calibrate(args: argparse.Namespace) -> None:
     """Annotation thresholds for ProtSAE checkpoints trained before `train_protsae` calibrated them: the same
     `calibrate_thresholds` call on the same checkpoint-selection proteins that training now makes at its end."""
-    from protsae_cli.sae import load_sae, save_sae
-    from protsae_cli.train import model_card
-    from protsae_cli.train_protsae import calibrate_thresholds
+    from protsae_cli.sae.checkpoint import load_sae, save_sae
+    from protsae_cli.train.pipeline import model_card
+    from protsae_cli.train.protsae import calibrate_thresholds
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -353,14 +354,14 @@ def calibrate(args: argparse.Namespace) -> None:
 
 # ================================================================================================== evaluation
 def evaluate(args: argparse.Namespace) -> None:
-    """protsae_cli.evaluate on the cached valid/test/CB513 activations, LM fidelity on sampled test proteins."""
-    from protsae_cli.activations import ActivationSet
-    from protsae_cli.esm_forward import EsmRunner, HookPoint
-    from protsae_cli.evaluate import (AnnotationSpec, _jsonable, assign_splits, cached_activation_batches,
+    """protsae_cli.evaluate.pipeline on the cached valid/test/CB513 activations, LM fidelity on sampled test proteins."""
+    from protsae_cli.train.activations import ActivationSet
+    from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
+    from protsae_cli.evaluate.pipeline import (AnnotationSpec, _jsonable, assign_splits, cached_activation_batches,
                                       evaluate_activations, lm_fidelity, load_label_sources, sae_summary,
                                       write_outputs)
-    from protsae_cli.plm import load_plm
-    from protsae_cli.sae import load_sae
+    from protsae_cli.plm.loading import load_plm
+    from protsae_cli.sae.checkpoint import load_sae
 
     torch.set_num_threads(args.threads)
     data, work = Path(args.data), Path(args.work)
@@ -510,8 +511,8 @@ def probe_splits(data: Path, work: Path) -> tuple[list[tuple[torch.Tensor, torch
     """[(activations [N, d] float32, concept labels [N, 8] with NaN unobserved)] for the train, valid and test
     caches, and the concept names: what a probe trained beside the SAEs sees (`ceiling`,
     `bench/predictor_lr_sweep.py`)."""
-    from protsae_cli.activations import ActivationSet
-    from protsae_cli.concept_labels import build_concept_labels
+    from protsae_cli.train.activations import ActivationSet
+    from protsae_cli.labels.concept_labels import build_concept_labels
 
     sets = [ActivationSet.load(work / "cache" / n) for n in ("train", "valid", "test")]
     both = _concat_sets(sets)
@@ -569,8 +570,8 @@ def ceiling(args: argparse.Namespace) -> None:
 
 # ======================================================================================================== ship
 def ship(args: argparse.Namespace) -> None:
-    """Install the chosen variant as models/default_sae with a model card built from the measured evaluation."""
-    from protsae_cli.sae import load_sae, save_sae
+    """Install the chosen variant as protsae_cli/models/default_sae with a model card built from the measured evaluation."""
+    from protsae_cli.sae.checkpoint import load_sae, save_sae
 
     work = Path(args.work)
     name = args.ship
@@ -589,7 +590,7 @@ def ship(args: argparse.Namespace) -> None:
     if missing:
         raise SystemExit(f"{name}: no calibrated annotation threshold for {', '.join(missing)}; retrain it")
     card = model_card_text(name, sae, res, man)
-    dest = REPO / "models" / "default_sae"
+    dest = REPO / "protsae_cli" / "models" / "default_sae"
     save_sae(sae, dest, card=card)
     log.info("installed %s as %s", name, dest)
 
@@ -603,7 +604,7 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
     tc = t.get("train_config", {})
     L = [f"# Default SAE: ProtSAE on the stand-in PLM ({cfg.plm_name}, {cfg.hook_point}@{cfg.layer})", "",
          "**A demonstration model.** It was trained on a small stand-in protein language model (ESM-2 8M shape, "
-         "trained from scratch by the protsae team; see `models/standin_plm`), not on ESM-2. It exists so that "
+         "trained from scratch by the protsae team; see `protsae_cli/models/standin_plm`), not on ESM-2. It exists so that "
          "`protsae annotate proteins.fasta -o out/run` works offline with no flags and calls concepts with real "
          "names; its calls are weak evidence. For real work, train an SAE on a real ESM-2 "
          "(`protsae train --model esm2_t33_650M_UR50D --arch protsae --annotations ...`).", "",
@@ -622,7 +623,7 @@ def model_card_text(name: str, sae, res: dict, man: dict) -> str:
          f"- Hook: {cfg.hook_point}@{cfg.layer} (output of transformer block {cfg.layer} of 6); PLM sha256 "
          f"{cfg.plm_sha256}.",
          f"- Options: {json.dumps({k: v for k, v in cfg.protsae.items() if k in ('lambda_annot', 'lambda_axiom', 'topk_scope', 'bias_ref', 'defined_bias', 'predictor_lr', 'detach', 'forced_activation', 'use_r_pred', 'use_axiom')})}.",
-         "- Concept ids are from the shipped residue concept ontology `models/residue_concepts.obo` (PSC), with "
+         "- Concept ids are from the shipped residue concept ontology `protsae_cli/models/residue_concepts.obo` (PSC), with "
          "their GO / SO cross-references there.", "",
          "Annotate threshold: the activation at or above which `protsae annotate` calls the concept, calibrated "
          "by `train_protsae.calibrate_thresholds` (what `protsae train` runs at its end"
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--thresholds", default="0,0.15,0.5,0.6,0.8",
                    help="eval: concept threshold grid on max-normalised activations (default: InterPLM's)")
     p.add_argument("--out-name", default="eval", help="eval/report file stem in --work")
-    p.add_argument("--ship", default="protsae", help="variant installed as models/default_sae by the ship stage")
+    p.add_argument("--ship", default="protsae", help="variant installed as protsae_cli/models/default_sae by the ship stage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)

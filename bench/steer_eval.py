@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from protsae_cli import steer as st  # noqa: E402
-from protsae_cli.fasta import read_fasta  # noqa: E402
+from protsae_cli.io.fasta import read_fasta  # noqa: E402
 
 
 def pick_proteins(fasta: str, n: int, min_len: int, max_len: int) -> list[st.SteerInput]:
@@ -199,7 +199,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fasta", required=True, help="input proteins (e.g. a TMbed CV split, sequences only)")
-    ap.add_argument("--sae", default=None, help="SAE directory (default: models/default_sae)")
+    ap.add_argument("--sae", default=None, help="SAE directory (default: protsae_cli/models/default_sae)")
     ap.add_argument("--model", default=None, help="PLM (default: the SAE's, or the bundled stand-in)")
     ap.add_argument("--n-proteins", type=int, default=20)
     ap.add_argument("--min-len", type=int, default=50)

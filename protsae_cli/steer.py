@@ -72,7 +72,7 @@ import torch
 
 from protsae_cli import __version__
 from protsae_cli.errors import InputError
-from protsae_cli.esm_forward import EsmRunner, HookPoint
+from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
 
 log = logging.getLogger("protsae.steer")
 
@@ -264,10 +264,9 @@ def _unknown_concept_message(text: str, entries: list[Any], d_sae: int) -> str:
 
 def primary_probability_column(sae: Any, latents: Sequence[int]) -> int | None:
     """Column of ProtSAE's pi for the primary target, or None (plain TopK SAE or an unbound latent)."""
-    n_concepts = getattr(sae, "n_concepts", None)
-    if n_concepts is None or not hasattr(sae, "concept_probabilities") or not latents:
+    if not sae.has_concept_predictor or not latents:
         return None
-    return latents[0] if 0 <= latents[0] < n_concepts else None
+    return latents[0] if 0 <= latents[0] < sae.n_concepts else None
 
 
 def concept_label(sae_cfg: Any, latents: Sequence[int], requested: str) -> str:
@@ -735,7 +734,7 @@ class Scorer:
         self.runner, self.sae, self.hook, self.batch_tokens = runner, sae, hook, batch_tokens
         self._codes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._pppl: dict[tuple[str, tuple[int, ...]], float] = {}
-        self.has_pi = hasattr(sae, "concept_probabilities") and getattr(sae, "n_concepts", None) is not None
+        self.has_pi = sae.has_concept_predictor
 
     @torch.no_grad()
     def _encode(self, seqs: Sequence[str]) -> None:
@@ -907,7 +906,7 @@ def _fmt(v: Any) -> str:
 def write_outputs(output: str, generated: Sequence[Generated], rows: Sequence[dict[str, Any]],
                   provenance: dict[str, Any], spec: SteerSpec) -> list[str]:
     """FASTA (60 residues per line) and the TSV report, each written to a temp and renamed on success."""
-    from protsae_cli.writers.atomic import TextOutput
+    from protsae_cli.io.atomic import TextOutput
 
     if output == "-":
         raise InputError("-o must be a file path: the TSV report is written beside it")
@@ -956,34 +955,22 @@ class SteerModels:
 def load_models(sae: str | None, model: str | None, device: str = "auto", attention: str = "auto",
                 check_plm: bool = True) -> SteerModels:
     """SAE (default: the shipped one) and its PLM (the SAE's recorded PLM unless `model` says otherwise)."""
-    from protsae_cli.annotate import resolve_device
-    from protsae_cli.models import default_sae_dir
-    from protsae_cli.plm import load_plm, recorded_plm_spec
-    from protsae_cli.sae import check_compatible, load_sae
+    from protsae_cli.runtime import load_sae_with_plm
 
-    dev = resolve_device(device)
-    sae_path = sae if sae is not None else str(default_sae_dir())
-    if sae is None and not Path(sae_path).exists():
-        raise InputError(f"no SAE given and the default SAE is not installed ({sae_path}); pass --sae DIR")
-    module, sha = load_sae(sae_path, dev)
-    cfg = module.cfg
-    if model is None and sae is not None:
-        model = recorded_plm_spec(cfg.plm_name, f"{sae_path}/config.json")
-    plm = load_plm(model, dev)
-    check_compatible(cfg, plm.name, plm.sha256, plm.d_model, plm.num_layers, strict_checksum=check_plm)
-    runner = EsmRunner(plm, dev, attention=attention)
-    return SteerModels(runner, module, sae_path, sha, HookPoint(cfg.hook_point, cfg.layer))
+    m = load_sae_with_plm(sae, model, device, check_plm)
+    runner = EsmRunner(m.plm, m.device, attention=attention)
+    return SteerModels(runner, m.sae, m.sae_path, m.sae_sha256, m.hook)
 
 
 def load_ontology(path: str | None) -> Any:
     from protsae_cli.models import concept_ontology_path
-    from protsae_cli.ontology import Ontology
+    from protsae_cli.labels.ontology import Ontology
 
     return Ontology.from_obo(path or concept_ontology_path())
 
 
 def read_inputs(opts: SteerOptions) -> list[SteerInput]:
-    from protsae_cli.fasta import read_fasta
+    from protsae_cli.io.fasta import read_fasta
 
     if (opts.input is None) == (opts.length is None and opts.num is None):
         raise InputError("give either --input FASTA or --length N --num N (generation from scratch)")

@@ -55,7 +55,7 @@ def torch_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_plm(tiny_esm_path):
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm.loading import load_plm
 
     return load_plm(str(tiny_esm_path))
 
@@ -63,7 +63,9 @@ def tiny_plm(tiny_esm_path):
 @pytest.fixture(scope="session")
 def tiny_sae_dir(tmp_path_factory, tiny_plm) -> Path:
     """A small TopK SAE on the tiny PLM (resid_post@2) with two concept-bound latents."""
-    from protsae_cli.sae import ConceptEntry, SAEConfig, TopKSAE, save_sae
+    from protsae_cli.sae.checkpoint import save_sae
+    from protsae_cli.sae.config import ConceptEntry, SAEConfig
+    from protsae_cli.sae.topk import TopKSAE
 
     cfg = SAEConfig(d_model=TINY_DIM, d_sae=64, k=8, hook_point="resid_post", layer=2, plm_name=tiny_plm.name,
                     plm_sha256=tiny_plm.sha256, plm_num_layers=tiny_plm.num_layers,

@@ -62,7 +62,7 @@ def runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
     """Codes from annotate, the fair baseline and the naive baseline on four example proteins (71-222 residues,
     file order not sorted by length, so a baseline that forgets to restore input order is caught). Budgets:
     the fair run gets several length-sorted batches, the naive run one file-order batch."""
-    from protsae_cli.annotate import AnnotateOptions, Annotator
+    from protsae_cli.annotate.pipeline import AnnotateOptions, Annotator
     from protsae_cli.models import default_sae_dir
 
     tmp = tmp_path_factory.mktemp("bench_baseline")

@@ -3,7 +3,7 @@ section exists, and nothing points at files outside it (a fresh clone has no sib
 
 Checked in every .py and .md file of the checkout:
 - `NAME.md §1.4` / `NAME.md §1.3-1.6` / `NAME.md §1.8, §3.4`: the file exists and has a heading numbered so;
-- a path to a Markdown file (`docs/RESULTS.md`, `models/standin_plm/README.md`) or an upper-case document
+- a path to a Markdown file (`docs/RESULTS.md`, `protsae_cli/models/standin_plm/README.md`) or an upper-case document
   name (`METHOD.md`): the file exists (looked up beside the citing file, in docs/, then at the root);
 - relative Markdown links `[text](path)`: the target exists;
 - no reference to the team's folders outside the repository.
@@ -92,7 +92,7 @@ def _references(path: Path) -> list[tuple[int, str, list[str]]]:
 
 def test_the_scan_sees_the_tree():
     names = {p.relative_to(ROOT).as_posix() for p in FILES}
-    assert {"docs/METHOD.md", "protsae_cli/el_loss.py", "README.md", "tests/test_docs_references.py"} <= names
+    assert {"docs/METHOD.md", "protsae_cli/sae/el_loss.py", "README.md", "tests/test_docs_references.py"} <= names
     refs = [r for p in FILES if p.name == "el_loss.py" for r in _references(p)]
     assert any(name == "METHOD.md" and "1.4" in secs for _, name, secs in refs), refs
 

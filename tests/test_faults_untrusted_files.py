@@ -70,7 +70,7 @@ def test_sae_config_plm_path_is_never_unpickled(tmp_path: Path, command: str) ->
 
 
 def test_contact_regression_beside_a_checkpoint_is_not_unpickled(tmp_path: Path) -> None:
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm.loading import load_plm
 
     ckpt = write_fair_esm_checkpoint(tmp_path / "esm2_t3_tiny.pt", regression=False)
     marker = tmp_path / "PWNED"
@@ -82,7 +82,7 @@ def test_contact_regression_beside_a_checkpoint_is_not_unpickled(tmp_path: Path)
 
 
 def test_plain_contact_regression_still_loads(tmp_path: Path) -> None:
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm.loading import load_plm
 
     ckpt = write_fair_esm_checkpoint(tmp_path / "esm2_t3_tiny.pt", regression=True)
     plm = load_plm(str(ckpt))
@@ -90,7 +90,7 @@ def test_plain_contact_regression_still_loads(tmp_path: Path) -> None:
 
 
 def test_recorded_plm_names_only() -> None:
-    from protsae_cli.plm import recorded_plm_spec
+    from protsae_cli.plm.loading import recorded_plm_spec
 
     assert recorded_plm_spec("esm2_t6_8M_standin", "c") is None
     assert recorded_plm_spec("", "c") is None
@@ -114,7 +114,7 @@ def _sae_with(tmp_path: Path, **changes: int) -> Path:
 
 
 def test_huge_d_sae_refused_before_allocation(tmp_path: Path) -> None:
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     sae = _sae_with(tmp_path, d_sae=10**12)
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def test_huge_d_sae_refused_before_allocation(tmp_path: Path) -> None:
 
 
 def test_d_model_mismatch_names_the_tensor(tmp_path: Path) -> None:
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     with pytest.raises(InputError, match=r"config.json \(d_model=321.*shape of"):
         load_sae(_sae_with(tmp_path, d_model=321))
@@ -172,7 +172,7 @@ def test_recorded_fair_esm_name_is_not_read_from_the_working_directory(tmp_path:
 
 
 def test_contact_regression_in_hub_cache_is_not_unpickled(tmp_path: Path, torch_home: Path) -> None:
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm.loading import load_plm
 
     marker = tmp_path / "PWNED"
     hub = torch_home / "hub" / "checkpoints"
@@ -186,7 +186,7 @@ def test_contact_regression_in_hub_cache_is_not_unpickled(tmp_path: Path, torch_
 def test_missing_and_extra_tensors_name_the_file(tmp_path: Path, tiny_sae_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     sae = _sae_copy(tiny_sae_dir, tmp_path / "sae")
     w = sae / "sae.safetensors"
@@ -200,8 +200,9 @@ def test_missing_and_extra_tensors_name_the_file(tmp_path: Path, tiny_sae_dir: P
 
 def test_protsae_option_shapes_checked_before_allocation(tmp_path: Path) -> None:
     """A ProtSAE whose options (n_zero_classes) disagree with its weights is refused from the header alone."""
-    from protsae_cli.protsae_model import ProtSAE
-    from protsae_cli.sae import ConceptEntry, SAEConfig, load_sae, save_sae
+    from protsae_cli.sae.protsae import ProtSAE
+    from protsae_cli.sae.checkpoint import load_sae, save_sae
+    from protsae_cli.sae.config import ConceptEntry, SAEConfig
 
     cfg = SAEConfig(d_model=16, d_sae=32, k=4, layer=1, arch="protsae",
                     concepts=[ConceptEntry(latent=0, concept_id="C0", name="c0")], protsae={"n_zero_classes": 2})
@@ -235,7 +236,7 @@ def test_protsae_option_shapes_checked_before_allocation(tmp_path: Path) -> None
     ({"concepts": [{"latent": "3", "concept_id": "X", "name": "x"}]}, r"concept 'X' is bound to latent '3'"),
 ])
 def test_config_values_are_bounded_and_name_config_json(change, match, tmp_path: Path, tiny_sae_dir: Path) -> None:
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     sae = _sae_copy(tiny_sae_dir, tmp_path / "sae", **change)
     with pytest.raises(InputError, match=match) as e:
@@ -255,7 +256,7 @@ def test_plm_config_sizes_checked_against_weights_before_building(change, match,
     """A PLM directory's config.json is data: a width of a million used to be allocated (terabytes) before
     the weights were compared with it."""
     from protsae_cli.models import standin_plm_dir
-    from protsae_cli.plm import load_plm
+    from protsae_cli.plm.loading import load_plm
 
     d = tmp_path / "plm"
     shutil.copytree(standin_plm_dir(), d)

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 import protsae_cli
-from protsae_cli.annotate import AnnotateOptions, Annotator
-from tests.test_merge_resume import assert_same_outputs, write_fasta
+from protsae_cli.annotate.pipeline import AnnotateOptions, Annotator
+from tests.annotate.test_merge_resume import assert_same_outputs, write_fasta
 
 yaml = pytest.importorskip("yaml")  # PyYAML comes with snakemake, part of the test extra
 

@@ -153,9 +153,9 @@ def test_triton_tests_skip_cleanly_without_triton(tmp_path):
     assert probe.returncode != 0 and "No module named 'triton'" in probe.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no_triton_plugin", "-p", "no:cacheprovider", "-rs",
-         "tests/test_kernel_topk.py", "tests/test_encode_backends.py", "-k", "triton or topk or kernel"],
+         "tests/encode/test_kernel_topk.py", "tests/encode/test_encode_backends.py", "-k", "triton or topk or kernel"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert re.search(r"SKIPPED \[\d+\] tests/test_kernel_topk\.py:\d+: could not import 'triton'", out), out[-3000:]
+    assert re.search(r"SKIPPED \[\d+\] tests/encode/test_kernel_topk\.py:\d+: could not import 'triton'", out), out[-3000:]
     assert "error" not in out.splitlines()[-1], out[-3000:]

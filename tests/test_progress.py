@@ -138,17 +138,17 @@ def test_annotate_progress_on_a_fifo_has_no_precount_and_logs_without_eta(tmp_pa
     """A FIFO is not read twice for a total (it would lose the input): the counter runs without one."""
     import os
 
-    from protsae_cli.annotate import _count_records, _progress
+    from protsae_cli.annotate.options import count_records, progress_bar
 
     fifo = tmp_path / "in.fifo"
     os.mkfifo(fifo)
-    assert _count_records(str(fifo)) is None  # returns at once: opening a FIFO with no writer would block
+    assert count_records(str(fifo)) is None  # returns at once: opening a FIFO with no writer would block
     regular = tmp_path / "in.fasta"
     regular.write_text(">a\nMK\n>b\nMKV\n")
-    assert _count_records(str(regular)) == 2
+    assert count_records(str(regular)) == 2
     caplog.set_level(logging.INFO, logger="protsae.progress")
     clock = FakeClock()
-    with _progress(True, None) as p:
+    with progress_bar(True, None) as p:
         p.clock, p.interval, p._t0, p._last = clock, 10, clock.t, clock.t
         clock.t += 10
         p.advance(1, residues=300)

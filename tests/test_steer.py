@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from protsae_cli import steer as st
 from protsae_cli.cli.app import build_app
 from protsae_cli.errors import InputError
-from protsae_cli.esm_forward import EsmRunner, HookPoint
-from protsae_cli.sae import ConceptEntry, SAEConfig, TopKSAE, load_sae, save_sae
+from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
+from protsae_cli.sae.checkpoint import load_sae, save_sae
+from protsae_cli.sae.config import ConceptEntry, SAEConfig
+from protsae_cli.sae.topk import TopKSAE
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MKVLAAGIVACDEFGHIKLM", "GSHMSLFDFFKNKGSAA"]
 HOOK = HookPoint("resid_post", 2)
@@ -149,7 +151,7 @@ def test_target_activation_rises_monotonically_with_strength(tiny_plm):
 
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SAE = REPO / "models" / "default_sae"
+DEFAULT_SAE = REPO / "protsae_cli" / "models" / "default_sae"
 
 
 @pytest.mark.skipif(not (DEFAULT_SAE / "config.json").exists(), reason="default SAE not installed")
@@ -160,7 +162,7 @@ def test_shipped_sae_target_activation_rises_with_strength():
     TMbed inputs, for both shipped ProtSAEs), else the first concept, else the most frequent latent. A
     property of the shipped model as much as of the code: a retrained default must keep it, or this test
     must say why not."""
-    from protsae_cli.fasta import read_fasta
+    from protsae_cli.io.fasta import read_fasta
 
     m = st.load_models(None, None, "cpu")
     cfg = m.sae.cfg
@@ -284,7 +286,7 @@ def test_resolve_by_name_id_ontology_id_and_latent():
 
 
 def test_resolve_with_ancestors():
-    from protsae_cli.ontology import Ontology
+    from protsae_cli.labels.ontology import Ontology
 
     cfg = concept_cfg()
     onto = Ontology.from_string(OBO)
@@ -395,7 +397,7 @@ def test_identity_and_composition():
 
 
 def make_protsae_dir(tmp_path: Path, plm) -> Path:
-    from protsae_cli.sae import build_sae
+    from protsae_cli.sae.checkpoint import build_sae
 
     cfg = SAEConfig(d_model=plm.d_model, d_sae=24, k=6, arch="protsae", layer=2, plm_name=plm.name,
                     plm_sha256=plm.sha256, plm_num_layers=plm.num_layers, protsae={"n_concepts": 2},

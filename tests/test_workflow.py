@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from protsae_cli.annotate import AnnotateOptions, Annotator
-from tests.test_merge_resume import assert_same_outputs, write_fasta
+from protsae_cli.annotate.pipeline import AnnotateOptions, Annotator
+from tests.annotate.test_merge_resume import assert_same_outputs, write_fasta
 
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
 

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protsae_cli.concepts import call_segments
+from protsae_cli.call.concepts import call_segments
 from protsae_cli.errors import InputError
-from protsae_cli.segments import ROLE_CONCEPTS, RegionCaller, fit_decoder, role_entries, tmbed_classes, write_decoder
+from protsae_cli.call.segments import ROLE_CONCEPTS, RegionCaller, fit_decoder, role_entries, tmbed_classes, write_decoder
 
 
 def read_tmbed(path: str) -> dict[str, tuple[str, str]]:
@@ -54,15 +54,15 @@ def _sae_dir(arg: str | None) -> str:
 
 
 def _load_cfg(sae: str):
-    from protsae_cli.sae import load_sae
+    from protsae_cli.sae.checkpoint import load_sae
 
     return load_sae(sae)[0].cfg
 
 
 def cmd_encode(a: argparse.Namespace) -> None:
-    from protsae_cli.annotate import AnnotateOptions, Annotator
-    from protsae_cli.fasta import read_fasta
-    from protsae_cli.segments import role_activations
+    from protsae_cli.annotate.pipeline import AnnotateOptions, Annotator
+    from protsae_cli.io.fasta import read_fasta
+    from protsae_cli.call.segments import role_activations
 
     ann = Annotator(sae=a.sae, threads=a.threads, call_withheld=True)
     roles, order = role_entries(ann.sae.cfg.concepts)

@@ -1,8 +1,8 @@
 """Convert the team's stand-in PLM (fair-esm hub .pt, fp32) into the shipped form: fp16 safetensors + JSON.
 
 Shipping safetensors rather than a pickle means the default path never unpickles anything.
-Usage: python tools/ship_standin_plm.py esm2_t6_8M_standin.pt models/standin_plm
-(the stand-in's fair-esm hub checkpoint, described in models/standin_plm/README.md)
+Usage: python tools/ship_standin_plm.py esm2_t6_8M_standin.pt protsae_cli/models/standin_plm
+(the stand-in's fair-esm hub checkpoint, described in protsae_cli/models/standin_plm/README.md)
 """
 
 import json

@@ -95,13 +95,13 @@ def command(
     """
     import logging
 
-    from protsae_cli.annotate import AnnotateOptions, annotate
+    from protsae_cli.annotate.pipeline import AnnotateOptions, annotate
     from protsae_cli.logging_setup import is_quiet
 
     if devices is not None and device != "auto":
         raise typer.BadParameter("give either --device or --devices, not both", param_hint="--devices")
     if sae and (sae_layer or sae_plm or sae_k or model):
-        from protsae_cli import foreign_sae
+        from protsae_cli.sae import foreign as foreign_sae
 
         if sae_layer or sae_plm or sae_k or foreign_sae.detect(sae):  # published formats: docs/FOREIGN_SAES.md
             sae = foreign_sae.with_options(sae, sae_layer, sae_plm, sae_k, model=model)
@@ -116,7 +116,7 @@ def command(
     if chunk_residues is not None:  # else the env var / built-in default of AnnotateOptions applies
         opts.chunk_residues = chunk_residues
     if devices is not None:
-        from protsae_cli.multigpu import annotate_multi, parse_devices
+        from protsae_cli.annotate.workers import annotate_multi, parse_devices
 
         s = annotate_multi(opts, parse_devices(devices))
     else:

@@ -1,4 +1,4 @@
-"""`protsae calibrate`: options in, one library call (`protsae_cli.calibrate.calibrate`), a summary out."""
+"""`protsae calibrate`: options in, one library call (`protsae_cli.evaluate.calibrate.calibrate`), a summary out."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def command(
     """
     import logging
 
-    from protsae_cli.calibrate import CalibrateOptions, calibrate
+    from protsae_cli.evaluate.calibrate import CalibrateOptions, calibrate
     from protsae_cli.errors import InputError
-    from protsae_cli.evaluate import AnnotationSpec
+    from protsae_cli.evaluate.pipeline import AnnotationSpec
 
     if annotation_format and len(annotation_format) not in (1, len(annotations)):
         raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "

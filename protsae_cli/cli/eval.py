@@ -1,4 +1,4 @@
-"""`protsae eval`: options in, one library call (`protsae_cli.evaluate.evaluate`)."""
+"""`protsae eval`: options in, one library call (`protsae_cli.evaluate.pipeline.evaluate`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def command(
                                   help="SAE directory; repeat to compare SAEs at the same hook (e.g. TopK vs ProtSAE)."),
     json_out: str = typer.Option(..., "--json", metavar="PATH",
                                  help="Write the results here (JSON; keys documented in "
-                                      "protsae_cli/evaluate.py).", rich_help_panel=OUT, show_default=False),
+                                      "protsae_cli/evaluate/pipeline.py).", rich_help_panel=OUT, show_default=False),
     markdown_out: Optional[str] = typer.Option(None, "--markdown", metavar="PATH", rich_help_panel=OUT,
                                                help="Also write a Markdown summary."),
     plots: Optional[str] = typer.Option(None, "--plots", metavar="DIR", rich_help_panel=OUT,
@@ -61,13 +61,13 @@ def command(
     Example (from the repository root: the TopK SAE of `protsae train --help`'s example against the bundled demo
     ProtSAE, on the 20 bundled proteins; about a minute on 2 CPU cores):
 
-    [bold]$ protsae eval --sae my_sae --sae models/default_sae examples/proteins.fasta --lm-proteins 4 --json eval.json --markdown eval.md --plots plots/[/bold]
+    [bold]$ protsae eval --sae my_sae --sae protsae_cli/models/default_sae examples/proteins.fasta --lm-proteins 4 --json eval.json --markdown eval.md --plots plots/[/bold]
 
     With your own held-out labels: [bold]protsae eval --sae topk --sae protsae test.fasta -a tm.3line
     --annotation-format tmbed --valid-fraction 0.5 --json eval.json[/bold]
     """
     from protsae_cli.errors import InputError
-    from protsae_cli.evaluate import AnnotationSpec, EvalOptions, evaluate
+    from protsae_cli.evaluate.pipeline import AnnotationSpec, EvalOptions, evaluate
     from protsae_cli.logging_setup import is_quiet
 
     if annotation_format and len(annotation_format) not in (1, len(annotations)):

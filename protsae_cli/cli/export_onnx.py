@@ -1,4 +1,4 @@
-"""`protsae export-onnx`: an SAE checkpoint in, an ONNX encoder file out (`protsae_cli.onnx_export`)."""
+"""`protsae export-onnx`: an SAE checkpoint in, an ONNX encoder file out (`protsae_cli.encode.onnx_export`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def command(
 
     Example: [bold]protsae export-onnx --sae my_sae/ -o my_sae.onnx[/bold]
     """
-    from protsae_cli.onnx_export import export_onnx_from_dir
+    from protsae_cli.encode.onnx_export import export_onnx_from_dir
 
     path, cfg = export_onnx_from_dir(sae, output, opset=opset)
     logging.getLogger("protsae.export_onnx").info(

@@ -54,7 +54,7 @@ def command(
     """
     import sys
 
-    from protsae_cli.structure import describe, export_structure
+    from protsae_cli.report.structure import describe, export_structure
 
     summary = export_structure(h5, pdb, output, concept, protein_id=protein, index=index, chain=chain,
                                scale=scale.value, force=force, min_identity=min_identity, defattr=defattr, pml=pml)

@@ -41,7 +41,7 @@ def command(
     Example: [bold]protsae merge out/all out/shard_*.h5[/bold]
     """
     from protsae_cli.logging_setup import is_quiet
-    from protsae_cli.merge import merge_files
+    from protsae_cli.io.merge import merge_files
 
     fmts = tuple(formats.split(",")) if formats else None
     comp = None if compression is Compression.NONE else compression.value

@@ -26,7 +26,7 @@ def command(
 
     Example: [bold]protsae models --dir ~/models --checksums[/bold]
     """
-    from protsae_cli.models_list import (
+    from protsae_cli.models.catalog import (
         list_models,
         models_dir_from_env,
         to_json,

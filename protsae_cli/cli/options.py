@@ -2,7 +2,7 @@
 
 Why here: every enumerated value is checked by Click while it parses the command line, so a typo exits 2 with
 the choices listed before any model is loaded (the library used to find it after minutes of loading, or not
-at all). The library keeps its own checks for callers that do not come through the CLI; tests/test_cli_options.py
+at all). The library keeps its own checks for callers that do not come through the CLI; tests/cli/test_cli_options.py
 asserts that these enums list exactly the library's values, so the two cannot drift apart.
 
 Import-light on purpose (typer and the standard library only): `protsae --help` and a rejected option must not
@@ -317,7 +317,7 @@ LogFileOpt = Annotated[Optional[str], typer.Option(
     "--log-file", metavar="PATH", help="Also append the log (INFO and above) to this file.")]
 
 
-# -- published SAE formats (protsae_cli/foreign_sae.py, docs/FOREIGN_SAES.md): what a checkpoint does not record --
+# -- published SAE formats (protsae_cli/sae/foreign.py, docs/FOREIGN_SAES.md): what a checkpoint does not record --
 
 SaeLayerOpt = Annotated[Optional[int], typer.Option(
     "--sae-layer", min=1, rich_help_panel=MODELS_PANEL, metavar="L",

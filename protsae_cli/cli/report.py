@@ -52,7 +52,7 @@ def command(
     import sys
 
     from protsae_cli.logging_setup import is_quiet
-    from protsae_cli.report import write_report
+    from protsae_cli.report.html import write_report
 
     out = output if output is not None else h5.with_name(
         (h5.name[:-3] if h5.name.endswith(".h5") else h5.name) + ".report.html")

@@ -145,8 +145,8 @@ def command(
     (the cache and output directory on a shared file system). --batch-size is the global batch.
     """
     from protsae_cli.logging_setup import is_quiet
-    from protsae_cli.train import TrainOptions, train_sae
-    from protsae_cli.trainer import TrainConfig
+    from protsae_cli.train.pipeline import TrainOptions, train_sae
+    from protsae_cli.train.trainer import TrainConfig
 
     protsae = {}
     if arch is Arch.PROTSAE:

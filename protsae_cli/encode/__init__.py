@@ -23,19 +23,6 @@ class Encoder(Protocol):
         ...
 
 
-def canonical_order(idx: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put selected (idx, val) pairs in the reference order: value desc, index asc; empties last as -1/0."""
-    val = torch.where(idx >= 0, val, torch.zeros_like(val))
-    big = torch.iinfo(torch.int64).max
-    key_idx = torch.where(idx >= 0, idx, torch.full_like(idx, big))
-    o = key_idx.argsort(dim=-1)
-    idx, val = idx.gather(-1, o), val.gather(-1, o)
-    o = torch.sort(val, dim=-1, descending=True, stable=True).indices
-    idx, val = idx.gather(-1, o), val.gather(-1, o)
-    idx = torch.where(val > 0, idx, torch.full_like(idx, -1))
-    return idx, torch.clamp_min(val, 0)
-
-
 def merge_priority(pri_val: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of a priority encode from its two halves: `pri_val` [N, p] = ReLU'd activations of latents 0..p-1,
@@ -45,7 +32,7 @@ def merge_priority(pri_val: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
     and fills the remaining slots with the largest other latents, which are all among the other latents'
     top k. So the top-k of the p + k candidates under the priority key is the full selection.
     """
-    from protsae_cli.sae import priority_topk_relu
+    from protsae_cli.sae.topk import priority_topk_relu
 
     p = pri_val.shape[-1]
     cand = torch.cat([pri_val.float(), val.float()], -1)
@@ -62,15 +49,11 @@ def get_encoder(name: str, sae, device: str | torch.device = "cpu", **kwargs) ->
     if Triton cannot compile or fails its self-check on this GPU.
     """
     device = torch.device(device)
-    if not getattr(sae, "supports_affine_encode", True):
+    if not sae.supports_affine_encode:
         if name not in ("auto", "torch"):
             from protsae_cli.errors import InputError
 
-            if hasattr(sae, "backend_refusal"):  # a foreign SAE's own reason (protsae_cli/foreign_sae.py)
-                raise InputError(sae.backend_refusal(name))
-            raise InputError(f"the {name} backend encodes TopK over affine pre-activations; this ProtSAE keeps its "
-                             f"defined latents outside TopK (topk_scope={sae.opts['topk_scope']!r}, "
-                             f"inference_forced={sae.opts['inference_forced']}); use --backend torch or auto")
+            raise InputError(sae.backend_refusal(name))  # each architecture says what the backend lacks
         name = "torch"
     if name == "auto":
         return _auto_encoder(sae, device, **kwargs)

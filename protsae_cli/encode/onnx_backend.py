@@ -1,4 +1,4 @@
-"""onnxruntime encode backend: the graph `protsae_cli.onnx_export` writes, run in row chunks.
+"""onnxruntime encode backend: the graph `protsae_cli.encode.onnx_export` writes, run in row chunks.
 
 ONNX cannot fuse the GEMM with TopK, so every chunk materialises an fp32 [chunk_rows, d_sae] pre-activation
 tensor (8,192 x 10,240 x 4 B = 336 MB); `chunk_rows` bounds that. The CUDA execution provider is used when
@@ -36,14 +36,14 @@ class OnnxEncoder:
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
         if isinstance(sae_or_path, (str, os.PathLike)):
-            from protsae_cli.onnx_export import load_onnx_config
+            from protsae_cli.encode.onnx_export import load_onnx_config
 
             path = Path(sae_or_path)
             cfg = load_onnx_config(path)  # refuses files that are not protsae encoder exports
             self.k, self.d_model = int(cfg.k), int(cfg.d_model)
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         else:
-            from protsae_cli.onnx_export import _EXTERNAL_DATA_BYTES, build_onnx_model, export_onnx
+            from protsae_cli.encode.onnx_export import _EXTERNAL_DATA_BYTES, build_onnx_model, export_onnx
 
             self.k, self.d_model = int(sae_or_path.cfg.k), int(sae_or_path.cfg.d_model)
             if int(sae_or_path.cfg.d_sae) * self.d_model * 4 < _EXTERNAL_DATA_BYTES:
@@ -61,8 +61,8 @@ class OnnxEncoder:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx int64 [N, k], val float32 [N, k]) on the encoder's device, in the canonical order."""
-        from protsae_cli.encode import canonical_order
-        from protsae_cli.onnx_export import INPUT_NAME, OUTPUT_INDICES, OUTPUT_VALUES
+        from protsae_cli.sae.topk import canonical_order
+        from protsae_cli.encode.onnx_export import INPUT_NAME, OUTPUT_INDICES, OUTPUT_VALUES
 
         if x.dim() != 2 or x.shape[1] != self.d_model:
             raise InputError(f"expected activations [N, {self.d_model}], got {tuple(x.shape)}")

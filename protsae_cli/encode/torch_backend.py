@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protsae_cli.sae import priority_topk_relu
+from protsae_cli.sae.topk import priority_topk_relu
 
 
 class TorchEncoder:
@@ -13,7 +13,7 @@ class TorchEncoder:
     def __init__(self, sae, device: torch.device, chunk_rows: int = 8192, dtype: torch.dtype | None = None):
         self.chunk_rows = chunk_rows
         self.device = device
-        if not getattr(sae, "supports_affine_encode", True):
+        if not sae.supports_affine_encode:
             # A ProtSAE whose inference is not one TopK over affine pre-activations (topk_scope="unknown":
             # defined latents always kept) runs its own encode(), in fp32; its rows have code_width slots.
             self.k, self.dtype = sae.code_width, torch.float32
@@ -25,7 +25,7 @@ class TorchEncoder:
         self.W = W.to(device=device, dtype=self.dtype)
         self.b = b.to(device=device, dtype=torch.float32)
         self.k = sae.cfg.k
-        self.priority = int(getattr(sae, "priority_latents", 0))
+        self.priority = sae.priority_latents
         self._encode_chunk = self._affine_topk
 
     def _affine_topk(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

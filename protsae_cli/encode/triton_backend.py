@@ -1,4 +1,4 @@
-"""Triton encode backend: the fused GEMM + ReLU + top-k kernel (`protsae_cli.kernels.topk_encode`).
+"""Triton encode backend: the fused GEMM + ReLU + top-k kernel (`protsae_cli.encode.topk_kernel`).
 
 Meant for CUDA, in bf16 (fp32 accumulate). On a CPU the kernel can only run in Triton's interpreter, which is
 orders of magnitude slower than the torch backend; it is allowed only when TRITON_INTERPRET=1 says the caller
@@ -26,7 +26,7 @@ class TritonEncoder:
 
     def __init__(self, sae, device: torch.device | str, chunk_rows: int = 65536, dtype: torch.dtype | None = None,
                  config=None):
-        """`config`: an optional `protsae_cli.kernels.topk_encode.KernelConfig` (bench/encode.py picks one);
+        """`config`: an optional `protsae_cli.encode.topk_kernel.KernelConfig` (bench/encode.py picks one);
         `chunk_rows` bounds the int64/fp32 output and the kernel's scratch per launch."""
         device = torch.device(device)
         if device.type == "cuda":
@@ -41,7 +41,7 @@ class TritonEncoder:
         if dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise InputError(f"the Triton backend computes in bf16, fp16 or fp32, not {dtype}")
         try:
-            from protsae_cli.kernels import topk_encode as tk
+            from protsae_cli.encode import topk_kernel as tk
         except ImportError as e:
             raise TritonUnavailableError(f"--backend triton needs the `triton` package ({e}); install "
                                          "protsae[gpu] or use --backend torch") from e
@@ -53,7 +53,7 @@ class TritonEncoder:
         W, b = sae.encoder_affine()
         # Priority latents (ProtSAE defined_first) are a few rows: a small GEMM beside the kernel, which runs
         # plain top-k over the rest; `merge_priority` combines the two exactly.
-        p = int(getattr(sae, "priority_latents", 0))
+        p = sae.priority_latents
         self._tk = tk
         self.device = device
         self.dtype = dtype

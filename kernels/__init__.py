@@ -1,1 +1,0 @@
-"""Triton kernels (installed as `protsae_cli.kernels`). Import triton lazily: CPU-only installs lack a GPU."""

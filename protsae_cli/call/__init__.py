@@ -1,0 +1,1 @@
+"""From per-residue SAE codes to concept calls: thresholds, segments, topology decoding."""

@@ -1,0 +1,524 @@
+"""Topology decoding of region concepts: per-residue SAE activations -> one consistent path per protein.
+
+Why: per-residue calls (``concepts.call_segments``) threshold each residue on its own, so TM helices run long,
+neighbouring helices merge, sides appear on soluble proteins and "signal peptides" fire mid-sequence. TMbed
+(Bernhofer & Rost 2022) fixes the same problem of its per-residue CNN with a Viterbi pass over a small state
+model; this module does the same for an SAE's region concepts (docs/SEGMENTS.md).
+
+State model (classes, with the concept each one emits as a segment):
+
+* ``G`` globular / none: soluble protein, no span and no side is called (TMbed labels these residues
+  "inside", which is why the per-residue "cytoplasmic side" covers soluble proteins).
+* ``S`` signal peptide: only at the N-terminus (entered from the start only), length within a fitted range.
+* ``I`` / ``O`` inside / outside loops of a membrane protein.
+* ``H`` TM helix, ``B`` TM beta strand: explicit-duration chains (fitted length ranges, e.g. 16-33), each
+  crossing flips the side: ``I -> H -> O -> H -> I ...``. A protein is either on the globular path (``G``
+  only, after an optional ``S``) or on the membrane path (``I``/``O`` and spans), so sides exist only with spans
+  and alternate across each span by construction.
+
+Emissions: a multinomial logistic regression from the role concepts' activations (features ``a > 0`` and
+``log1p(a)`` per concept) to the residue class, fitted on labelled proteins; the decoder uses
+``log P(class | a) - log P(class)`` (scaled likelihoods, the hybrid HMM/ANN recipe) so that the class priors live
+in the transitions. Durations, loop lengths, start and after-signal probabilities are counted on the same
+labelled proteins. Everything is stored in the SAE's config (``segment_decoder``), so a user's SAE carries its
+own fit (:func:`fit_decoder`, :func:`write_decoder`).
+
+Cost: Viterbi is O(L * S * P) with S ~ 150 states and at most P = 4 predecessors each, one vectorised numpy
+step per residue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protsae_cli.errors import InputError
+from protsae_cli.io.results import Segment
+
+if TYPE_CHECKING:
+    from protsae_cli.sae.config import ConceptEntry
+
+DECODER_FORMAT = "protsae-segment-decoder"
+DECODER_VERSION = 1
+DECODE_MODES = ("viterbi", "none")
+
+#: Decoder roles and the shipped ontology's concept for each (protsae_cli/models/residue_concepts.obo).
+ROLE_CONCEPTS: dict[str, str] = {
+    "helix": "PSC:0000101", "strand": "PSC:0000102", "signal": "PSC:0000120",
+    "inside": "PSC:0000111", "outside": "PSC:0000112",
+}
+#: Residue classes; the role whose concept a class's runs are reported as.
+CLASSES = ("G", "S", "I", "O", "H", "B")
+CLASS_ROLE = {"S": "signal", "I": "inside", "O": "outside", "H": "helix", "B": "strand"}
+_NEG = -1e30  # "impossible" in log space without inf arithmetic warnings
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def tmbed_classes(labels: str) -> np.ndarray:
+    """Residue classes (indices into CLASSES, -1 unresolved) of a TMbed label string.
+
+    TMbed marks every non-membrane residue of a soluble protein as inside (``1``); here those become ``G``, so
+    the decoder learns "inside" only where there is a membrane.
+    """
+    lab = np.frombuffer(labels.encode("ascii"), dtype=np.uint8)
+    membrane = any(c in labels for c in "HhBb")
+    out = np.full(lab.size, -1, dtype=np.int64)
+    table = {"S": "S", "H": "H", "h": "H", "B": "B", "b": "B",
+             "1": "I" if membrane else "G", "2": "O" if membrane else "G"}
+    for ch, cls in table.items():
+        out[lab == ord(ch)] = CLASSES.index(cls)
+    return out
+
+
+def _runs(cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end exclusive, class) of maximal runs."""
+    if cls.size == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    brk = np.flatnonzero(np.diff(cls)) + 1
+    starts = np.concatenate([[0], brk])
+    ends = np.concatenate([brk, [cls.size]])
+    return starts, ends, cls[starts]
+
+
+# ---------------------------------------------------------------------------------------------- features
+def features(acts: np.ndarray) -> np.ndarray:
+    """[L, 2 * n_roles]: ``a > 0`` and ``log1p(a)`` per role concept (TopK codes are 0 for most residues, so the
+    indicator carries the "fired at all" signal and the log the strength)."""
+    a = np.maximum(np.asarray(acts, dtype=np.float64), 0.0)
+    return np.concatenate([(a > 0).astype(np.float64), np.log1p(a)], axis=1)
+
+
+def role_activations(idx: np.ndarray, val: np.ndarray, latents: Sequence[int]) -> np.ndarray:
+    """Dense [rows, n_roles] activations of the role latents from top-k codes (0 where a latent is not kept)."""
+    idx = np.asarray(idx)
+    val = np.asarray(val, dtype=np.float32)
+    out = np.zeros((idx.shape[0], len(latents)), dtype=np.float32)
+    for j, lat in enumerate(latents):
+        out[:, j] = np.where(idx == lat, val, 0.0).sum(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+@dataclass
+class Duration:
+    """Explicit length distribution of a span class: log P(d) for d in min..max (fitted histogram)."""
+
+    min: int
+    max: int
+    log_p: list[float]
+
+    def check(self, where: str) -> None:
+        if not (1 <= self.min <= self.max <= 200) or len(self.log_p) != self.max - self.min + 1:
+            raise InputError(f"{where}: duration needs 1 <= min <= max <= 200 and max-min+1 log_p values, got "
+                             f"min={self.min} max={self.max} with {len(self.log_p)} values")
+
+
+class SegmentDecoder:
+    """A fitted state model: emission weights, durations and transitions; decodes one protein at a time."""
+
+    def __init__(self, params: Mapping[str, Any], where: str = "segment_decoder") -> None:
+        self.params = dict(params)
+        self.where = where
+        try:
+            if params.get("format") != DECODER_FORMAT:
+                raise InputError(f"not a {DECODER_FORMAT} (format={params.get('format')!r})")
+            if int(params.get("format_version", 0)) > DECODER_VERSION:
+                raise InputError(f"format_version {params['format_version']} is newer than this protsae supports")
+            self.roles: dict[str, dict[str, Any]] = {r: dict(v) for r, v in params["roles"].items()}
+            unknown = set(self.roles) - set(ROLE_CONCEPTS)
+            if unknown:
+                raise InputError(f"unknown roles {sorted(unknown)}")
+            self.role_order: list[str] = list(params["role_order"])
+            if sorted(self.role_order) != sorted(self.roles):
+                raise InputError("role_order must list each role once")
+            self.classes: list[str] = list(params["classes"])
+            if not set(self.classes) <= set(CLASSES) or "G" not in self.classes:
+                raise InputError(f"classes must be a subset of {CLASSES} including G, got {self.classes}")
+            em = params["emission"]
+            self.W = np.asarray(em["coef"], dtype=np.float64)
+            self.b = np.asarray(em["intercept"], dtype=np.float64)
+            self.log_prior = np.asarray(em["log_prior"], dtype=np.float64)
+            nf = 2 * len(self.role_order)
+            if self.W.shape != (len(self.classes), nf) or self.b.shape != (len(self.classes),) \
+                    or self.log_prior.shape != (len(self.classes),):
+                raise InputError(f"emission shapes {self.W.shape}/{self.b.shape}/{self.log_prior.shape} do not "
+                                 f"match {len(self.classes)} classes x {nf} features")
+            if not (np.isfinite(self.W).all() and np.isfinite(self.b).all() and np.isfinite(self.log_prior).all()):
+                raise InputError("emission parameters must be finite")
+            self.durations = {c: Duration(**params["durations"][c]) for c in ("S", "H", "B") if c in self.classes}
+            for c, d in self.durations.items():
+                d.check(f"duration {c}")
+            self.trans = {k: float(v) for k, v in params["transitions"].items()}
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: malformed segment decoder ({e!r})") from e
+        self._build()
+
+    # -- state space -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        """States, their class, predecessor table [S, P] and log transition weights, start and end masks."""
+        t = self.trans
+        lg = lambda p: math.log(p) if p > 0 else _NEG  # noqa: E731
+        states: list[str] = []          # class letter per state
+        preds: list[list[tuple[int, float]]] = []
+        start: list[float] = []
+
+        def add(cls: str, st: float = _NEG) -> int:
+            states.append(cls)
+            preds.append([])
+            start.append(st)
+            return len(states) - 1
+
+        G = add("G", lg(t["start_G"]))
+        has_tm = "I" in self.classes
+        # Sides before the first span (I0/O0) cannot end a protein: a membrane path has at least one span.
+        I0 = add("I", lg(t["start_I"])) if has_tm else -1
+        O0 = add("O", lg(t["start_O"])) if has_tm else -1
+        I = add("I") if has_tm else -1
+        O = add("O") if has_tm else -1
+        chains: dict[str, tuple[int, int]] = {}   # name -> (first state, last state)
+
+        def chain(name: str, cls: str) -> tuple[int, int]:
+            d = self.durations[cls]
+            first = len(states)
+            for j in range(d.max):
+                s = add(cls)
+                if j > 0:
+                    preds[s].append((s - 1, 0.0))
+            chains[name] = (first, first + d.max - 1)
+            return chains[name]
+
+        def enter(name: str, cls: str, src: int, logp: float) -> None:
+            """Entering the chain at position j means a span of length max - j (0-based j)."""
+            d = self.durations[cls]
+            first, _ = chains[name]
+            for length in range(d.min, d.max + 1):
+                j = d.max - length
+                preds[first + j].append((src, logp + d.log_p[length - d.min]))
+
+        end_ok = [G] + ([I, O] if has_tm else [])
+        if has_tm:
+            for side, stay in ((I0, "stay_I"), (O0, "stay_O"), (I, "stay_I"), (O, "stay_O")):
+                preds[side].append((side, lg(t[stay])))
+            for span in ("H", "B"):
+                if span not in self.classes:
+                    continue
+                q = t["span_H"] if span == "H" else 1.0 - t["span_H"]
+                _, last_io = chain(span + "io", span)
+                _, last_oi = chain(span + "oi", span)
+                for src_i, src_o in ((I0, O0), (I, O)):
+                    enter(span + "io", span, src_i, lg((1.0 - t["stay_I"]) * q))
+                    enter(span + "oi", span, src_o, lg((1.0 - t["stay_O"]) * q))
+                preds[O].append((last_io, 0.0))
+                preds[I].append((last_oi, 0.0))
+                end_ok += [last_io, last_oi]
+        preds[G].append((G, lg(t["stay_G"])))
+        if "S" in self.classes:
+            d = self.durations["S"]
+            first, last = chain("S", "S")
+            for length in range(d.min, d.max + 1):
+                start[first + d.max - length] = lg(t["start_S"]) + d.log_p[length - d.min]
+            preds[G].append((last, lg(t["after_S_G"])))
+            if has_tm:
+                preds[I0].append((last, lg(t["after_S_I"])))
+                preds[O0].append((last, lg(t["after_S_O"])))
+        n = len(states)
+        P = max(len(p) for p in preds)
+        self.pred = np.zeros((n, P), dtype=np.int64)
+        self.logT = np.full((n, P), _NEG, dtype=np.float64)
+        for s, ps in enumerate(preds):
+            for j, (src, lp) in enumerate(ps):
+                self.pred[s, j] = src
+                self.logT[s, j] = lp
+        self.state_class = np.array([self.classes.index(c) for c in states], dtype=np.int64)
+        self.log_start = np.array(start, dtype=np.float64)
+        self.end_mask = np.full(n, _NEG)
+        self.end_mask[end_ok] = 0.0
+        self.n_states = n
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def class_scores(self, acts: np.ndarray) -> np.ndarray:
+        """[L, classes] scaled log-likelihoods log P(c | a) - log P(c) from role activations [L, n_roles]."""
+        z = features(acts) @ self.W.T + self.b
+        z -= z.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return logp - self.log_prior
+
+    def decode(self, acts: np.ndarray) -> np.ndarray:
+        """Most likely residue classes (indices into ``self.classes``) of one protein."""
+        acts = np.asarray(acts)
+        L = acts.shape[0]
+        if L == 0:
+            return np.zeros(0, dtype=np.int64)
+        E = self.class_scores(acts)[:, self.state_class]      # [L, S]
+        pred, logT = self.pred, self.logT
+        ar = np.arange(self.n_states)
+        bp = np.empty((L, self.n_states), dtype=np.int8)
+        delta = self.log_start + E[0]
+        for t in range(1, L):
+            cand = delta[pred] + logT
+            b = cand.argmax(1)
+            bp[t] = b
+            delta = cand[ar, b] + E[t]
+        s = int(np.argmax(delta + self.end_mask))
+        path = np.empty(L, dtype=np.int64)
+        path[L - 1] = s
+        predl = pred.tolist()
+        for t in range(L - 1, 0, -1):
+            s = predl[s][bp[t, s]]
+            path[t - 1] = s
+        return self.state_class[path]
+
+    def segments(self, idx: np.ndarray, val: np.ndarray,
+                 entries: Mapping[str, "ConceptEntry"]) -> list[Segment]:
+        """Decoded segments of one protein for the called role concepts (``entries``: role -> entry)."""
+        latents = [int(self.roles[r]["latent"]) for r in self.role_order]
+        acts = role_activations(idx, val, latents)
+        cls = self.decode(acts)
+        starts, ends, kinds = _runs(cls)
+        out: list[Segment] = []
+        for s, e, k in zip(starts.tolist(), ends.tolist(), kinds.tolist()):
+            role = CLASS_ROLE.get(self.classes[k])
+            entry = entries.get(role) if role else None
+            if entry is None:
+                continue
+            a = acts[s:e, self.role_order.index(role)]
+            on = a[(a > 0) & (a >= np.float32(entry.threshold))]
+            out.append(Segment(latent=int(entry.latent), start=s + 1, end=e, threshold=entry.threshold,
+                               max_act=float(on.max()) if on.size else 0.0,
+                               mean_act=float(on.astype(np.float64).mean()) if on.size else 0.0))
+        return out
+
+
+def decoder_entries(decoder: SegmentDecoder, concepts: Sequence["ConceptEntry"]) -> dict[str, "ConceptEntry"]:
+    """Role -> the called entry the decoder reports it as (same concept id and latent as fitted)."""
+    out: dict[str, "ConceptEntry"] = {}
+    for role, spec in decoder.roles.items():
+        for c in concepts:
+            if c.concept_id == spec["concept_id"] and int(c.latent) == int(spec["latent"]):
+                out.setdefault(role, c)
+    return out
+
+
+class RegionCaller:
+    """What annotate calls per protein: decoded region roles plus per-residue calls for everything else.
+
+    ``decode="none"`` (or an SAE without a fitted decoder) is exactly ``call_segments`` over all concepts.
+    """
+
+    def __init__(self, concepts: Sequence["ConceptEntry"], params: Mapping[str, Any] | None,
+                 decode: str = "viterbi", where: str = "segment_decoder") -> None:
+        if decode not in DECODE_MODES:
+            raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.concepts = list(concepts)
+        self.decoder = SegmentDecoder(params, where) if (decode == "viterbi" and params) else None
+        self.entries: dict[str, "ConceptEntry"] = {}
+        decoded_ids: set[int] = set()
+        if self.decoder is not None:
+            self.entries = decoder_entries(self.decoder, self.concepts)
+            decoded_ids = {id(e) for e in self.entries.values()}
+            # Every entry sharing a decoded entry's concept and latent is decoded, not per residue.
+            keys = {(e.concept_id, int(e.latent)) for e in self.entries.values()}
+            decoded_ids |= {id(c) for c in self.concepts if (c.concept_id, int(c.latent)) in keys}
+        self.per_residue = [c for c in self.concepts if id(c) not in decoded_ids]
+        self.active = self.decoder is not None and bool(self.entries)
+
+    def describe(self) -> str:
+        if not self.active:
+            return "none"
+        return "viterbi: " + ", ".join(f"{r}={e.concept_id}" for r, e in sorted(self.entries.items()))
+
+    def __call__(self, idx: np.ndarray, val: np.ndarray, min_segment_len: int = 1,
+                 merge_gap: int = 0) -> list[Segment]:
+        from protsae_cli.call.concepts import call_segments
+
+        if not self.active:
+            return call_segments(idx, val, self.concepts, min_segment_len=min_segment_len, merge_gap=merge_gap)
+        segs = call_segments(idx, val, self.per_residue, min_segment_len=min_segment_len, merge_gap=merge_gap) \
+            if self.per_residue else []
+        if np.asarray(idx).shape[0]:
+            segs = segs + self.decoder.segments(idx, val, self.entries)
+            segs.sort(key=lambda s: (s.start, s.latent, np.float32(s.threshold)))
+        return segs
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def _duration(lengths: Sequence[int], lo_q: float = 1.0, hi_q: float = 99.0, cap: int = 60) -> Duration:
+    """Length range from the 1st-99th percentile of labelled spans, add-one smoothed histogram inside it."""
+    arr = np.asarray(lengths, dtype=np.int64)
+    lo = max(1, int(np.floor(np.percentile(arr, lo_q))))
+    hi = min(cap, max(lo, int(np.ceil(np.percentile(arr, hi_q)))))
+    counts = np.array([np.sum(arr == d) for d in range(lo, hi + 1)], dtype=np.float64) + 1.0
+    # Light smoothing over neighbouring lengths: a short span histogram is bumpy, span lengths are not.
+    if counts.size >= 3:
+        counts = np.convolve(np.pad(counts, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    return Duration(min=lo, max=hi, log_p=[float(x) for x in np.log(counts / counts.sum())])
+
+
+def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3,
+                  max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (L-BFGS, torch) -> (coef [C, F], intercept [C])."""
+    import torch
+
+    Xt = torch.as_tensor(X, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    W = torch.zeros((n_classes, X.shape[1]), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(Xt @ W.T + b, yt) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().numpy(), b.detach().numpy()
+
+
+def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles: Mapping[str, "ConceptEntry"],
+                role_order: Sequence[str], fitted_on: str = "", max_residues: int = 400_000,
+                seed: int = 0) -> dict[str, Any]:
+    """Fit a decoder from per-protein role activations [L, n_roles] and residue classes (``tmbed_classes``).
+
+    Classes whose role has no concept in the SAE are left out of the model (their proteins' residues are not
+    used for emissions); ``H``/``B`` need at least 10 labelled spans, ``S`` 10 signal peptides.
+    """
+    role_order = list(role_order)
+    if not acts or len(acts) != len(labels):
+        raise InputError("fit_decoder needs as many label arrays as activation arrays (and at least one)")
+    present = set(role_order)
+    classes = ["G"]
+    counts: dict[str, list[int]] = {"S": [], "H": [], "B": []}
+    loop = {"I": [], "O": []}
+    glob_len: list[int] = []
+    first: dict[str, int] = {"G": 0, "S": 0, "I": 0, "O": 0}
+    after_s: dict[str, int] = {"G": 0, "I": 0, "O": 0}
+    span_kind = {"H": 0, "B": 0}
+    for y in labels:
+        starts, ends, kinds = _runs(np.asarray(y))
+        letters = [CLASSES[k] if k >= 0 else "U" for k in kinds]
+        membrane = any(c in ("H", "B") for c in letters)
+        if not membrane:
+            glob_len.append(int(len(y)))
+        known = [(s, e, c) for s, e, c in zip(starts, ends, letters) if c != "U"]
+        if known and known[0][2] in first and known[0][0] == 0:
+            first[known[0][2]] += 1
+        for i, (s, e, c) in enumerate(known):
+            if c in counts:
+                if c == "S" and s != 0:
+                    continue
+                counts[c].append(int(e - s))
+                if c in span_kind:
+                    span_kind[c] += 1
+            elif c in loop:
+                loop[c].append(int(e - s))
+            if c == "S" and i + 1 < len(known) and known[i + 1][2] in after_s:
+                after_s[known[i + 1][2]] += 1
+    if "signal" in present and len(counts["S"]) >= 10:
+        classes.append("S")
+    tm = [c for c, r in (("H", "helix"), ("B", "strand")) if r in present and len(counts[c]) >= 10]
+    if tm and "inside" in present and "outside" in present:
+        classes += ["I", "O"] + tm
+    elif tm:
+        classes += ["I", "O"] + tm  # sides as loop states even when the SAE has no side concepts
+    cls_index = {c: i for i, c in enumerate(classes)}
+
+    # Emission data: residues whose class is modelled; unresolved and unmodelled residues are skipped.
+    X_parts, y_parts = [], []
+    remap = np.full(len(CLASSES) + 1, -1, dtype=np.int64)
+    for c, i in cls_index.items():
+        remap[CLASSES.index(c)] = i
+    for a, y in zip(acts, labels):
+        y = np.asarray(y)
+        if a.ndim != 2 or a.shape[1] != len(role_order):
+            raise InputError(f"activations must be [rows, {len(role_order)}] (one column per role), got {a.shape}")
+        if a.shape[0] != y.shape[0]:
+            raise InputError(f"activations have {a.shape[0]} rows but labels {y.shape[0]} residues")
+        yy = remap[np.where(y >= 0, y, len(CLASSES))]
+        keep = yy >= 0
+        X_parts.append(features(a[keep]))
+        y_parts.append(yy[keep])
+    X = np.concatenate(X_parts)
+    yv = np.concatenate(y_parts)
+    if X.shape[0] > max_residues:  # subsample residues for the fit, stratified by nothing: uniform
+        sel = np.random.default_rng(seed).choice(X.shape[0], max_residues, replace=False)
+        X, yv = X[sel], yv[sel]
+    coef, intercept = _fit_logistic(X, yv, len(classes))
+    prior = np.bincount(yv, minlength=len(classes)).astype(np.float64) + 1.0
+    log_prior = np.log(prior / prior.sum())
+
+    def frac(a: float, b: float) -> float:
+        return float(a) / float(b) if b else 0.0
+
+    mean_loop_i = float(np.mean(loop["I"])) if loop["I"] else 30.0
+    mean_loop_o = float(np.mean(loop["O"])) if loop["O"] else 30.0
+    mean_glob = float(np.mean(glob_len)) if glob_len else 300.0
+    n_start = sum(first.values()) + 4.0
+    n_after = sum(after_s.values()) + 3.0
+    n_span = span_kind["H"] + span_kind["B"] + 2.0
+    params: dict[str, Any] = {
+        "format": DECODER_FORMAT, "format_version": DECODER_VERSION, "method": "viterbi",
+        "roles": {r: {"concept_id": e.concept_id, "latent": int(e.latent)} for r, e in roles.items()},
+        "role_order": role_order,
+        "classes": classes,
+        "emission": {"features": "per role in role_order: [a > 0] then [log1p(a)]",
+                     "coef": coef.round(6).tolist(), "intercept": intercept.round(6).tolist(),
+                     "log_prior": log_prior.round(6).tolist()},
+        "durations": {},
+        "transitions": {
+            "start_G": frac(first["G"] + 1, n_start), "start_S": frac(first["S"] + 1, n_start),
+            "start_I": frac(first["I"] + 1, n_start), "start_O": frac(first["O"] + 1, n_start),
+            "stay_G": 1.0 - 1.0 / max(mean_glob, 2.0),
+            "stay_I": 1.0 - 1.0 / max(mean_loop_i, 2.0), "stay_O": 1.0 - 1.0 / max(mean_loop_o, 2.0),
+            "after_S_G": frac(after_s["G"] + 1, n_after), "after_S_I": frac(after_s["I"] + 1, n_after),
+            "after_S_O": frac(after_s["O"] + 1, n_after),
+            "span_H": frac(span_kind["H"] + 1, n_span),
+        },
+        "fitted_on": fitted_on,
+        "counts": {"proteins": len(labels), "emission_residues": int(X.shape[0]),
+                   "signal_peptides": len(counts["S"]), "helices": len(counts["H"]), "strands": len(counts["B"])},
+    }
+    for c in ("S", "H", "B"):
+        if c in classes:
+            d = _duration(counts[c])
+            params["durations"][c] = dataclasses.asdict(d) | {"log_p": [round(x, 6) for x in d.log_p]}
+    params["transitions"] = {k: round(v, 6) for k, v in params["transitions"].items()}
+    SegmentDecoder(params)  # refuse to return something annotate could not load
+    return params
+
+
+def role_entries(concepts: Sequence["ConceptEntry"]) -> tuple[dict[str, "ConceptEntry"], list[str]]:
+    """Role -> first concept entry with the role's shipped concept id, and the role order used for features."""
+    roles: dict[str, "ConceptEntry"] = {}
+    for role, cid in ROLE_CONCEPTS.items():
+        for c in concepts:
+            if c.concept_id == cid:
+                roles.setdefault(role, c)
+    return roles, [r for r in ROLE_CONCEPTS if r in roles]
+
+
+def write_decoder(sae_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path:
+    """Store a fitted decoder in an SAE directory's config.json (the weights are not touched)."""
+    from protsae_cli.sae.config import CONFIG_NAME, SAEConfig
+
+    path = Path(sae_dir) / CONFIG_NAME
+    try:
+        cfg = SAEConfig.from_json_dict(json.loads(path.read_text()), where=str(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the SAE config ({e})") from e
+    cfg.segment_decoder = dict(params)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""How good an SAE is: metrics, `protsae eval`, and `protsae calibrate`."""

@@ -1,0 +1,460 @@
+"""`protsae calibrate`: measure what each concept call is worth on labelled proteins, and choose its threshold.
+
+An SAE's concept table says, per concept, the calling threshold and the residue precision, recall and F1 of
+"activation >= threshold" on validation proteins the SAE was not trained on (docs/CALLS.md). `protsae train`
+writes it at the end of training; this module rewrites it from the user's own labelled proteins:
+
+1. The labelled proteins are encoded exactly as `protsae annotate` encodes them (same windows, same encoder,
+   `Annotator.iter_results`), so the numbers describe the calls annotate will make.
+2. Per concept, every labelled residue where the concept's latent is active gives one (activation, label)
+   pair; residues where it is not active count as positives missed (recall) and are never calls.
+3. The threshold is chosen for an operating point (`--calling`): ``f1`` (default, the best F1), ``precision:P``
+   (the lowest threshold whose precision is at least P, i.e. the most recall at that precision) or
+   ``recall:R`` (the highest threshold that keeps recall at least R).
+4. The score curve, a calibrated P(residue carries the concept | activation), is an isotonic (pool adjacent
+   violators) fit of the labels on activation over at most `SCORE_KNOTS` equal-count activation bins; a
+   segment's score is its value at the segment's maximum activation.
+
+The fitting functions work on per-concept histograms (`ConceptCounts`), so training, which bins its validation
+scores on a grid, and calibration, which keeps every activation, share one implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protsae_cli.errors import InputError
+
+log = logging.getLogger("protsae.calibrate")
+
+#: Knots of a score curve: enough to separate weak from strong activations, few enough to read in a config.
+SCORE_KNOTS = 20
+#: A precision target is only "reached" by a call set of at least this many residues (one lucky call is 100 %).
+MIN_CALLS = 10
+
+
+# ========================================================================================== operating points
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How a threshold is chosen: ``f1`` | ``precision:P`` | ``recall:R`` (P, R in (0, 1])."""
+
+    kind: str = "f1"
+    target: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "OperatingPoint":
+        t = text.strip().lower()
+        if t in ("f1", "best-f1", "max-f1"):
+            return cls("f1")
+        name, sep, value = t.partition(":")
+        if sep and name in ("precision", "recall"):
+            try:
+                v = float(value)
+            except ValueError:
+                v = float("nan")
+            if not 0 < v <= 1:
+                raise InputError(f"--calling {text!r}: the {name} target must be a number in (0, 1], e.g. "
+                                 f"{name}:0.9")
+            return cls(name, v)
+        raise InputError(f"--calling {text!r}: expected f1, precision:P or recall:R (e.g. precision:0.9)")
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}:{self.target:g}"
+
+
+@dataclass
+class ConceptCounts:
+    """Labelled residues of one concept binned by activation: bin j holds activations in [lo[j], lo[j+1]).
+
+    ``pos``/``neg`` count active residues (activation > 0) per bin; ``n_pos`` counts every labelled positive
+    residue, active or not, and ``n_residues`` every labelled residue, so recall is over all positives.
+    """
+
+    lo: np.ndarray          # float64 [B], ascending
+    pos: np.ndarray         # float64 [B]
+    neg: np.ndarray         # float64 [B]
+    n_pos: int
+    n_residues: int
+
+    @classmethod
+    def from_values(cls, act: np.ndarray, label: np.ndarray, n_pos: int, n_residues: int) -> "ConceptCounts":
+        """Exact counts: one bin per distinct activation of the active labelled residues."""
+        act = np.asarray(act, np.float32).astype(np.float64)
+        label = np.asarray(label, bool)
+        if act.shape != label.shape:
+            raise ValueError(f"activations {act.shape} and labels {label.shape} differ in shape")
+        if act.size and float(act.min()) <= 0:
+            raise ValueError("only active residues (activation > 0) are binned")
+        lo, inv = np.unique(act, return_inverse=True)
+        pos = np.bincount(inv, weights=label.astype(np.float64), minlength=lo.size)
+        neg = np.bincount(inv, weights=(~label).astype(np.float64), minlength=lo.size)
+        return cls(lo, pos, neg, int(n_pos), int(n_residues))
+
+    @property
+    def n_active(self) -> int:
+        return int(self.pos.sum() + self.neg.sum())
+
+    def at(self, j: int) -> tuple[float, float]:
+        """(true positives, calls) of "activation >= lo[j]"."""
+        return float(self.pos[j:].sum()), float(self.pos[j:].sum() + self.neg[j:].sum())
+
+    def metrics_at(self, threshold: float) -> dict[str, Any]:
+        """Residue precision/recall/F1 of "activation >= threshold and > 0" (annotate's rule, float32 compare)."""
+        t = np.float32(threshold)
+        j = int(np.searchsorted(self.lo.astype(np.float32), t, side="left")) if t > 0 else 0
+        tp, calls = self.at(j) if j < self.lo.size else (0.0, 0.0)
+        return _metrics(tp, calls, self.n_pos)
+
+
+def _metrics(tp: float, calls: float, n_pos: int) -> dict[str, Any]:
+    precision = tp / calls if calls > 0 else None
+    recall = tp / n_pos if n_pos > 0 else None
+    f1 = 2 * tp / (calls + n_pos) if calls + n_pos > 0 else None
+    return {"precision": precision, "recall": recall, "f1": f1, "calls": int(calls), "true_positives": int(tp)}
+
+
+@dataclass
+class Choice:
+    """The threshold an operating point chose and the metrics at it."""
+
+    threshold: float
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    calls: int
+    reached: bool
+    note: str = ""
+
+
+def choose_threshold(c: ConceptCounts, point: OperatingPoint) -> Choice | None:
+    """The threshold for `point`, or None when the latent never fired on a labelled residue or there is no
+    positive (nothing to measure). Candidate j calls bins j.. ; j = 0 is "any activation" (threshold 0)."""
+    if c.lo.size == 0 or c.n_pos == 0:
+        return None
+    tp = np.cumsum(c.pos[::-1])[::-1]
+    calls = np.cumsum((c.pos + c.neg)[::-1])[::-1]
+    precision = tp / np.maximum(calls, 1)
+    recall = tp / c.n_pos
+    f1 = 2 * tp / (calls + c.n_pos)
+    reached, note = True, ""
+    if point.kind == "f1":
+        j = int(np.argmax(f1))
+    elif point.kind == "precision":
+        ok = np.flatnonzero((precision >= point.target) & (calls >= MIN_CALLS))
+        if ok.size:
+            j = int(ok[0])
+        else:
+            big = np.flatnonzero(calls >= MIN_CALLS)
+            pool = big if big.size else np.arange(c.lo.size)
+            j = int(pool[np.argmax(precision[pool])])
+            reached = False
+            note = (f"precision {point.target:g} not reached on >= {MIN_CALLS} calls; highest precision "
+                    f"{precision[j]:.3g} chosen")
+    elif point.kind == "recall":
+        ok = np.flatnonzero(recall >= point.target)
+        if ok.size:
+            j = int(ok[-1])
+        else:
+            j, reached = 0, False
+            note = f"recall {point.target:g} not reached even at any activation ({recall[0]:.3g})"
+    else:
+        raise ValueError(f"unknown operating point {point}")
+    m = _metrics(float(tp[j]), float(calls[j]), c.n_pos)
+    return Choice(threshold=0.0 if j == 0 else float(np.float32(c.lo[j])), precision=m["precision"],
+                  recall=m["recall"], f1=m["f1"], calls=m["calls"], reached=reached, note=note)
+
+
+def pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted isotonic (non-decreasing) regression by pool adjacent violators."""
+    vals: list[float] = []
+    wts: list[float] = []
+    sizes: list[int] = []
+    for yi, wi in zip(np.asarray(y, np.float64), np.asarray(w, np.float64)):
+        vals.append(float(yi)); wts.append(float(wi)); sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            wsum = wts[-2] + wts[-1]
+            v = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum if wsum > 0 else min(vals[-2], vals[-1])
+            vals[-2:] = [v]; wts[-2:] = [wsum]; sizes[-2:] = [sizes[-2] + sizes[-1]]
+    return np.repeat(np.asarray(vals), sizes)
+
+
+def score_curve(c: ConceptCounts, knots: int = SCORE_KNOTS) -> list[list[float]]:
+    """Calibrated P(label | activation) as [[activation, probability], ...]: equal-count groups of adjacent
+    bins, their positive rates made non-decreasing by PAV, runs of equal probability joined into one knot."""
+    total = c.pos + c.neg
+    n = float(total.sum())
+    if n == 0:
+        return []
+    cum = np.cumsum(total)
+    # Group g ends at the first bin where the running count reaches (g+1)/knots of all active residues.
+    ends = np.unique(np.searchsorted(cum, n * np.arange(1, knots + 1) / knots - 1e-9))
+    ends = ends[ends < c.lo.size]
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    g_pos = np.array([c.pos[s:e + 1].sum() for s, e in zip(starts, ends)])
+    g_n = np.array([total[s:e + 1].sum() for s, e in zip(starts, ends)])
+    p = pav(g_pos / np.maximum(g_n, 1), g_n)
+    out: list[list[float]] = []
+    for s, prob in zip(starts, p):
+        prob = round(float(prob), 4)
+        if out and out[-1][1] == prob:
+            continue
+        out.append([float(np.float32(c.lo[s])), prob])
+    return out
+
+
+def apply_choice(entry: Any, counts: ConceptCounts, point: OperatingPoint, label_source: str, validation: str,
+                 keep_threshold: bool = False) -> dict[str, Any]:
+    """Write threshold (unless `keep_threshold`), metrics, provenance and score curve into a ConceptEntry;
+    return the record of what changed (before/after on these residues)."""
+    before = counts.metrics_at(entry.threshold)
+    rec: dict[str, Any] = {"concept": entry.concept_id, "name": entry.name, "latent": entry.latent,
+                           "threshold_before": entry.threshold, "before": before, "positives": counts.n_pos,
+                           "residues": counts.n_residues, "active_residues": counts.n_active}
+    if keep_threshold:
+        choice = Choice(entry.threshold, before["precision"], before["recall"], before["f1"], before["calls"], True,
+                        "threshold kept")
+    else:
+        choice = choose_threshold(counts, point)
+    if choice is None:
+        rec["skipped"] = ("no labelled positive residue" if counts.n_pos == 0
+                          else "the latent is never active on the labelled residues")
+        entry.precision, entry.recall, entry.f1 = (0.0, 0.0, 0.0) if counts.n_pos else (None, None, None)
+        entry.positives = counts.n_pos
+        entry.label_source, entry.validation = label_source, validation
+        entry.operating_point, entry.score_curve = str(point), []
+        return rec
+    entry.threshold = float(choice.threshold)
+    entry.precision = _round(choice.precision)
+    entry.recall = _round(choice.recall)
+    entry.f1 = _round(choice.f1)
+    entry.positives = int(counts.n_pos)
+    entry.label_source = label_source
+    entry.operating_point = "kept" if keep_threshold else str(point)
+    entry.validation = validation
+    entry.score_curve = score_curve(counts)
+    rec.update(threshold=entry.threshold, operating_point=entry.operating_point, reached=choice.reached,
+               after={"precision": choice.precision, "recall": choice.recall, "f1": choice.f1,
+                      "calls": choice.calls}, score_knots=len(entry.score_curve))
+    if choice.note:
+        rec["note"] = choice.note
+    return rec
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+# ===================================================================================================== driver
+@dataclass
+class CalibrateOptions:
+    sae: str
+    fasta: str
+    annotations: list[Any]                 # evaluate.AnnotationSpec
+    output: str | None = None              # new SAE directory; None with measure_only
+    model: str | None = None
+    device: str = "auto"
+    calling: str = "f1"
+    measure_only: bool = False
+    ontology: str | None = None
+    propagate: bool = True
+    toks_per_batch: int = 16384
+    long_policy: str = "window"
+    check_plm: bool = True
+    threads: int | None = None
+    json_out: str | None = None
+    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
+
+
+def _records(fasta: str) -> tuple[list[Any], dict[str, str]]:
+    from protsae_cli.runtime import read_proteins
+
+    records = read_proteins(fasta, skip_invalid=True, unique_ids=True).records  # labels are matched by id
+    return records, {r.id: r.sequence for r in records}
+
+
+def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
+    """Measure (and unless `measure_only`, rechoose) every concept's threshold on labelled proteins; write the
+    recalibrated SAE to `opts.output`; return the report (also written to `opts.json_out`)."""
+    from protsae_cli.annotate.pipeline import Annotator
+    from protsae_cli.call.concepts import standardize
+    from protsae_cli.evaluate.pipeline import load_label_sources
+
+    point = OperatingPoint.parse(opts.calling)
+    if not opts.measure_only:
+        if not opts.output:
+            raise InputError("calibrate needs -o DIR for the recalibrated SAE (or --measure-only)")
+        out_dir = Path(opts.output)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"-o {out_dir}: exists and is not a directory")
+    if not opts.annotations:
+        raise InputError("calibrate needs residue-level labels: -a FILE (TMbed, binding lists, Swiss-Prot ...)")
+    records, seqs = _records(opts.fasta)
+    sources = load_label_sources(opts.annotations, seqs, opts.ontology, opts.propagate)
+    for s in sources:
+        if s.kind != "residue":
+            raise InputError(f"{s.name}: {s.fmt} labels are protein-level; concept thresholds need residue labels")
+    ann = Annotator(opts.model, opts.sae, opts.device, "auto", opts.check_plm, opts.threads)
+    cfg = ann.sae.cfg
+    entries = standardize(cfg.concepts)
+    # Each concept is measured against the first source that labels it.
+    bound: list[tuple[int, Any]] = []
+    for i, e in enumerate(entries):
+        srcs = [s for s in sources if e.concept_id in s.concepts]
+        if len(srcs) > 1:
+            log.warning("concept %s (%s) is labelled by %s; measured against %s", e.concept_id, e.name,
+                        ", ".join(s.name for s in srcs), srcs[0].name)
+        if srcs:
+            bound.append((i, srcs[0]))
+        else:
+            log.warning("concept %s (%s): none of the labels names it; its table entry is kept as it was",
+                        e.concept_id, e.name)
+    if not bound:
+        raise InputError("none of the SAE's concepts (" + ", ".join(e.concept_id for e in entries[:8])
+                         + ") is labelled by the given annotations")
+    counts, proteins = collect_counts(ann, records, bound, entries, opts)
+    rows_out = []
+    for i, src in bound:
+        e = entries[i]
+        validation = f"{Path(opts.fasta).name}: {proteins[i]} proteins, {counts[i].n_residues} labelled residues"
+        rec = apply_choice(e, counts[i], point, src.name, validation, keep_threshold=opts.measure_only)
+        rec["source"] = src.name
+        rec["kind"] = e.kind
+        rows_out.append(rec)
+    report = {"format": "protsae-calibration", "format_version": 1, "command": opts.command, "sae": opts.sae,
+              "fasta": opts.fasta, "operating_point": "kept" if opts.measure_only else str(point),
+              "measure_only": opts.measure_only, "per_concept": rows_out}
+    _log_table(rows_out, opts.measure_only)
+    if not opts.measure_only:
+        new_cfg = dataclasses.replace(cfg, concepts=entries,
+                                      training={**cfg.training, "calibration": {
+                                          "command": opts.command, "fasta": opts.fasta,
+                                          "labels": [s.name for s in sources], "operating_point": str(point),
+                                          "method": "protsae calibrate: residue precision/recall/F1 of activation "
+                                                    ">= threshold on these proteins (docs/CALLS.md)"}})
+        write_sae_copy(ann.sae_path, new_cfg, opts.output)
+        report["output"] = str(opts.output)
+    if opts.json_out:
+        _write_json(opts.json_out, report)
+    return report
+
+
+
+def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, Any]], entries: Sequence[Any],
+                   opts: CalibrateOptions) -> tuple[dict[int, ConceptCounts], dict[int, int]]:
+    """Encode the labelled proteins as annotate does and bin, per bound concept (entry index -> its label
+    source), the activations of its latent on labelled residues. Returns (counts, proteins measured) by entry
+    index. Memory: one float32 + one bool per active labelled residue and concept."""
+    from protsae_cli.annotate.pipeline import AnnotateOptions
+
+    wanted = {pid for _, s in bound for pid in s.labels.protein_ids}
+    chosen = [r for r in records if r.id in wanted]
+    act: dict[int, list[np.ndarray]] = {i: [] for i, _ in bound}
+    lab: dict[int, list[np.ndarray]] = {i: [] for i, _ in bound}
+    n_pos = {i: 0 for i, _ in bound}
+    n_res = {i: 0 for i, _ in bound}
+    proteins = {i: 0 for i, _ in bound}
+    saved, ann.concepts = ann.concepts, []  # codes only: segments are not needed here
+    aopts = AnnotateOptions(input=opts.fasta, output_prefix="-", formats=("tsv",), toks_per_batch=opts.toks_per_batch,
+                            long_policy=opts.long_policy, progress=False, command=opts.command)
+    by_source: dict[str, list[int]] = {}
+    for i, s in bound:
+        by_source.setdefault(s.name, []).append(i)
+    src_of = {s.name: s for _, s in bound}
+    for res in ann.iter_results(iter(chosen), aopts):
+        rows = res.idx.shape[0]
+        if rows == 0:
+            continue
+        for name, idxs in by_source.items():
+            src = src_of[name]
+            if res.id not in src.labels.positions:  # not annotated by this source: unknown, not negative
+                continue
+            full = len(res.sequence)
+            y = src.labels.dense(res.id, full, src.concepts)[:rows]
+            keep = src.labels.mask(res.id, full)[:rows]
+            for i in idxs:
+                e = entries[i]
+                col = src.concepts.index(e.concept_id)
+                hit = res.idx == e.latent
+                a = np.where(hit, res.val, 0.0).max(axis=1) if res.idx.size else np.zeros(rows, np.float32)
+                yc = y[:, col].astype(bool)
+                on = keep & (a > 0)
+                act[i].append(a[on].astype(np.float32))
+                lab[i].append(yc[on])
+                n_pos[i] += int(yc[keep].sum())
+                n_res[i] += int(keep.sum())
+                proteins[i] += 1
+    ann.concepts = saved
+    counts = {i: ConceptCounts.from_values(np.concatenate(act[i]) if act[i] else np.zeros(0, np.float32),
+                                           np.concatenate(lab[i]) if lab[i] else np.zeros(0, bool), n_pos[i],
+                                           n_res[i]) for i, _ in bound}
+    return counts, proteins
+
+
+def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:
+    """`out`/config.json from `cfg` and the weights of `src_dir` byte for byte (same sha256: same model, new
+    concept table); the config is written last, by rename, so a half-written directory has no config."""
+    from protsae_cli.models import default_sae_dir
+    from protsae_cli.sae.config import CONFIG_NAME, WEIGHTS_NAME
+
+    src = Path(src_dir) if src_dir else default_sae_dir()
+    dst = Path(out)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        if (src / WEIGHTS_NAME).resolve() != (dst / WEIGHTS_NAME).resolve():
+            tmp = dst / (WEIGHTS_NAME + ".tmp")
+            shutil.copyfile(src / WEIGHTS_NAME, tmp)
+            os.replace(tmp, dst / WEIGHTS_NAME)
+        tmp = dst / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+        os.replace(tmp, dst / CONFIG_NAME)
+    except OSError as e:
+        from protsae_cli.errors import OutputError
+
+        raise OutputError(f"cannot write the recalibrated SAE to {dst}: {e.strerror or e}") from e
+    return dst
+
+
+def _write_json(path: str, obj: Any) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        from protsae_cli.errors import OutputError
+
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _log_table(rows: Sequence[dict[str, Any]], measure_only: bool) -> None:
+    for r in rows:
+        b = r["before"]
+        if "skipped" in r:
+            log.info("%s %s: %s", r["concept"], r["name"], r["skipped"])
+            continue
+        a = r["after"]
+        if measure_only:
+            log.info("%s %s: threshold %.4g: precision %s recall %s F1 %s (%d positives)", r["concept"], r["name"],
+                     r["threshold"], _fmt(a["precision"]), _fmt(a["recall"]), _fmt(a["f1"]), r["positives"])
+        else:
+            log.info("%s %s: threshold %.4g -> %.4g (%s): precision %s -> %s, recall %s -> %s, F1 %s -> %s "
+                     "(%d positives)%s", r["concept"], r["name"], r["threshold_before"], r["threshold"],
+                     r["operating_point"], _fmt(b["precision"]), _fmt(a["precision"]), _fmt(b["recall"]),
+                     _fmt(a["recall"]), _fmt(b["f1"]), _fmt(a["f1"]), r["positives"],
+                     f"; {r['note']}" if r.get("note") else "")

@@ -1,0 +1,1 @@
+"""Concept labels: annotation file formats, label sets, the concept ontology."""

@@ -1,0 +1,1 @@
+"""Human-readable outputs: the HTML report, its figures, structure colouring."""

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: the SAE interface, its architectures, their configs and checkpoint I/O."""

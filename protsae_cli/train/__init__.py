@@ -1,0 +1,1 @@
+"""Training SAEs (TopK and ProtSAE) on hooked ESM-2 activations."""
