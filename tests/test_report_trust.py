@@ -21,6 +21,7 @@ from protsae_cli.report_trust import heatmap_names
 from protsae_cli.results import ProteinResult
 from protsae_cli.sae import ConceptEntry
 from protsae_cli.writers.h5 import H5Annotations, H5Writer
+from tests.test_report import assert_self_contained
 
 D_SAE, K = 64, 6
 TM = ConceptEntry(latent=2, concept_id="PSC:0000101", name="transmembrane helix", threshold=0.3, kind="region",
@@ -215,6 +216,16 @@ def test_lanes_show_reliability(tmp_path):
     assert "Withheld" in section and "PSC:0000230 small-molecule binding (precision 0.131 &lt; 0.5)" in section
 
 
+def test_every_concept_withheld(tmp_path):
+    """An SAE whose every concept was withheld is not reported as one without concepts."""
+    h5 = tmp_path / "none.h5"
+    write_h5(h5, concepts=[])
+    html, _ = report(tmp_path, h5)
+    section = html[html.index('id="concepts"'):html.index('id="latents"')]
+    assert "Every concept of this SAE was withheld" in section and "small-molecule binding" in section
+    assert "no concepts bound to latents" not in section
+
+
 def test_call_withheld_run_says_so(tmp_path):
     h5 = tmp_path / "forced.h5"
     write_h5(h5, call_withheld=True)
@@ -256,10 +267,10 @@ def test_reference_tracks_under_the_right_proteins(tmp_path, caplog):
     tm.write_text(f">prot3|EUKARYA|NO_SP|0\n{s3}\n{'1' * 5 + 'H' * 12 + '2' * (len(s3) - 18) + 'U'}\n"
                   ">ghost1|EUKARYA|NO_SP|0\nMKV\n111\n")
     zn = tmp_path / "zinc.tsv"  # generic TSV: zinc binding on the protein stored as sp|Q9XYZ1|TEST_HUMAN
-    zn.write_text("Q9XYZ1\t4\t6\tPSC:0000211\n")
+    zn.write_text("Q9XYZ1\t4\t6\tPSC:0000211\nQ9XYZ1\t9\t9\tX:odd\t<b>odd</b> & name\n")
+    specs = [AnnotationSpec([str(tm)], "tmbed"), AnnotationSpec([str(zn)], "auto")]
     with caplog.at_level(logging.WARNING, logger="protsae.report"):
-        _, cs = report(tmp_path, h5, png_dir=tmp_path / "png",
-                       annotations=[AnnotationSpec([str(tm)], "tmbed"), AnnotationSpec([str(zn)], "auto")])
+        html, cs = report(tmp_path, h5, png_dir=tmp_path / "png", annotations=specs)
     assert any("ghost1" in r.getMessage() and "not in" in r.getMessage() and str(tm) in r.getMessage()
                for r in caplog.records)
 
@@ -290,8 +301,13 @@ def test_reference_tracks_under_the_right_proteins(tmp_path, caplog):
 
     # The zinc label, matched through the |-separated id, also shows as the metal-binding concept it implies.
     tracks1 = [lab for lab, _, _ in ref_tracks(cs[1])]
-    assert tracks1 == ["metal binding (implied)", "zinc binding"]
+    assert tracks1 == ["metal binding (implied)", "zinc binding", "<b>odd</b> & name"]  # then by concept id
+    assert "<b>odd</b>" not in html and "&lt;b&gt;odd&lt;/b&gt; &amp; name" in html  # label data is escaped
     assert (tmp_path / "png" / "000003_prot3.tracks.png").exists()
+    assert_self_contained(html)
+    again = tmp_path / "again.html"
+    write_report(h5, again, top_latents=D_SAE, progress=False, annotations=specs)
+    assert again.read_text(encoding="utf-8") == html  # deterministic with overlays too
 
 
 def test_reference_length_mismatch_and_protein_level_terms(tmp_path, caplog):
