@@ -935,8 +935,12 @@ def _details_section(views: Sequence[ProteinView], n_total: int, requested: bool
         for src in references:
             drawn = sum(1 for v in views if v.info.id in src.label_id)
             left = f"; {len(src.unmatched):,} of its proteins are not in this file" if src.unmatched else ""
+            hint = ""
+            if drawn < src.matched:  # labelled proteins beyond the drawn ones: say how to draw them
+                some = ",".join(list(src.label_id)[:3])
+                hint = f" (draw others with <code>--proteins {esc(some)}</code>)"
             items.append(f"<li><b>{esc(src.name)}</b> ({esc(src.fmt)}): labels {src.matched:,} of the file's "
-                         f"protein ids, {drawn:,} of them drawn here{left}</li>")
+                         f"protein ids, {drawn:,} of them drawn here{hint}{left}</li>")
         refs = (f'<p class="muted"><b>Reference tracks</b> (solid bars under the predicted lanes, hatched where '
                 "the source leaves residues unknown): labelled residues from the given label files, matched by "
                 "protein id; a concept the run calls keeps its lane colour, and its tooltip compares the calls "

@@ -326,6 +326,10 @@ def test_reference_length_mismatch_and_protein_level_terms(tmp_path, caplog):
     assert any(f"sequence of {len(other)} residues" in n and "Not drawn" in n for n in cs[2].notes)
     assert any("go.tsv" in n and "GO:0005524" in n and "GO:0046872" in n for n in cs[0].notes)
     assert not cs[4].notes and not ref_tracks(cs[4])
+    # Labelled proteins that are not drawn: the page says how to draw them.
+    html, cs = report(tmp_path, h5, max_proteins=1, annotations=[AnnotationSpec([str(tm)], "tmbed")])
+    assert list(cs) == [0] and "labels 1 of the file's protein ids, 0 of them drawn here" in html
+    assert "draw others with <code>--proteins prot2</code>" in html
 
 
 def test_reference_file_matching_no_protein_is_an_error(tmp_path):
