@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from protsae_cli.cli.options import AnnotationFormatOpt, AnnotationsOpt
+
 IO_PANEL, SEL_PANEL, FIG_PANEL = "Input/Output", "Which proteins", "Figures"
 
 
@@ -36,12 +38,14 @@ def command(
                                     help="Most proteins listed in the searchable table (bounds the page size; "
                                          "~70 bytes per protein)."),
     title: Optional[str] = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
+    annotations: AnnotationsOpt = [],
+    annotation_format: AnnotationFormatOpt = [],
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
 ) -> None:
     """Write a self-contained HTML report (no network needed) of an annotation file.
 
-    Run summary, top concepts, latent histograms, a searchable table of all proteins, and concept tracks with a latent heatmap for the first proteins (or --proteins).
+    Run summary, top concepts with their validated reliability, latent histograms, a searchable table of all proteins, and concept tracks with a latent heatmap for the first proteins (or --proteins). With --annotations, the labels of those files are drawn as reference tracks under each protein's predicted lanes (matched by protein id).
 
     Example (from the repository root: annotate the bundled proteins, then report on them; about 20 s and 10 s on 2 CPU cores):
 
@@ -51,14 +55,28 @@ def command(
     """
     import sys
 
+    from protsae_cli.errors import InputError
     from protsae_cli.logging_setup import is_quiet
     from protsae_cli.report.html import write_report
+
+    # The same -a / --annotation-format pairing as eval and calibrate.
+    if annotation_format and len(annotation_format) not in (1, len(annotations)):
+        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
+                         "--annotations; give one per source, or one for all")
+    specs = []
+    if annotations:  # evaluate imports torch: only paid when labels are overlaid
+        from protsae_cli.evaluate.pipeline import AnnotationSpec
+
+        given = [f.value for f in annotation_format]
+        fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
+        specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
 
     out = output if output is not None else h5.with_name(
         (h5.name[:-3] if h5.name.endswith(".h5") else h5.name) + ".report.html")
     summary = write_report(h5, out, png_dir=png_dir, proteins=proteins or None, max_proteins=max_proteins,
                            top_latents=top_latents, max_lanes=max_lanes, scan_entries=scan_entries,
-                           table_limit=table_limit, title=title, progress=progress and not is_quiet())
+                           table_limit=table_limit, title=title, progress=progress and not is_quiet(),
+                           annotations=specs)
     print(f"protsae report: wrote {summary.output} ({summary.proteins_drawn} of {summary.proteins_total} "
           f"proteins drawn{'; latent histograms sampled' if summary.sampled else ''})", file=sys.stderr)
     if summary.pngs:

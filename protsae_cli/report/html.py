@@ -31,9 +31,14 @@ import numpy as np
 from protsae_cli import __version__
 from protsae_cli.errors import InputError
 
-from protsae_cli.report.plots import Heatmap, Lane, color_for, colorbar_uri, esc, fmt, histogram_svg, protein_figure
+from protsae_cli.report.plots import (REF_COLOR, Heatmap, Lane, RefTrack, color_for, colorbar_uri, esc, fmt, histogram_svg,
+                               protein_figure)
+from protsae_cli.report.trust import (ReferenceSource, best_row, call_withheld_on, floor_reason, heatmap_names,
+                                      load_references, measured, reliability_lines, short_reliability,
+                                      withheld_list)
 
 if TYPE_CHECKING:
+    from protsae_cli.evaluate.pipeline import AnnotationSpec
     from protsae_cli.io.writers.h5 import H5Annotations, ProteinInfo
 
 STATUS_ORDER = ("ok", "windowed", "truncated", "failed_oom", "invalid")
@@ -47,13 +52,21 @@ LATENT_CHUNK = 1 << 22
 
 @dataclass(frozen=True)
 class ConceptRow:
-    """One row of /concepts."""
+    """One row of /concepts, with the reliability measured at its threshold (None/"" where not measured)."""
 
     latent: int
     concept_id: str
     name: str
     ontology_id: str
     threshold: float
+    kind: str = ""
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
+    positives: int = 0
+    label_source: str = ""
+    operating_point: str = ""
+    validation: str = ""
 
     @property
     def label(self) -> str:
@@ -63,16 +76,23 @@ class ConceptRow:
 
 
 def read_concepts(ann: "H5Annotations") -> list[ConceptRow]:
-    """The concept table as plain records; cheap (no torch), unlike ``H5Annotations.concepts``."""
+    """The concept table as plain records; cheap (no torch), unlike ``H5Annotations.concepts``.
+
+    Reliability columns are read when the file has them (annotate writes them since issue #14); a file
+    written before keeps the defaults, which the report shows as "not measured"."""
+    from protsae_cli.io.writers.h5 import read_concept_reliability
+
     g = ann.f["concepts"]
     if "latent" not in g:
         return []
     latents = g["latent"][()]
     thresholds = g["threshold"][()]
     cols = {name: g[name].asstr()[()] for name in ("concept_id", "name", "ontology_id")}
-    return [ConceptRow(int(lat), str(cid), str(nm), str(ont), float(thr))
-            for lat, cid, nm, ont, thr in zip(latents, cols["concept_id"], cols["name"], cols["ontology_id"],
-                                             thresholds)]
+    known = set(ConceptRow.__dataclass_fields__)
+    rel = [{k: v for k, v in r.items() if k in known} for r in read_concept_reliability(g)]
+    return [ConceptRow(int(lat), str(cid), str(nm), str(ont), float(thr), **extra)
+            for lat, cid, nm, ont, thr, extra in zip(latents, cols["concept_id"], cols["name"],
+                                                    cols["ontology_id"], thresholds, rel)]
 
 
 def _key_code(latent: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -300,6 +320,9 @@ class ProteinView:
     mean_active: float
     lanes_note: str = ""
     slug: str = ""
+    refs: list[RefTrack] = field(default_factory=list)          # reference tracks (report --annotations)
+    ref_notes: list[str] = field(default_factory=list)          # what a label source says that is not a track
+    lane_ids: list[str] = field(default_factory=list)           # concept ids of the lanes, in lane order
 
 
 def _latent_names(stats: Sequence[ConceptStats]) -> dict[int, str]:
@@ -314,8 +337,13 @@ def _latent_names(stats: Sequence[ConceptStats]) -> dict[int, str]:
 
 
 def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, float], ConceptStats],
-               latent_names: dict[int, str], scan: LatentScan | None, top_latents: int, max_lanes: int) -> ProteinView:
-    """Everything the figures need for one protein: lanes per called concept and the top-latent heatmap."""
+               latent_names: dict[int, str], scan: LatentScan | None, top_latents: int, max_lanes: int,
+               heat_names: dict[int, tuple[str, str]] | None = None, call_withheld: bool = False) -> ProteinView:
+    """Everything the figures need for one protein: lanes per called concept and the top-latent heatmap.
+
+    Each lane carries its concept's reliability (a line under its name, every field in its tooltip); heatmap
+    rows are named from ``heat_names`` (best concept and F1, report_trust.heatmap_names) when given, else
+    from ``latent_names``."""
     info = ann.protein(pos)
     seq = ann.residues(pos)
     if info.n_rows == 0:
@@ -339,6 +367,14 @@ def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, flo
         label = st.short if st else f"latent {key[0]}"
         title = (f"{st.label}\nlatent {key[0]} \u00b7 threshold {fmt(key[1])}" if st else
                  f"latent {key[0]} (no concept entry) \u00b7 threshold {fmt(key[1])}")
+        best = best_row(st.entries) if st else None
+        rel_note, warn = "", False
+        if best is not None:
+            rel_note = short_reliability(best)
+            warn = not measured(best) or floor_reason(best) is not None
+            for e in st.entries:  # the header already gives the threshold: from the fields, the rest
+                head = f"\n{e.name or e.concept_id} ({e.concept_id}): " if len(st.entries) > 1 else "\n"
+                title += head + "\n".join(reliability_lines(e, call_withheld, threshold=False))
         color = st.color if st else "#777777"
         for s in by_key[key]:
             seg_rows.append((color, label, s.start, s.end, s.max_act, s.mean_act))
@@ -348,7 +384,8 @@ def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, flo
         vmax = float(scan.maxes[key[0]]) if scan is not None and scan.maxes[key[0]] > 0 else float(prof.max())
         vmax = max(vmax, float(prof.max()))
         lanes.append(Lane(label=label, title=title, color=color, profile=prof, vmax=vmax, threshold=key[1],
-                          segments=[(s.start, s.end, s.max_act, s.mean_act) for s in by_key[key]]))
+                          segments=[(s.start, s.end, s.max_act, s.mean_act) for s in by_key[key]],
+                          note=rel_note, note_warn=warn))
     seg_rows.sort(key=lambda r: (r[2], r[3], r[1]))
 
     heat = None
@@ -361,14 +398,71 @@ def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, flo
         nres = np.asarray((codes[:, order] > 0).sum(axis=0)).ravel()
         labels, titles = [], []
         for j, l in enumerate(order):
-            nm = latent_names.get(l, "")
+            if heat_names is not None:
+                nm, concepts_tip = heat_names.get(l, ("", ""))
+            else:
+                nm, concepts_tip = latent_names.get(l, ""), ""
             labels.append(f"L{l}" + (f" \u00b7 {nm}" if nm else ""))
-            titles.append(f"latent {l}" + (f" ({nm})" if nm else "") +
+            titles.append(f"latent {l}" + (f" ({concepts_tip or nm})" if nm else "") +
                           f"\nmax {fmt(float(colmax[l]))} on this protein \u00b7 active on {int(nres[j])} residues")
         heat = Heatmap(values=values, labels=labels, titles=titles, vmax=float(values.max()))
+    lane_ids = list(dict.fromkeys(e.concept_id for k in lane_keys if k in stats_by_key
+                                  for e in stats_by_key[k].entries))
     return ProteinView(info=info, sequence=seq, lanes=lanes, heat=heat, segments=seg_rows,
                        n_concepts=len(lane_keys), active_latents=int(active.size),
-                       mean_active=codes.nnz / max(1, codes.shape[0]), lanes_note=note)
+                       mean_active=codes.nnz / max(1, codes.shape[0]), lanes_note=note, lane_ids=lane_ids)
+
+
+def attach_references(ann: "H5Annotations", v: ProteinView, sources: Sequence[ReferenceSource],
+                      stats_by_key: dict[tuple[int, float], ConceptStats], table_ids: Sequence[str]) -> None:
+    """Reference tracks of every label source that labels this protein, under its predicted lanes.
+
+    A track of a concept the run called has that concept's colour and, in its tooltip, how the calls on this
+    protein overlap the labels (residues called / labelled / both), which is the per-protein check a reader
+    wants before trusting a lane; other labelled concepts are drawn in grey."""
+    info = v.info
+    if not sources or info.n_rows == 0:
+        return
+    order = list(v.lane_ids) + [c for c in table_ids if c not in v.lane_ids]
+    color_of = {e.concept_id: st.color for st in stats_by_key.values() for e in st.entries}
+    called: dict[str, np.ndarray] = {}
+    for s in ann.segments(info.position):
+        st = stats_by_key.get((s.latent, float(np.float32(s.threshold))))
+        for e in (st.entries if st else []):
+            mask = called.setdefault(e.concept_id, np.zeros(info.length, bool))
+            mask[s.start - 1:s.end] = True
+    for src in sources:
+        ref = src.for_protein(info.id, info.length, order)
+        if ref is None:
+            continue
+        if ref.problem:
+            v.ref_notes.append(ref.problem)
+            continue
+        if src.kind == "protein":
+            terms = ", ".join(f"{t} {n}".strip() for t, n in ref.terms) or "none"
+            v.ref_notes.append(f"Reference terms from {src.name} ({src.fmt}, protein level): {terms}")
+            continue
+        if not ref.tracks:
+            v.ref_notes.append(f"{src.name} ({src.fmt}) annotates this protein with no labelled residue")
+            continue
+        for cid, name, runs, implied in ref.tracks:
+            lab = np.zeros(info.length, bool)
+            for a, b in runs:
+                lab[a - 1:b] = True
+            n = int(lab.sum())
+            title = (f"{name} ({cid})\nreference labels from {src.name} ({src.fmt}): {n:,} residues in "
+                     f"{len(runs):,} run{'s' if len(runs) != 1 else ''}")
+            if implied:
+                title += "\nimplied by the file's more specific labels (ontology is_a)"
+            if cid in called:
+                c, both = int(called[cid].sum()), int((called[cid] & lab).sum())
+                title += (f"\ncalled on this protein: {c:,} residues; {both:,} of the {n:,} labelled residues "
+                          f"called, {both:,} of the {c:,} called residues labelled")
+            elif cid in color_of:
+                title += "\nnot called on this protein"
+            v.refs.append(RefTrack(label=name + (" (implied)" if implied else ""), title=title,
+                                   color=color_of.get(cid, REF_COLOR), source=src.name, spans=runs,
+                                   masked=ref.masked))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,6 +560,8 @@ details>summary{cursor:pointer;color:var(--accent);margin:6px 0}
 .fig text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
 .tick{font-size:10px;fill:#6b7280}.axis{font-size:11px;fill:#6b7280;font-style:italic}
 .lane{font-size:12px;fill:#1d2433}.hrow{font-size:10px;fill:#374151}
+.lnote{font-size:9.5px;fill:#4b5563}.lnote.warn{fill:#9b1c1c}.rlane{font-size:11px;fill:#374151;font-style:italic}
+.rb{fill-opacity:.85}.warnb{background:#fde8e8;color:#9b1c1c}td.rel{font-size:12px}
 .rule{stroke:#9ca3af;stroke-width:1}.frame{stroke:#d1d5db}
 .band{fill:#ffffff}.band2{fill:#f8f9fb}
 .thr{stroke:#c4c9d1;stroke-dasharray:3 3;stroke-width:.8}
@@ -646,6 +742,11 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
     fired = [s for s in stats if s.segments > 0]
     out = ['<section id="concepts"><h2>Top concepts</h2>']
     if not stats:
+        if withheld_list(run.attrs):
+            out.append('<p class="muted">Every concept of this SAE was withheld, so no segments were called. '
+                       'The latent histograms and per-protein heatmaps below still show what the SAE did.</p>'
+                       f"{_withheld_note(run.attrs)}</section>")
+            return "".join(out)
         out.append('<p class="muted">This SAE has no concepts bound to latents, so no segments were called. '
                    'The latent histograms and per-protein heatmaps below still show what the SAE did.</p>'
                    "</section>")
@@ -658,10 +759,12 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
     max_res = max((s.residues for s in stats), default=1) or 1
     omap = OrdinalMap(run.ann.proteins["index"])
     ids = run.ann.proteins["id"]
+    withheld_on = call_withheld_on(run.attrs)
 
     def table(rows: Sequence[ConceptStats]) -> str:
         t = ['<table><thead><tr><th>concept</th><th>id</th><th>ontology</th><th class="num">latent</th>'
-             '<th class="num">threshold</th><th>segments</th><th>residues covered</th><th class="num">proteins</th>'
+             '<th class="num">threshold</th><th>reliability (validation)</th><th>segments</th>'
+             '<th>residues covered</th><th class="num">proteins</th>'
              '<th class="num">max act.</th><th>top proteins</th></tr></thead><tbody>']
         for s in rows:
             ids_cell = []
@@ -673,10 +776,11 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
                                 f'</span></span>')
             cids = "<br>".join(esc(c) for c in dict.fromkeys(e.concept_id for e in s.entries))
             onts = "<br>".join(esc(o) for o in dict.fromkeys(e.ontology_id for e in s.entries if e.ontology_id))
+            rel = "<br>".join(_reliability_cell(e, withheld_on) for e in s.entries)
             t.append(
                 f'<tr><td><span class="swatch" style="background:{s.color}"></span>{esc(s.short)}</td>'
                 f'<td class="code">{cids}</td><td class="code">{onts or "&ndash;"}</td>'
-                f'<td class="num">{s.latent}</td><td class="num">{fmt(s.threshold)}</td>'
+                f'<td class="num">{s.latent}</td><td class="num">{fmt(s.threshold)}</td><td class="rel">{rel}</td>'
                 f'<td class="num" style="white-space:nowrap"><span class="bar" style="width:{60 * s.segments / max_seg:.0f}px;'
                 f'background:{s.color}"></span>{s.segments:,}</td>'
                 f'<td class="num" style="white-space:nowrap"><span class="bar" style="width:{60 * s.residues / max_res:.0f}px;'
@@ -691,8 +795,35 @@ def _concepts_section(run: _Run, drawn: set[int], top_concepts: int) -> str:
         rest = stats[top_concepts:top_concepts + 5000]
         out.append(f"<details><summary>{len(stats) - top_concepts:,} more concepts</summary>{table(rest)}"
                    "</details>")
+    out.append(_withheld_note(run.attrs))
     out.append("</section>")
     return "".join(out)
+
+
+def _reliability_cell(e: ConceptRow, withheld_on: bool) -> str:
+    """Precision/recall/F1/positives at the calling threshold, with the label source and call status on hover."""
+    tip = esc("\n".join(reliability_lines(e, withheld_on)))
+    if not measured(e):
+        return f'<span class="muted" title="{tip}">not measured</span>'
+    numbers = short_reliability(e).replace(" \u00b7 below floor", "")
+    flag = ' <span class="badge warnb">below floor</span>' if floor_reason(e) else ""
+    src = f'<br><span class="muted">labels: {esc(e.label_source)}</span>' if e.label_source else ""
+    return (f'<span class="nw" title="{tip}">{esc(numbers)}</span> <span class="muted nw">{e.positives:,} pos.'
+            f"</span>{flag}{src}")
+
+
+def _withheld_note(attrs: dict[str, Any]) -> str:
+    """The concepts annotate did not call (below the floors), from the run's ``concepts_withheld``."""
+    items = withheld_list(attrs)
+    policy = esc(attrs.get("calling_policy", "")) if attrs.get("calling_policy") else ""
+    if not items:
+        return (f'<p class="muted">No concept was withheld. Calling policy: {policy}</p>' if policy else
+                '<p class="muted">This file records no calling policy (written before concepts could be '
+                "withheld): every concept of the SAE was called.</p>")
+    lis = "".join(f"<li>{esc(x)}</li>" for x in items)
+    return (f'<div class="note withheld"><b>Withheld</b> (validated reliability below the calling floors, so not '
+            f"called and not drawn; <code>protsae annotate --call-withheld</code> calls them): <ul>{lis}</ul>"
+            f'<span class="muted">{policy}</span></div>')
 
 
 def _latents_section(run: _Run) -> str:
@@ -773,7 +904,9 @@ def _protein_card(v: ProteinView) -> str:
     if info.status == "truncated":
         out.append(f'<div class="note">Truncated: only residues 1\u2013{info.n_rows:,} of {info.length:,} were '
                    "encoded (hatched area).</div>")
-    out.append(protein_figure(v.sequence, info.length, v.lanes, v.heat, v.lanes_note))
+    out.append(protein_figure(v.sequence, info.length, v.lanes, v.heat, v.lanes_note, v.refs))
+    for note in v.ref_notes:
+        out.append(f'<div class="note refnote">{esc(note)}</div>')
     if v.heat is not None:
         out.append(f'<div class="legend"><span>Heatmap: 0</span><img alt="colour scale" '
                    f'src="{colorbar_uri()}" width="160" height="10">'
@@ -792,17 +925,36 @@ def _protein_card(v: ProteinView) -> str:
     return "".join(out)
 
 
-def _details_section(views: Sequence[ProteinView], n_total: int, requested: bool) -> str:
+def _details_section(views: Sequence[ProteinView], n_total: int, requested: bool,
+                     references: Sequence[ReferenceSource] = ()) -> str:
     how = ("the proteins you asked for" if requested else
            f"the first {len(views):,} of {n_total:,} proteins (choose others with --proteins or --max-proteins)")
+    refs = ""
+    if references:
+        items = []
+        for src in references:
+            drawn = sum(1 for v in views if v.info.id in src.label_id)
+            left = f"; {len(src.unmatched):,} of its proteins are not in this file" if src.unmatched else ""
+            hint = ""
+            if drawn < src.matched:  # labelled proteins beyond the drawn ones: say how to draw them
+                some = ",".join(list(src.label_id)[:3])
+                hint = f" (draw others with <code>--proteins {esc(some)}</code>)"
+            items.append(f"<li><b>{esc(src.name)}</b> ({esc(src.fmt)}): labels {src.matched:,} of the file's "
+                         f"protein ids, {drawn:,} of them drawn here{hint}{left}</li>")
+        refs = (f'<p class="muted"><b>Reference tracks</b> (solid bars under the predicted lanes, hatched where '
+                "the source leaves residues unknown): labelled residues from the given label files, matched by "
+                "protein id; a concept the run calls keeps its lane colour, and its tooltip compares the calls "
+                f"with the labels on that protein.</p><ul class=\"refsrc\">{''.join(items)}</ul>")
     jump = "".join(f'<a href="#p{v.info.position}" title="{esc(v.info.id)}">{esc(v.info.id)}</a>' for v in views)
     cards = "".join(_protein_card(v) for v in views)
     return (f'<section id="details"><h2>Proteins in detail</h2><p class="muted">Concept tracks and latent heatmaps '
             f"for {how}. <b>Tracks</b>: one lane per concept called on the protein; the shaded profile is the "
             "concept latent's activation (scaled to its maximum over the run), boxes are the called segments, the "
-            "dashed line is the calling threshold. <b>Heatmap</b>: the protein's most active latents (rows) along "
-            "the same residue axis. Hover the figure for the residue under the pointer, a segment or a row label "
-            f'for numbers.</p><div class="jump">{jump}</div>'
+            "dashed line is the calling threshold; under the name, the concept's validated precision (P), recall "
+            "(R) and F1 at that threshold (docs/CALLS.md; red when below the calling floors or not measured). "
+            "<b>Heatmap</b>: the protein's most active latents (rows) along the same residue axis, named by their "
+            "best concept and its F1. Hover the figure for the residue under the pointer, a segment or a row label "
+            f'for numbers.</p>{refs}<div class="jump">{jump}</div>'
             f'{cards or "<p class=muted>No proteins selected.</p>"}</section>')
 
 
@@ -814,10 +966,13 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
                  proteins: Sequence[str] | None = None, max_proteins: int = 50, top_latents: int = 24,
                  max_lanes: int = 25, top_concepts: int = 20, hist_latents: int = 12,
                  scan_entries: int = 20_000_000, table_limit: int = 200_000,
-                 title: str | None = None, progress: bool = True) -> ReportSummary:
+                 title: str | None = None, progress: bool = True,
+                 annotations: Sequence["AnnotationSpec"] = ()) -> ReportSummary:
     """Write the HTML report of ``h5`` to ``output`` (atomically) and, with ``png_dir``, matplotlib PNGs.
 
     ``progress``: per drawn protein and per PNG, a bar on a terminal or periodic log lines (protsae_cli.progress).
+    ``annotations``: label sources (any format eval reads) drawn as reference tracks under the predicted lanes
+    of the proteins they label, matched by id (report_trust.load_references).
     """
     from protsae_cli.progress import Progress
     from protsae_cli.io.atomic import TextOutput
@@ -829,6 +984,7 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
     with H5Annotations(h5) as ann:
         positions = select_positions(ann, proteins, max_proteins)
         concepts = read_concepts(ann)
+        references = load_references(annotations, ann)
         omap = OrdinalMap(ann.proteins["index"])
         stats, seg_pp, con_pp = scan_segments(ann, concepts, omap)
         scan = scan_latents(ann, scan_entries)
@@ -845,10 +1001,15 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
         latent_histograms(ann, scan, chosen)
         run = _Run(ann, ann.attrs, concepts, stats, seg_pp, con_pp, scan, chosen, names)
         by_key = {(s.latent, s.threshold): s for s in stats}
+        heat_names = heatmap_names(concepts)
+        withheld_on = call_withheld_on(run.attrs)
+        table_ids = list(dict.fromkeys(c.concept_id for c in concepts))
         views = []
         with Progress("drawing proteins", len(positions), unit="proteins", enabled=progress) as bar:
             for p in positions:
-                views.append(build_view(ann, p, by_key, names, scan, top_latents, max_lanes))
+                v = build_view(ann, p, by_key, names, scan, top_latents, max_lanes, heat_names, withheld_on)
+                attach_references(ann, v, references, by_key, table_ids)
+                views.append(v)
                 bar.advance()
         drawn = set(positions)
         for v in views:
@@ -865,7 +1026,7 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
             _concepts_section(run, drawn, top_concepts),
             _latents_section(run),
             _proteins_table(run, drawn, table_limit),
-            _details_section(views, ann.n_proteins, bool(proteins)),
+            _details_section(views, ann.n_proteins, bool(proteins), references),
             f"<footer>protsae {esc(__version__)} \u00b7 self-contained report: no network access needed"
             "</footer></main>",
         ]
@@ -922,7 +1083,7 @@ def _draw_pngs(png_dir: Path, run: _Run, views: Sequence[ProteinView], bar: Any)
     for v in views:
         head = f"{v.info.id}  ({v.info.length} aa, {v.info.status})"
         written.append(plots.tracks_png(png_dir / f"{v.slug}.tracks.png", head, v.sequence, v.info.length,
-                                        v.lanes))
+                                        v.lanes, v.refs))
         bar.advance()
         if v.heat is not None:
             written.append(plots.heatmap_png(png_dir / f"{v.slug}.heatmap.png", head + " \u2014 most active latents",

@@ -40,6 +40,8 @@ SEQ_H = 18
 LANE_H = 30
 HEAT_ROW_H = 13
 GAP_H = 22
+REF_H = 18             # px per reference track (report --annotations)
+REF_COLOR = "#4b5563"  # reference tracks of concepts the run did not call
 
 
 def esc(value: object) -> str:
@@ -164,6 +166,21 @@ class Lane:
     segments: list[tuple[int, int, float, float]] = field(default_factory=list)  # start, end, max, mean
     vmax: float = 1.0
     threshold: float = 0.0
+    note: str = ""        # second label line: the concept's measured reliability (docs/CALLS.md)
+    note_warn: bool = False  # the reliability is below a calling floor, or was never measured
+
+
+@dataclass
+class RefTrack:
+    """One reference track (``report --annotations``): labelled residues of one concept from one label file,
+    drawn under the predicted lanes on the same residue axis so calls can be checked against known labels."""
+
+    label: str
+    title: str
+    color: str
+    source: str                                   # the label file(s), shown once above its tracks
+    spans: list[tuple[int, int]] = field(default_factory=list)   # 1-based inclusive runs of labelled residues
+    masked: list[tuple[int, int]] = field(default_factory=list)  # residues the source leaves unknown (TMbed U)
 
 
 @dataclass
@@ -188,11 +205,12 @@ def _residue_px(length: int) -> tuple[float, bool]:
 
 
 def protein_figure(sequence: str, total_length: int, lanes: Sequence[Lane], heat: Heatmap | None,
-                   max_lanes_note: str = "") -> str:
+                   max_lanes_note: str = "", refs: Sequence[RefTrack] = ()) -> str:
     """HTML for one protein: fixed label column + horizontally scrollable SVG sharing the residue axis.
 
     Tracks and heatmap share one x axis so a segment can be followed straight down to the latents behind it.
     ``sequence`` is what was encoded; ``total_length`` > len(sequence) marks a truncated tail, drawn hatched.
+    ``refs`` (reference labels) go right under the predicted lanes, so a call and its label line up vertically.
     """
     n = len(sequence)
     L = max(total_length, n)
@@ -233,10 +251,16 @@ def protein_figure(sequence: str, total_length: int, lanes: Sequence[Lane], heat
     inner = LANE_H - 8
     for li, lane in enumerate(lanes):
         top = y
+        if lane.note:  # two lines: the concept, then what its calls are worth
+            text = (f'<text x="10" y="{top + 13}" class="lane">{esc(_clip_label(lane.label, 36))}</text>'
+                    f'<text x="10" y="{top + 25}" class="lnote{" warn" if lane.note_warn else ""}">'
+                    f'{esc(_clip_label(lane.note, 44))}</text>')
+        else:
+            text = (f'<text x="10" y="{top + LANE_H / 2 + 4:.1f}" class="lane">'
+                    f'{esc(_clip_label(lane.label, 36))}</text>')
         rows_left.append(f'<g><title>{esc(lane.title)}</title>'
                          f'<rect x="0" y="{top + 3}" width="4" height="{LANE_H - 6}" fill="{lane.color}"/>'
-                         f'<text x="10" y="{top + LANE_H / 2 + 4:.1f}" class="lane">'
-                         f'{esc(_clip_label(lane.label, 36))}</text></g>')
+                         f'{text}</g>')
         parts = [f'<rect x="0" y="{top}" width="{width}" height="{LANE_H}" class="{"band" if li % 2 else "band2"}"/>']
         prof = np.asarray(lane.profile, dtype=np.float32)
         if prof.size:
@@ -269,6 +293,36 @@ def protein_figure(sequence: str, total_length: int, lanes: Sequence[Lane], heat
     if max_lanes_note:
         rows_left.append(_left_text(y + 14, max_lanes_note, css="muted"))
         y += 20
+
+    # Reference tracks, grouped by label file.
+    source = None
+    for ref in refs:
+        if ref.source != source:
+            source = ref.source
+            y += 4
+            rows_left.append(f'<text x="10" y="{y + 12}" class="axis">{esc(_clip_label("reference: " + source, 40))}'
+                             f'<title>{esc("reference labels from " + source)}</title></text>')
+            y += 16
+        top = y
+        rows_left.append(f'<g class="ref"><title>{esc(ref.title)}</title>'
+                         f'<rect x="0" y="{top + 3}" width="4" height="{REF_H - 6}" fill="{ref.color}"/>'
+                         f'<text x="10" y="{top + REF_H / 2 + 4:.1f}" class="rlane">'
+                         f'{esc(_clip_label(ref.label, 40))}</text></g>')
+        parts = [f'<g class="reftrack"><title>{esc(ref.title)}</title>'
+                 f'<rect x="0" y="{top}" width="{width}" height="{REF_H}" class="band"/>'
+                 f'<line x1="0" x2="{width}" y1="{top + REF_H / 2:.1f}" y2="{top + REF_H / 2:.1f}" class="rule"/>']
+        for (s, e) in ref.masked:
+            parts.append(f'<rect x="{(s - 1) * px:.1f}" y="{top + 3}" width="{max((e - s + 1) * px, 1.5):.1f}" '
+                         f'height="{REF_H - 6}" fill="url(#hatch)"/>')
+        if ref.spans:
+            parts.append(f'<g fill="{ref.color}">')
+            for (s, e) in ref.spans:
+                parts.append(f'<rect class="rb" x="{(s - 1) * px:.1f}" y="{top + 4}" '
+                             f'width="{max((e - s + 1) * px, 1.5):.1f}" height="{REF_H - 8}"/>')
+            parts.append("</g>")
+        parts.append("</g>")
+        rows_right.append("".join(parts))
+        y += REF_H
 
     # Heatmap.
     if heat is not None and heat.values.size:
@@ -407,12 +461,14 @@ def save_png(fig, path: Path) -> Path:
     return path
 
 
-def tracks_png(path: Path, title: str, sequence: str, total_length: int, lanes: Sequence[Lane]) -> Path:
-    """Concept lanes along the sequence (activation profile + called segments), one row per concept."""
+def tracks_png(path: Path, title: str, sequence: str, total_length: int, lanes: Sequence[Lane],
+               refs: Sequence[RefTrack] = ()) -> Path:
+    """Concept lanes along the sequence (activation profile + called segments), one row per concept; reference
+    tracks (solid bars of labelled residues) in rows below them."""
     plt = _pyplot()
     n = len(sequence)
     L = max(total_length, n, 1)
-    rows = max(1, len(lanes))
+    rows = max(1, len(lanes) + len(refs))
     show_letters = L <= 80
     fig_h = 1.1 + 0.42 * rows + (0.25 if show_letters else 0)
     fig, ax = plt.subplots(figsize=(11, fig_h))
@@ -428,17 +484,26 @@ def tracks_png(path: Path, title: str, sequence: str, total_length: int, lanes: 
             ax.add_patch(plt.Rectangle((s - 0.5, base), e - s + 1, 0.85, facecolor=lane.color, alpha=0.15,
                                        edgecolor=lane.color, linewidth=0.8))
             ax.add_patch(plt.Rectangle((s - 0.5, base), e - s + 1, 0.14, facecolor=lane.color, linewidth=0))
+    for r, ref in enumerate(refs):
+        base = rows - 1 - (len(lanes) + r)
+        for (s, e) in ref.masked:
+            ax.add_patch(plt.Rectangle((s - 0.5, base + 0.15), e - s + 1, 0.55, facecolor="none", hatch="//",
+                                       edgecolor="0.7", linewidth=0))
+        for (s, e) in ref.spans:
+            ax.add_patch(plt.Rectangle((s - 0.5, base + 0.2), e - s + 1, 0.45, facecolor=ref.color, linewidth=0))
     if total_length > n:
         ax.axvspan(n + 0.5, total_length + 0.5, color="0.85", hatch="//", alpha=0.5, linewidth=0,
                    label="not encoded (truncated)")
         ax.legend(loc="upper right", fontsize=7, frameon=False)
     ax.set_xlim(0.5, L + 0.5)
     ax.set_ylim(-0.1, rows)
-    ax.set_yticks([rows - 1 - r + 0.4 for r in range(len(lanes))])
-    ax.set_yticklabels([_clip_label(l.label, 40) for l in lanes], fontsize=8)
-    for tick, lane in zip(ax.get_yticklabels(), lanes):
-        tick.set_color(lane.color)
-    if not lanes:
+    names = [_clip_label(l.label, 40) + (f"\n{_clip_label(l.note, 44)}" if l.note else "") for l in lanes]
+    names += [_clip_label("ref: " + ref.label, 40) for ref in refs]
+    ax.set_yticks([rows - 1 - r + 0.4 for r in range(len(lanes) + len(refs))])
+    ax.set_yticklabels(names, fontsize=8)
+    for tick, color in zip(ax.get_yticklabels(), [l.color for l in lanes] + [ref.color for ref in refs]):
+        tick.set_color(color)
+    if not lanes and not refs:
         ax.text(L / 2, rows / 2, "no concept segments on this protein", ha="center", va="center", color="0.4")
         ax.set_yticks([])
     if show_letters and n:
