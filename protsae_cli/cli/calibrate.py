@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
-                                     DeviceOpt, ModelOpt, ThreadsOpt)
+                                     DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, ThreadsOpt)
 
 IO_PANEL = "Input/Output"
 
@@ -31,11 +31,8 @@ def command(
                                            "(a held-out check); writes no SAE."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (before/after) as JSON."),
-    ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
-                                           help="OBO ontology for label propagation (default: the shipped residue "
-                                                "concept ontology)."),
-    propagate: bool = typer.Option(True, "--propagate/--no-propagate", rich_help_panel=CONCEPTS_PANEL,
-                                   help="Add ancestor concepts to the labels (zinc binding is metal binding)."),
+    ontology: OntologyOpt = [],
+    propagate: PropagateOpt = True,
     model: ModelOpt = None,
     check_plm: CheckPlmOpt = True,
     device: DeviceOpt = "auto",
@@ -52,19 +49,14 @@ def command(
 
     from protsae_cli.evaluate.calibrate import CalibrateOptions, calibrate
     from protsae_cli.errors import InputError
-    from protsae_cli.evaluate.pipeline import AnnotationSpec
+    from protsae_cli.labels.sources import annotation_specs
 
-    if annotation_format and len(annotation_format) not in (1, len(annotations)):
-        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
-                         "--annotations; give one per source, or one for all")
-    given = [f.value for f in annotation_format]
-    fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
-    specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
+    specs = annotation_specs(annotations, [f.value for f in annotation_format])
     if measure_only and output:
         raise InputError("--measure-only writes no SAE; drop -o (or drop --measure-only to recalibrate)")
     report = calibrate(CalibrateOptions(sae=sae, fasta=fasta, annotations=specs, output=output, model=model,
                                         device=device, calling=calling, measure_only=measure_only,
-                                        ontology=ontology, propagate=propagate, toks_per_batch=toks_per_batch,
+                                        ontologies=list(ontology), propagate=propagate, toks_per_batch=toks_per_batch,
                                         check_plm=check_plm, threads=threads, json_out=json_out))
     log = logging.getLogger("protsae.calibrate")
     n = sum(1 for r in report["per_concept"] if "skipped" not in r)

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
-                                     DeviceOpt, PlmOpt, open_ends)
+                                     DeviceOpt, OntologyOpt, PlmOpt, PropagateOpt, open_ends)
 
 DATA, CONCEPTS, LM, OUT = "Data", CONCEPTS_PANEL, "Language-model fidelity", "Outputs"
 
@@ -27,11 +27,8 @@ def command(
     model: PlmOpt = None,
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    ontology: Optional[str] = typer.Option(None, "--ontology", metavar="PATH", rich_help_panel=CONCEPTS,
-                                           help="OBO ontology for propagation (GO for gaf/go-tsv; default for "
-                                                "residue formats: the shipped residue concept ontology)."),
-    propagate: bool = typer.Option(True, "--propagate/--no-propagate", rich_help_panel=CONCEPTS,
-                                   help="Add ancestor concepts to the labels before evaluating."),
+    ontology: OntologyOpt = [],
+    propagate: PropagateOpt = True,
     split_by_id: Optional[Tuple[str, str]] = typer.Option(None, "--split-by-id", rich_help_panel=DATA,
                                                           metavar="VALID_IDS TEST_IDS",
                                                           help="Two id-list files: selection proteins, report proteins."),
@@ -67,21 +64,17 @@ def command(
     --annotation-format tmbed --valid-fraction 0.5 --json eval.json[/bold]
     """
     from protsae_cli.errors import InputError
-    from protsae_cli.evaluate.pipeline import AnnotationSpec, EvalOptions, evaluate
+    from protsae_cli.evaluate.pipeline import EvalOptions, evaluate
+    from protsae_cli.labels.sources import annotation_specs
     from protsae_cli.logging_setup import is_quiet
 
-    if annotation_format and len(annotation_format) not in (1, len(annotations)):
-        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
-                         "--annotations; give one per source, or one for all")
-    given = [f.value for f in annotation_format]
-    fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
-    specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
+    specs = annotation_specs(annotations, [f.value for f in annotation_format])
     try:
         grid = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError as e:
         raise InputError(f"--thresholds: {e}") from e
     split_ids = tuple(split_by_id) if split_by_id and all(split_by_id) else None
-    opts = EvalOptions(sae=list(sae), fasta=fasta, model=model, annotations=specs, ontology=ontology,
+    opts = EvalOptions(sae=list(sae), fasta=fasta, model=model, annotations=specs, ontologies=list(ontology),
                        propagate=propagate, split_ids=split_ids, valid_fraction=valid_fraction, seed=seed,
                        thresholds=grid, lm_proteins=lm_proteins, lm_max_len=lm_max_len, mask_fraction=mask_fraction,
                        max_residues=max_residues, toks_per_batch=toks_per_batch, device=device,

@@ -297,6 +297,15 @@ AnnotationsOpt = Annotated[List[str], typer.Option(
          "lists, GAF, GO TSV, generic TSV. Comma-join files that form one source (bindPredict "
          "metal,nuclear,small). A protein missing from a file is unlabelled (not negative) for its concepts.")]
 
+OntologyOpt = Annotated[List[str], typer.Option(
+    "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
+    help="OBO ontology (repeatable): GO (go.obo) for GAF / GO TSV files; for residue files the first other one "
+         "\\[default: the shipped residue-concept ontology]. Labels are propagated to ancestor concepts.")]
+
+PropagateOpt = Annotated[bool, typer.Option(
+    "--propagate/--no-propagate", rich_help_panel=CONCEPTS_PANEL,
+    help="Add ancestor concepts to the labels (zinc binding is metal binding).")]
+
 AnnotationFormatOpt = Annotated[List[AnnotationFormat], typer.Option(
     "--annotation-format", rich_help_panel=CONCEPTS_PANEL,
     help="Format of each --annotations source, in order (one value applies to all); auto guesses it from the "

@@ -55,21 +55,12 @@ def command(
     """
     import sys
 
-    from protsae_cli.errors import InputError
     from protsae_cli.logging_setup import is_quiet
     from protsae_cli.report.html import write_report
 
-    # The same -a / --annotation-format pairing as eval and calibrate.
-    if annotation_format and len(annotation_format) not in (1, len(annotations)):
-        raise InputError(f"{len(annotation_format)} --annotation-format values for {len(annotations)} "
-                         "--annotations; give one per source, or one for all")
-    specs = []
-    if annotations:  # evaluate imports torch: only paid when labels are overlaid
-        from protsae_cli.evaluate.pipeline import AnnotationSpec
+    from protsae_cli.labels.sources import annotation_specs  # the same -a / --annotation-format pairing as eval
 
-        given = [f.value for f in annotation_format]
-        fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
-        specs = [AnnotationSpec([p for p in a.split(",") if p], f) for a, f in zip(annotations, fmts)]
+    specs = annotation_specs(annotations, [f.value for f in annotation_format])
 
     out = output if output is not None else h5.with_name(
         (h5.name[:-3] if h5.name.endswith(".h5") else h5.name) + ".report.html")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from protsae_cli.cli.options import (CONCEPTS_PANEL, MODELS_PANEL, AnnotationFormatOpt, AnnotationsOpt, Arch, BiasRef,
-                                     DefinedBias, DeviceOpt, HookPoint, LabelGranularity, LrSchedule, PlmOpt, Pool,
-                                     TopkScope, open_ends)
+                                     DefinedBias, DeviceOpt, HookPoint, LabelGranularity, LrSchedule, OntologyOpt,
+                                     PlmOpt, Pool, TopkScope, open_ends)
 
 DATA, MODEL, SAE, OPT = "Data", MODELS_PANEL, "SAE", "Optimisation"
 LABELS, CONCEPTS, RUN = CONCEPTS_PANEL, "ProtSAE model and losses", "Checkpoints, resume and multi-GPU"
@@ -48,10 +48,7 @@ def command(
                                     help="Write the --activation-cache and stop (build it once, train many)."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    ontology: Optional[List[str]] = typer.Option(
-        None, "--ontology", metavar="PATH", rich_help_panel=LABELS,
-        help="OBO ontology for label propagation and the axiom loss (repeatable, e.g. go.obo) "
-             "\\[default: the shipped residue-concept ontology]."),
+    ontology: OntologyOpt = [],
     concepts: Optional[str] = typer.Option(None, "--concepts", metavar="LIST", rich_help_panel=LABELS,
                                            help="Comma-separated concept ids or names, in latent order "
                                                 "\\[default: all with --min-concept-residues positives]."),

@@ -261,13 +261,13 @@ def _round(v: float | None) -> float | None:
 class CalibrateOptions:
     sae: str
     fasta: str
-    annotations: list[Any]                 # evaluate.AnnotationSpec
+    annotations: list[Any]                 # labels.sources.AnnotationSpec
     output: str | None = None              # new SAE directory; None with measure_only
     model: str | None = None
     device: str = "auto"
     calling: str = "f1"
     measure_only: bool = False
-    ontology: str | None = None
+    ontologies: list[str] = field(default_factory=list)  # --ontology (repeatable; labels.sources rules)
     propagate: bool = True
     toks_per_batch: int = 16384
     long_policy: str = "window"
@@ -289,7 +289,7 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     recalibrated SAE to `opts.output`; return the report (also written to `opts.json_out`)."""
     from protsae_cli.annotate.pipeline import Annotator
     from protsae_cli.call.concepts import standardize
-    from protsae_cli.evaluate.pipeline import load_label_sources
+    from protsae_cli.labels.sources import load_label_sources
 
     point = OperatingPoint.parse(opts.calling)
     if not opts.measure_only:
@@ -301,7 +301,7 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     if not opts.annotations:
         raise InputError("calibrate needs residue-level labels: -a FILE (TMbed, binding lists, Swiss-Prot ...)")
     records, seqs = _records(opts.fasta)
-    sources = load_label_sources(opts.annotations, seqs, opts.ontology, opts.propagate)
+    sources = load_label_sources(opts.annotations, seqs, opts.ontologies, opts.propagate, against=opts.fasta)
     for s in sources:
         if s.kind != "residue":
             raise InputError(f"{s.name}: {s.fmt} labels are protein-level; concept thresholds need residue labels")

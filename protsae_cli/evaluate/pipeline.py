@@ -92,6 +92,7 @@ import numpy as np
 import torch
 
 from protsae_cli.errors import InputError
+from protsae_cli.labels.sources import AnnotationSpec, LabelSource, load_label_sources  # noqa: F401 (EvalOptions)
 from protsae_cli.evaluate.metrics import (DEFAULT_THRESHOLDS, ConceptCounts, ReconstructionStats, argmax_agreement,
                                  concept_counts, kl_score, latent_max, loss_recovered, normalisation_scales,
                                  probe_metrics, select_best_on_valid_and_report_test, top_relevance_f1)
@@ -107,24 +108,12 @@ CHUNK_ROWS = 65_536
 
 # ===================================================================================================== options
 @dataclass
-class AnnotationSpec:
-    """One annotation source: one or more files of one format, merged into one label set."""
-
-    paths: list[str]
-    fmt: str = "auto"
-
-    @property
-    def name(self) -> str:
-        return "+".join(Path(p).name for p in self.paths)
-
-
-@dataclass
 class EvalOptions:
     sae: list[str]
     fasta: str
     model: str | None = None
     annotations: list[AnnotationSpec] = field(default_factory=list)
-    ontology: str | None = None
+    ontologies: list[str] = field(default_factory=list)  # --ontology (repeatable; labels.sources rules)
     propagate: bool = True
     split_ids: tuple[str, str] | None = None
     valid_fraction: float = 0.5
@@ -144,76 +133,6 @@ class EvalOptions:
     no_check_plm: bool = False
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
     progress: bool = True  # a bar on a terminal, periodic log lines otherwise (protsae_cli.progress)
-
-
-# ================================================================================================ label sources
-@dataclass
-class LabelSource:
-    """An annotation source resolved against the evaluation proteins."""
-
-    name: str
-    paths: list[str]
-    fmt: str
-    kind: str                      # "residue" | "protein"
-    labels: Any                    # ResidueLabels | ProteinLabels
-    concepts: list[str]            # evaluated concepts, column order
-    names: dict[str, str]
-    ontology: Any = None           # Ontology used for propagation (probing needs ancestors)
-
-
-def load_label_sources(specs: Sequence[AnnotationSpec], sequences: dict[str, str], ontology_path: str | None,
-                       propagate: bool) -> list[LabelSource]:
-    """Load and merge each source's files, keyed by the FASTA's ids; concepts that would be trivial are dropped.
-
-    Annotations of proteins that are not in the FASTA are skipped (an evaluation FASTA is usually a subset).
-    """
-    from protsae_cli.labels.formats import PROTEIN_LEVEL_FORMATS, concept_ontology, infer_format, load_annotations
-    from protsae_cli.labels.ontology import Ontology
-
-    user_onto = Ontology.from_obo(ontology_path) if ontology_path else None
-    out: list[LabelSource] = []
-    for spec in specs:
-        fmts = {(infer_format(p) if spec.fmt in (None, "auto") else spec.fmt.lower()) for p in spec.paths}
-        if len(fmts) != 1:
-            raise InputError(f"annotation source {spec.name}: files of different formats ({', '.join(sorted(fmts))}) "
-                             "cannot be merged into one source; pass them as separate --annotations")
-        fmt = fmts.pop()
-        protein_level = fmt in PROTEIN_LEVEL_FORMATS
-        onto = user_onto if (protein_level or user_onto is not None) else concept_ontology()
-        merged = None
-        for p in spec.paths:
-            if protein_level:
-                lab = load_annotations(p, fmt, sequences=sequences, ontology=onto, unknown_ids="skip",
-                                       propagate=propagate and onto is not None)
-            else:
-                lab = load_annotations(p, fmt, sequences=sequences, unknown_ids="skip")
-            merged = lab if merged is None else merged.merge(lab)
-        if protein_level:
-            if onto is None:
-                log.warning("%s: no --ontology, so GO labels are not propagated and no roots are excluded", spec.name)
-            concepts = [c for c in merged.concepts if not _is_root(onto, c)]
-            counts = merged.counts()
-            concepts = [c for c in concepts if counts.get(c, 0) > 0]
-            names = dict(merged.names)
-            kind = "protein"
-        else:
-            direct = list(merged.concepts)
-            if propagate and onto is not None:
-                merged = merged.propagate(onto)
-            # Roots reached only by propagation label every annotated residue: nothing to learn from them.
-            concepts = [c for c in merged.concepts if c in direct or not _is_root(onto, c)]
-            counts = merged.residue_counts()
-            concepts = [c for c in concepts if counts.get(c, 0) > 0]
-            names = dict(merged.names)
-            kind = "residue"
-        if not merged.protein_ids:
-            log.warning("%s: annotates none of the evaluation proteins", spec.name)
-        out.append(LabelSource(spec.name, list(spec.paths), fmt, kind, merged, concepts, names, onto))
-    return out
-
-
-def _is_root(onto: Any, concept: str) -> bool:
-    return onto is not None and concept in onto and not onto.parents(concept)
 
 
 # ====================================================================================================== splits
@@ -967,7 +886,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     seqs = [r.sequence.upper() for r in prots]
     lengths = [min(len(s), opts.max_residues) for s in seqs]
     split, split_info = assign_splits(ids, opts.split_ids, opts.valid_fraction, opts.seed)
-    sources = load_label_sources(opts.annotations, dict(zip(ids, seqs)), opts.ontology, opts.propagate)
+    sources = load_label_sources(opts.annotations, dict(zip(ids, seqs)), opts.ontologies, opts.propagate,
+                                 against=f"{opts.fasta}")
 
     result: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "protsae_version": __version__,

@@ -38,7 +38,7 @@ from protsae_cli.report.trust import (ReferenceSource, best_row, call_withheld_o
                                       withheld_list)
 
 if TYPE_CHECKING:
-    from protsae_cli.evaluate.pipeline import AnnotationSpec
+    from protsae_cli.labels.sources import AnnotationSpec
     from protsae_cli.io.writers.h5 import H5Annotations, ProteinInfo
 
 STATUS_ORDER = ("ok", "windowed", "truncated", "failed_oom", "invalid")

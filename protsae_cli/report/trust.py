@@ -8,7 +8,7 @@ A lane that looks as firm for a concept validated at F1 0.74 as for one at 0.14 
   before those columns existed, or concepts nobody measured, say "not measured" instead of looking validated.
   Whether a concept was withheld comes from the same numbers and the run's ``concepts_withheld`` attribute.
 * **Reference tracks** (``report --annotations``): label files in any format ``eval``/``calibrate`` read,
-  loaded by the same loader (:func:`protsae_cli.evaluate.pipeline.load_label_sources`) and matched to the file's
+  loaded by the same loader (:func:`protsae_cli.labels.sources.load_label_sources`) and matched to the file's
   proteins by id, exactly or through a ``|``-separated part as the loaders do. They are drawn as tracks
   under the predicted lanes. A protein of a label file that the annotation file does not hold is listed in a
   warning; a label file none of whose proteins is there is an error, since that is a wrong file, not data.
@@ -29,7 +29,7 @@ import numpy as np
 from protsae_cli.errors import InputError
 
 if TYPE_CHECKING:
-    from protsae_cli.evaluate.pipeline import AnnotationSpec
+    from protsae_cli.labels.sources import AnnotationSpec
     from protsae_cli.report.html import ConceptRow
     from protsae_cli.io.writers.h5 import H5Annotations
 
@@ -241,16 +241,16 @@ def load_references(specs: Sequence["AnnotationSpec"], ann: "H5Annotations") -> 
     else an unambiguous ``|``-separated part), and lengths are checked per drawn protein.
     """
     from protsae_cli.labels.formats import _aliases, _IdMatcher
-    from protsae_cli.evaluate.pipeline import load_label_sources
+    from protsae_cli.labels.sources import load_label_sources
 
     if not specs:
         return []
     # eval's advice to pass --ontology for GO propagation does not apply: the report lists GO terms as given.
-    eval_log = logging.getLogger("protsae.eval")
-    quiet = _DropMessage("no --ontology")
+    eval_log = logging.getLogger("protsae.labels")
+    quiet = _DropMessage("without a GO ontology")
     eval_log.addFilter(quiet)
     try:
-        sources = load_label_sources(specs, None, None, propagate=False)  # type: ignore[arg-type]
+        sources = load_label_sources(specs, None, None, propagate=False)
     finally:
         eval_log.removeFilter(quiet)
     ids = [str(x) for x in ann.proteins["id"]]

@@ -272,10 +272,9 @@ def _train_progress(adv: Progress):
 
 # ----------------------------------------------------------------------------------------------- the command
 def _load_ontologies(paths: list[str]):
-    from protsae_cli.models import concept_ontology_path
-    from protsae_cli.labels.ontology import Ontology
+    from protsae_cli.labels.sources import load_ontologies
 
-    return [Ontology.from_obo(p) for p in (paths or [str(concept_ontology_path())])]
+    return load_ontologies(paths)
 
 
 def train_sae(opts: TrainOptions) -> Path:
@@ -331,12 +330,15 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
     with Progress("training", opts.train.max_steps, unit="steps", enabled=opts.progress and env.is_main) as adv:
         kw = dict(env=env, device=device, state_dir=str(out_dir), resume=resume, progress=_train_progress(adv))
         if opts.arch == "protsae":
-            from protsae_cli.labels.concept_labels import check_unique_sequences, load_label_sources
+            from protsae_cli.labels.concept_labels import check_unique_sequences
+            from protsae_cli.labels.sources import annotation_specs, load_label_sources
             from protsae_cli.train.protsae import prepare_concepts, train_protsae
 
             ontologies = _load_ontologies(opts.ontologies)
             seqs = check_unique_sequences(src.protein_ids, src.sequences)
-            label_sets = load_label_sources(opts.annotations, opts.annotation_formats, seqs, ontologies)
+            sources = load_label_sources(annotation_specs(opts.annotations, opts.annotation_formats), seqs,
+                                         ontologies, against="the training FASTA")
+            label_sets = [(",".join(s.paths), s.labels) for s in sources]
             labels, nf = prepare_concepts(label_sets, src.protein_ids, src.sequences, train_idx, ontologies,
                                           opts.concepts, opts.min_concept_residues, opts.label_granularity)
             log.info("ProtSAE concepts (%s-level): %s", labels.granularity,

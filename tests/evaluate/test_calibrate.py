@@ -13,7 +13,7 @@ import torch
 from protsae_cli.evaluate.calibrate import (MIN_CALLS, CalibrateOptions, ConceptCounts, OperatingPoint, calibrate,
                                    choose_threshold, pav, score_curve)
 from protsae_cli.errors import InputError
-from protsae_cli.evaluate.pipeline import AnnotationSpec
+from protsae_cli.labels.sources import AnnotationSpec
 
 
 def brute(act: np.ndarray, y: np.ndarray, n_pos: int, t: float) -> tuple[float, float, float, int]:

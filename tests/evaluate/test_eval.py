@@ -13,9 +13,9 @@ import torch
 
 from protsae_cli.errors import InputError
 from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
-from protsae_cli.evaluate.pipeline import (TEST, VALID, AnnotationSpec, EvalOptions, assign_splits, cached_activation_batches,
-                                  evaluate, evaluate_activations, lm_fidelity, load_label_sources, markdown_summary,
-                                  write_plots)
+from protsae_cli.evaluate.pipeline import (TEST, VALID, EvalOptions, assign_splits, cached_activation_batches, evaluate,
+                                           evaluate_activations, lm_fidelity, markdown_summary, write_plots)
+from protsae_cli.labels.sources import AnnotationSpec, load_label_sources
 from protsae_cli.sae.checkpoint import save_sae
 from protsae_cli.sae.config import ConceptEntry, SAEConfig
 from protsae_cli.sae.topk import TopKSAE

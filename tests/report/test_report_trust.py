@@ -367,7 +367,7 @@ def test_cli_annotations(tmp_path, capsys, drop_cli_log_handlers):
 
     assert run_main(["report", str(h5), "-o", str(out), "-a", str(tm), "-a", str(tm),
                      *["--annotation-format", "tmbed"] * 3]) == 3
-    assert "3 --annotation-format values for 2 --annotations" in capsys.readouterr().err
+    assert "2 --annotations values but 3 --annotation-format values" in capsys.readouterr().err
     empty = tmp_path / "elsewhere.fasta"
     empty.write_text(">zzz|X|NO_SP|0\nMK\n22\n")
     assert run_main(["report", str(h5), "-o", str(out), "-a", str(empty)]) == 3

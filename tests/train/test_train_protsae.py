@@ -173,14 +173,15 @@ def test_unannotated_proteins_are_missing_not_negative():
 
 
 def test_comma_joined_files_are_one_source(tmp_path, psc):
-    from protsae_cli.labels.concept_labels import load_label_sources
+    from protsae_cli.labels.sources import annotation_specs, load_label_sources
 
     seqs = {"A": "M" * 10, "B": "M" * 10}
     (tmp_path / "zn.tsv").write_text(f"A\t2\t2\t{ZINC}\n")
     (tmp_path / "dna.tsv").write_text(f"B\t3\t3\t{DNA}\n")
     files = [str(tmp_path / "zn.tsv"), str(tmp_path / "dna.tsv")]
     for entries, b_zinc in ((files, float("nan")), ([",".join(files)], 0.0)):
-        sets = load_label_sources(entries, ["generic-tsv"], seqs, [psc])
+        sets = [(",".join(s.paths), s.labels)  # what train_sae hands to build_concept_labels
+                for s in load_label_sources(annotation_specs(entries, ["generic-tsv"]), seqs, [psc])]
         lab = build_concept_labels(sets, ["A", "B"], list(seqs.values()), [ZINC, DNA], ontologies=[psc])
         y = lab.rows(torch.tensor([1, 1]), torch.tensor([2, 1]))
         assert torch.equal(torch.nan_to_num(y[:, 0], -1), torch.nan_to_num(torch.tensor([b_zinc] * 2), -1))
