@@ -406,7 +406,10 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
                                       plm_num_layers=ann.plm.num_layers)
     report = {"format": "protsae-label", "format_version": 1, "command": opts.command, "sae": opts.sae,
               "sae_sha256": ann.sae_sha256, "fasta": opts.fasta, "operating_point": str(point),
-              "split": {**split_info, "association": split.count(VALID), "validation": split.count(TEST)},
+              "split": {**split_info, "association": split.count(VALID), "validation": split.count(TEST),
+                        # By id, so a held-out check can leave both parts out (docs/LABEL.md).
+                        "association_ids": [pid for pid in ids if part[pid] == "association"],
+                        "validation_ids": [pid for pid in ids if part[pid] == "validation"]},
               "plm": {"name": ann.plm.name, "sha256": ann.plm.sha256}, "output": str(out), "per_concept": rows}
     write_labelled_sae(ann, new_cfg, report, out)
     if opts.json_out:

@@ -105,6 +105,15 @@ def test_label_names_a_tm_helix_latent_of_a_freshly_trained_topk_sae(sets, tiny_
     # The same weights byte for byte, and the association/validation split recorded.
     assert (out / "sae.safetensors").read_bytes() == (sae / "sae.safetensors").read_bytes()
     assert json.loads((out / "label_report.json").read_text())["per_concept"] == report["per_concept"]
+    # The table's numbers are calibrate's on the validation part: measuring them there gives them back.
+    vids = set(report["split"]["validation_ids"])
+    assert len(vids) == report["split"]["validation"] and not vids & set(report["split"]["association_ids"])
+    vfasta = tmp_path / "validation.fasta"
+    vfasta.write_text("".join(f">{i}\n{s}\n" for i, s, _ in membrane_proteins(40, seed=1) if i in vids))
+    again = calibrate(CalibrateOptions(sae=str(out), fasta=str(vfasta), annotations=_spec(tmbed),
+                                       model=str(tiny_esm_path), device="cpu", measure_only=True))
+    vrow = next(r for r in again["per_concept"] if r["concept"] == TM_HELIX)
+    assert (round(vrow["after"]["f1"], 4), vrow["positives"]) == (tm["f1"], tm["positives"])
     # Held out: proteins neither training nor labelling saw; the latent and threshold hold up there.
     hfasta, htmbed = sets["heldout"]
     held = calibrate(CalibrateOptions(sae=str(out), fasta=str(hfasta), annotations=_spec(htmbed), model=str(tiny_esm_path),
