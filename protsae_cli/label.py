@@ -10,15 +10,16 @@ of residue-level label files and writes a protsae SAE directory whose concept ta
    **validation** part; no protein is in both.
 3. Association, on the association part, is eval's InterPLM protocol (`metrics.concept_counts`): activations
    divided by each latent's maximum over the association proteins, F1 of "a > tau" on a threshold grid; per
-   concept the `candidates` latents with the best grid F1 (`metrics.top_relevance_f1`'s ranking) go on.
+   concept the `candidates` latents with the best grid F1 (`metrics.top_relevance_f1`'s ranking) go on:
+   by default one, the latent InterPLM's protocol selects.
 4. On the validation part, each candidate's raw-activation threshold is chosen for the operating point
-   (`--calling`, calibrate's `choose_threshold`: best F1, precision:P, recall:R) and the candidate whose
-   choice scores best is kept. Its entry is written by calibrate's `apply_choice`, so latent, threshold,
+   (`--calling`, calibrate's `choose_threshold`: best F1, precision:P, recall:R) and, with several
+   candidates, the one whose choice scores best is kept. Its entry is written by calibrate's `apply_choice`, so latent, threshold,
    precision, recall, F1, positives, label source, operating point, score curve and kind are exactly what
    `protsae calibrate` records. Concepts below the floors (`concepts.CallPolicy`) are written too and are
    withheld by `annotate` unless `--call-withheld`, as for a calibrated SAE; the report lists them.
 
-The validation numbers are measured on the proteins the threshold (and among the few candidates, the latent)
+The validation numbers are measured on the proteins the threshold (and with several candidates, the latent)
 was chosen on, as calibrate's are; the association proteins never enter them. For numbers on proteins neither
 step saw, run `protsae calibrate --sae OUT --measure-only` on a held-out set (docs/LABEL.md does).
 """
@@ -44,8 +45,9 @@ from protsae_cli.metrics import DEFAULT_THRESHOLDS
 
 log = logging.getLogger("protsae.label")
 
-#: Latents per concept carried from the association part to the validation part.
-DEFAULT_CANDIDATES = 10
+#: Latents per concept carried from the association part to the validation part (1: the InterPLM-best latent;
+#: choosing among more on the validation part did worse on held-out proteins, docs/LABEL.md).
+DEFAULT_CANDIDATES = 1
 #: Rows per InterPLM counting chunk (bounded memory, as eval's CHUNK_ROWS).
 CHUNK_ROWS = 65_536
 REPORT_NAME = "label_report.json"

@@ -102,6 +102,15 @@ def test_label_names_a_tm_helix_latent_of_a_freshly_trained_topk_sae(sets, tiny_
     row = next(r for r in report["per_concept"] if r["concept"] == TM_HELIX)
     assert row["latent"] == tm["latent"] and row["f1"] == tm["f1"]
     assert report["split"]["association"] + report["split"]["validation"] == 40
+    assert [c["latent"] for c in row["candidates"]] == [tm["latent"]]  # default: InterPLM's best latent
+    # With several candidates the validation part picks the one whose best-F1 threshold scores highest; the
+    # association ranking (same split) starts with the default's latent.
+    rep5 = label_sae(LabelOptions(sae=str(sae), fasta=str(fasta), annotations=_spec(tmbed), output=str(tmp_path / "c5"),
+                                  model=str(tiny_esm_path), device="cpu", progress=False, candidates=5))
+    r5 = next(r for r in rep5["per_concept"] if r["concept"] == TM_HELIX)
+    assert len(r5["candidates"]) >= 2 and r5["candidates"][0]["latent"] == tm["latent"]
+    best = max(r5["candidates"], key=lambda c: c["validation_f1"])
+    assert (r5["latent"], r5["f1"]) == (best["latent"], best["validation_f1"])
     # The same weights byte for byte, and the association/validation split recorded.
     assert (out / "sae.safetensors").read_bytes() == (sae / "sae.safetensors").read_bytes()
     assert json.loads((out / "label_report.json").read_text())["per_concept"] == report["per_concept"]

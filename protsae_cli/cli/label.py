@@ -34,9 +34,10 @@ def command(
                                          help="Share of the labelled proteins in the validation part (thresholds "
                                               "and the reported precision/recall/F1); the rest associate latents."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=CONCEPTS_PANEL, help="Seeds the protein split."),
-    candidates: int = typer.Option(10, "--candidates", min=1, rich_help_panel=CONCEPTS_PANEL,
+    candidates: int = typer.Option(1, "--candidates", min=1, rich_help_panel=CONCEPTS_PANEL,
                                    help="Latents per concept, ranked by association F1, that the validation part "
-                                        "chooses among."),
+                                        "chooses among; 1 keeps the association's best (docs/LABEL.md: more did "
+                                        "worse on held-out proteins)."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (candidates, choices) here."),
     ontology: Optional[str] = typer.Option(None, "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
@@ -59,7 +60,10 @@ def command(
     """Name the concepts of any SAE from your labelled proteins: latents associated on one part, thresholds and
     reliability chosen on the other; annotate then calls them (docs/LABEL.md).
 
-    Example: [bold]protsae label --sae my_topk_sae labelled.fasta -a labelled.3line --annotation-format tmbed -o my_sae_labelled[/bold]
+    Example (from the repository root, on the SAE `protsae train --help`'s example writes and 36 bundled TMbed-labelled
+    proteins):
+
+    [bold]$ protsae label --sae my_sae examples/tm_labelled.fasta -a examples/tm_labelled.3line --annotation-format tmbed -o my_sae_labelled[/bold]
 
     A published SAE: [bold]protsae label --sae ae_normalized.pt --sae-layer 24 --sae-plm esm2_t33_650M_UR50D --sae-k 64 labelled.fasta -a labelled.3line -o interplm_l24_labelled[/bold],
     then [bold]protsae annotate proteins.fasta --sae interplm_l24_labelled -o out/run[/bold]
