@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("export-onnx", "protsae_cli.cli.export_onnx"),
     ("eval", "protsae_cli.cli.eval"),
     ("calibrate", "protsae_cli.cli.calibrate"),
+    ("label", "protsae_cli.cli.label"),
     ("models", "protsae_cli.cli.models"),
 ]
 

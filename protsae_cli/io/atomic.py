@@ -365,3 +365,22 @@ class OutputWriter(abc.ABC):
     @abc.abstractmethod
     def _abort(self) -> None:
         """Release resources and remove the temporary output; must tolerate a half-finished ``_close``."""
+
+
+def check_output_dir(output: str) -> None:
+    """Fail in seconds on an -o that cannot become a directory, without creating it.
+
+    The directory itself is created only when its first file is complete (the training state or the SAE), so a
+    run that fails early (bad input, a batch that does not fit, Ctrl-C while collecting) leaves no empty
+    output directory behind.
+    """
+    from protsae_cli.errors import OutputError
+
+    p = Path(output)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"-o {output}: exists and is not a directory")
+    parent = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), Path("/"))
+    if not parent.is_dir():
+        raise OutputError(f"-o {output}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"-o {output}: cannot write in {parent}")

@@ -33,7 +33,7 @@ import numpy as np
 from protsae_cli.errors import InputError
 from protsae_cli.io.fasta import InputIdentity
 from protsae_cli.io.results import ProteinResult, Segment
-from protsae_cli.io.writers import (DEFAULT_FORMATS, FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, open_writers,
+from protsae_cli.io.writers import (DEFAULT_FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, open_writers,
                                  output_paths, prepare_output_prefix, read_identity_trailer)
 
 log = logging.getLogger("protsae.merge")

@@ -148,8 +148,8 @@ def load_label_sources(specs: Sequence[AnnotationSpec], sequences: Mapping[str, 
         concepts = [c for c in keep if counts.get(c, 0) > 0]
         n_prot = len(merged.labels) if isinstance(merged, ProteinLabels) else len(merged.positions)
         if sequences is not None and n_prot == 0:
-            raise InputError(f"{spec.name}: none of its proteins is in {against} ({len(sequences)} proteins); check "
-                             "that the ids match")
+            raise InputError(f"{spec.name}: none of its proteins is in {against} ({len(sequences)} proteins); ids "
+                             "are matched exactly or by a '|' field (sp|P12345|X matches P12345)")
         skipped = merged.skipped.get("annotations of proteins not in the sequence set", 0)
         log.info("%s: %d proteins annotated, %d concepts%s", spec.name, n_prot, len(merged.concepts),
                  f", {skipped} annotations of other proteins skipped" if skipped else "")

@@ -55,6 +55,11 @@ class SAE(nn.Module):
         self.register_buffer("norm_mean", torch.zeros(d))
         self.register_buffer("norm_scale", torch.ones(()))
 
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> SAE:
+        """The module a checkpoint's config describes (weights not loaded yet): what `build_sae` calls."""
+        return cls(cfg)
+
     # -- capabilities (override where an architecture differs) -------------------------------------------
     @property
     def k(self) -> int:
@@ -157,7 +162,8 @@ SAE_ARCHS: dict[str, type[SAE]] = {}
 """`cfg.arch` -> class, filled as architecture modules are imported (`register_arch`)."""
 
 #: Where each built-in architecture lives, imported on first use (ProtSAE pulls in the EL loss code).
-_ARCH_MODULES = {"topk": "protsae_cli.sae.topk", "protsae": "protsae_cli.sae.protsae"}
+_ARCH_MODULES = {"topk": "protsae_cli.sae.topk", "protsae": "protsae_cli.sae.protsae",
+                 "foreign_topk": "protsae_cli.sae.foreign"}
 
 _S = TypeVar("_S", bound=type[SAE])
 

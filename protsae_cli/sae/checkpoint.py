@@ -22,7 +22,7 @@ from protsae_cli.sae.config import CONFIG_NAME, FORMAT, WEIGHTS_NAME, SAEConfig
 
 def build_sae(cfg: SAEConfig) -> SAE:
     """Instantiate the class registered for cfg.arch (`sae.base.sae_class`)."""
-    return sae_class(cfg.arch)(cfg)
+    return sae_class(cfg.arch).from_config(cfg)
 
 
 def save_sae(sae: SAE, out_dir: str | os.PathLike, card: str | None = None) -> Path:

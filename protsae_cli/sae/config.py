@@ -101,6 +101,9 @@ class SAEConfig:
     protsae: dict[str, Any] = field(default_factory=dict)
     # Fitted topology decoder for the region concepts (protsae_cli.call.segments, docs/SEGMENTS.md); {} = none.
     segment_decoder: dict[str, Any] = field(default_factory=dict)
+    # arch "foreign_topk": what a published SAE computes beyond one affine map + TopK (row_norm, threshold,
+    # post_scale, source_format), so `protsae label` can save it in this layout (sae.foreign.ForeignTopKSAE).
+    foreign: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.hook_point not in HOOK_POINTS:
@@ -128,6 +131,7 @@ class SAEConfig:
             "training": self.training,
             "protsae": self.protsae,
             **({"segment_decoder": self.segment_decoder} if self.segment_decoder else {}),
+            **({"foreign": self.foreign} if self.foreign else {}),
         }
 
     @classmethod
@@ -150,7 +154,8 @@ class SAEConfig:
             for key in ("name", "sha256"):
                 if not isinstance(plm.get(key, ""), str):
                     raise InputError(f"plm {key} must be a string, got {plm[key]!r}")
-            for key, kind in (("concepts", list), ("training", dict), ("protsae", dict), ("segment_decoder", dict)):
+            for key, kind in (("concepts", list), ("training", dict), ("protsae", dict), ("segment_decoder", dict),
+                              ("foreign", dict)):
                 if not isinstance(d.get(key, kind()), kind):
                     raise InputError(f"{key!r} must be a JSON {'array' if kind is list else 'object'}")
             cfg = cls(
@@ -162,7 +167,7 @@ class SAEConfig:
                 arch=d.get("arch", "topk"),
                 concepts=[ConceptEntry.from_dict(c) for c in d.get("concepts", [])],
                 training=d.get("training", {}), protsae=d.get("protsae", {}),
-                segment_decoder=d.get("segment_decoder", {}),
+                segment_decoder=d.get("segment_decoder", {}), foreign=d.get("foreign", {}),
             )
             for c in cfg.concepts:
                 c.check()

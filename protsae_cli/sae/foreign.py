@@ -32,6 +32,7 @@ from torch import nn
 from protsae_cli.errors import CompatibilityError, InputError
 from protsae_cli.io.checksum import file_sha256
 from protsae_cli.sae.config import SAEConfig
+from protsae_cli.sae.base import register_arch
 from protsae_cli.sae.topk import TopKSAE, topk_relu
 
 log = logging.getLogger("protsae.foreign_sae")
@@ -164,6 +165,7 @@ def _sparsify_layer_dirs(p: Path) -> list[Path]:
 
 # -- the module ---------------------------------------------------------------------------------------------
 
+@register_arch("foreign_topk")
 class ForeignTopKSAE(TopKSAE):
     """TopKSAE plus what some formats compute beyond one affine map + TopK(ReLU):
 
@@ -193,6 +195,31 @@ class ForeignTopKSAE(TopKSAE):
             self.register_buffer("post_scale", torch.ones(cfg.d_sae))
         else:
             self.post_scale = None
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> "ForeignTopKSAE":
+        """The module a protsae directory of arch ``foreign_topk`` describes (written by `protsae label`):
+        `cfg.foreign` says which of the non-affine parts it has; their tensors are in the weights file."""
+        spec = cfg.foreign
+        row_norm = spec.get("row_norm", "none")
+        threshold, post_scale = spec.get("threshold", False), spec.get("post_scale", False)
+        if row_norm not in ROW_NORMS:
+            raise InputError(f"foreign.row_norm must be one of {', '.join(ROW_NORMS)}, got {row_norm!r}")
+        if not isinstance(threshold, bool) or not isinstance(post_scale, bool):
+            raise InputError(f"foreign.threshold and foreign.post_scale must be true or false, got "
+                             f"{threshold!r}, {post_scale!r}")
+        sae = cls(cfg, row_norm, threshold, post_scale)
+        sae.source_format = str(spec.get("source_format", "foreign"))
+        return sae
+
+    def protsae_config(self) -> SAEConfig:
+        """This module's config as a protsae directory records it (arch ``foreign_topk``, `from_config` reads
+        it back), so a saved copy needs no --sae-layer/--sae-plm/--sae-k."""
+        import dataclasses
+
+        return dataclasses.replace(self.cfg, arch="foreign_topk", foreign={
+            "row_norm": self.row_norm, "threshold": self.threshold is not None,
+            "post_scale": self.post_scale is not None, "source_format": self.source_format})
 
     @property
     def supports_affine_encode(self) -> bool:

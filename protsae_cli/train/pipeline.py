@@ -237,25 +237,6 @@ def fit_batch_to_data(opts: TrainOptions, n_rows: int, n_proteins: int, env: Dis
     cfg.batch_size = fitted
 
 
-def check_output_dir(output: str) -> None:
-    """Fail in seconds on an -o that cannot become a directory, without creating it.
-
-    The directory itself is created only when its first file is complete (the training state or the SAE), so a
-    run that fails early (bad input, a batch that does not fit, Ctrl-C while collecting) leaves no empty
-    output directory behind.
-    """
-    from protsae_cli.errors import OutputError
-
-    p = Path(output)
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"-o {output}: exists and is not a directory")
-    parent = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), Path("/"))
-    if not parent.is_dir():
-        raise OutputError(f"-o {output}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"-o {output}: cannot write in {parent}")
-
-
 # ----------------------------------------------------------------------------------------------- progress
 def _train_progress(adv: Progress):
     """The trainer's (step, total, metrics) callback as progress: one step each, the latest losses as info."""
@@ -303,6 +284,8 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
     opts.train.device = str(device)
     out_dir = Path(opts.output)
     if env.is_main and not opts.cache_only:
+        from protsae_cli.io.atomic import check_output_dir
+
         check_output_dir(opts.output)  # created by its first complete file, not now
     plm = load_plm(opts.model, device)
     hook = HookPoint(opts.hook, opts.layer)

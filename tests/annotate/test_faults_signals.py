@@ -6,7 +6,6 @@ an active exception` (exit 134): the interpreter shut down with that thread stil
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

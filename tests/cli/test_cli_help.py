@@ -33,6 +33,7 @@ USAGE = {
     "export-structure": "protsae export-structure [OPTIONS]",
     "export-onnx": "protsae export-onnx [OPTIONS]",
     "calibrate": "protsae calibrate [OPTIONS] FASTA",
+    "label": "protsae label [OPTIONS] FASTA",
     "models": "protsae models [OPTIONS]",
 }
 

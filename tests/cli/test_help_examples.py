@@ -1,10 +1,10 @@
-"""#16.5: every runnable example in `protsae train|eval|steer|report --help` runs as printed and exits 0.
+"""#16.5: every runnable example in `protsae train|label|eval|steer|report --help` runs as printed and exits 0.
 
 Runnable examples are the help lines that start with "$ " (they run from the repository root on the bundled
 files; lines without "$ " are templates with the user's own files). They run in the order of the commands
-below, because they chain: eval reads the SAE train's example writes, report reads what its annotate line
-writes. The working directory is a temporary one that sees the repository's examples/ and protsae_cli/ (bundled models) (as the
-repository root does) so the tree stays clean. Stderr is not a terminal here, so each long step must also
+below, because they chain: label and eval read the SAE train's example writes, report reads what its annotate line
+writes. The working directory is a temporary one that sees the repository's examples/ and protsae_cli/ (the
+bundled models), as the repository root does, so the tree stays clean. Stderr is not a terminal here, so each long step must also
 log progress lines (#16.6).
 """
 
@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 from protsae_cli.cli.app import build_app
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ("train", "eval", "steer", "report")
+ORDER = ("train", "label", "eval", "steer", "report")
 # What each example leaves behind, relative to its working directory.
 PRODUCES = {"train": ["my_sae/config.json", "my_sae/sae.safetensors"],
+            "label": ["my_sae_labelled/config.json", "my_sae_labelled/label_report.json"],
             "eval": ["eval.json", "eval.md", "plots"],
             "steer": ["out.fa", "out.tsv"],
             "report": ["out/run.h5", "run.html", "figures/top_concepts.png"]}
@@ -69,7 +70,7 @@ def test_help_examples_run_as_written(tmp_path):
                                  stdin=subprocess.DEVNULL)
             timings[example] = time.perf_counter() - t0
             assert res.returncode == 0, f"{example}\n{res.stderr[-3000:]}"
-            if shlex.split(example)[1] in ("train", "eval", "steer", "annotate"):
+            if shlex.split(example)[1] in ("train", "label", "eval", "steer", "annotate"):
                 assert "protsae.progress:" in res.stderr and ": done, " in res.stderr, (example, res.stderr[-2000:])
         for rel in PRODUCES[command]:
             assert (tmp_path / rel).exists(), (command, rel)
