@@ -216,9 +216,9 @@ class PartStore:
             return
         data = {"format": PARTS_FORMAT, "version": PARTS_VERSION, "fingerprint": self.fp, "input": source,
                 "note": "checkpoint of 'protsae annotate --resume'; removed when the run completes"}
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        from protsae_cli.io.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def finish(self) -> None:
         """Delete the directory once the final outputs are in place (nothing left to resume)."""

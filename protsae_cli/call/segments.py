@@ -518,7 +518,6 @@ def write_decoder(sae_dir: str | os.PathLike, params: Mapping[str, Any]) -> Path
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: cannot read the SAE config ({e})") from e
     cfg.segment_decoder = dict(params)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from protsae_cli.io.atomic import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(cfg.to_json_dict(), indent=2) + "\n")

@@ -410,15 +410,14 @@ def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:
 
     src = Path(src_dir) if src_dir else default_sae_dir()
     dst = Path(out)
+    from protsae_cli.io.atomic import atomic_output, atomic_write_text
+
     try:
         dst.mkdir(parents=True, exist_ok=True)
         if (src / WEIGHTS_NAME).resolve() != (dst / WEIGHTS_NAME).resolve():
-            tmp = dst / (WEIGHTS_NAME + ".tmp")
-            shutil.copyfile(src / WEIGHTS_NAME, tmp)
-            os.replace(tmp, dst / WEIGHTS_NAME)
-        tmp = dst / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
-        os.replace(tmp, dst / CONFIG_NAME)
+            with atomic_output(dst / WEIGHTS_NAME) as tmp:
+                shutil.copyfile(src / WEIGHTS_NAME, tmp)
+        atomic_write_text(dst / CONFIG_NAME, json.dumps(cfg.to_json_dict(), indent=2) + "\n")
     except OSError as e:
         from protsae_cli.errors import OutputError
 
@@ -427,11 +426,10 @@ def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:
 
 
 def _write_json(path: str, obj: Any) -> None:
+    from protsae_cli.io.atomic import atomic_write_text
+
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
     except OSError as e:
         from protsae_cli.errors import OutputError
 

@@ -79,7 +79,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 import tempfile
@@ -938,11 +937,9 @@ def write_outputs(result: dict[str, Any], json_out: str | None, markdown_out: st
 
 
 def _atomic_write(path: str, text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    from protsae_cli.io.atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 # ================================================================================================== Markdown
@@ -1065,15 +1062,13 @@ def markdown_summary(result: dict[str, Any], plots: dict[str, str] | None = None
 # ===================================================================================================== plots
 def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     """PNG figures: firing-frequency histogram, per-concept best F1 bars, CE bars. Returns {name: path}."""
-    import matplotlib
+    from protsae_cli.io.figures import PALETTE as colours
+    from protsae_cli.io.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [s["name"] for s in result["saes"]]
-    colours = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#999933"]
     written: dict[str, str] = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -1092,8 +1087,7 @@ def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     p = out / "firing_frequency.png"
-    fig.savefig(p, dpi=130)
-    plt.close(fig)
+    save_png(fig, p, dpi=130, tight=False)
     written["firing_frequency"] = str(p)
 
     con = result.get("concepts")
@@ -1132,8 +1126,7 @@ def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
             ax.spines[["top", "right"]].set_visible(False)
             fig.tight_layout()
             p = out / "concept_f1.png"
-            fig.savefig(p, dpi=130)
-            plt.close(fig)
+            save_png(fig, p, dpi=130, tight=False)
             written["concept_f1"] = str(p)
 
     fid = result.get("lm_fidelity")
@@ -1164,7 +1157,6 @@ def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
                      f"(LR = loss recovered vs zero-ablation)", fontsize=10)
         fig.tight_layout()
         p = out / "lm_ce.png"
-        fig.savefig(p, dpi=130)
-        plt.close(fig)
+        save_png(fig, p, dpi=130, tight=False)
         written["lm_ce"] = str(p)
     return written

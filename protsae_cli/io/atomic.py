@@ -200,6 +200,33 @@ class AtomicFile:
             self.discard()
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = True) -> Path:
+    """Write a whole small text file (JSON, Markdown, a config) atomically: the parent is created, the text goes
+    to a fresh temp beside it, and the rename makes it appear complete or not at all (a crash, Ctrl-C or full
+    disk leaves the old file, or none, and no temp). OSError is raised naming ``path``."""
+    final = Path(path)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with AtomicFile(final, fsync=fsync) as af:
+            with open(af.tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+    except OSError as e:
+        raise named_os_error(e, final) from e
+    return final
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """The temp path a library should write ``path`` to (safetensors ``save_file``, ``torch.save``,
+    ``shutil.copyfile``); renamed into place, with the user's umask, when the block ends normally and removed
+    when it raises. For files protsae writes with ``open`` itself, `atomic_write_text` or `TextOutput`."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(final, fsync=fsync) as af:
+        yield af.tmp
+        follow_umask(af.tmp)  # libraries such as safetensors create their files 0600
+
+
 class TextOutput:
     """A UTF-8, LF-terminated text sink: stdout for ``-``, gzip for ``.gz``, atomic for files.
 

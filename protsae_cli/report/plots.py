@@ -23,12 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Colour-blind-safe categorical palette (Okabe-Ito first, then Paul Tol's muted set) for concept lanes; a
-# concept keeps one colour across the whole report because its colour index comes from its run-level rank.
-PALETTE: tuple[str, ...] = (
-    "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#882255", "#117733",
-    "#332288", "#AA4499", "#44AA99", "#999933", "#661100", "#6699CC", "#888888",
-)
+from protsae_cli.io.figures import PALETTE, color_for, save_png  # noqa: F401 (the report's figures use them)
+from protsae_cli.io.figures import pyplot as _pyplot
+
 HEAT_CMAP = "magma_r"
 
 LABEL_W = 250          # px, left label column of the protein figure
@@ -47,10 +44,6 @@ REF_COLOR = "#4b5563"  # reference tracks of concepts the run did not call
 def esc(value: object) -> str:
     """HTML/SVG-escape any value (quotes included, so it is safe inside attributes too)."""
     return html.escape(str(value), quote=True)
-
-
-def color_for(rank: int) -> str:
-    return PALETTE[rank % len(PALETTE)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,32 +427,6 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, color: str, title: str,
 # ---------------------------------------------------------------------------------------------------------
 # matplotlib figures (--png-dir)
 # ---------------------------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig, path: Path) -> Path:
-    """Atomic, reproducible PNG: no Software/date metadata, written to a temp and renamed."""
-    from protsae_cli.io.atomic import AtomicFile
-
-    plt = _pyplot()
-    atomic = AtomicFile(path, fsync=False)
-    try:
-        fig.savefig(atomic.tmp, format="png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
-        atomic.commit()
-    except BaseException:
-        atomic.discard()
-        raise
-    finally:
-        plt.close(fig)
-    return path
-
 
 def tracks_png(path: Path, title: str, sequence: str, total_length: int, lanes: Sequence[Lane],
                refs: Sequence[RefTrack] = ()) -> Path:

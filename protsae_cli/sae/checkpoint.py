@@ -26,23 +26,29 @@ def build_sae(cfg: SAEConfig) -> SAE:
 
 
 def save_sae(sae: SAE, out_dir: str | os.PathLike, card: str | None = None) -> Path:
-    """Write config.json + sae.safetensors atomically (temp names, then rename)."""
+    """Write config.json + sae.safetensors atomically: both are complete under temp names before either is
+    renamed, weights first and config last (a directory with a config has its weights)."""
     from safetensors.torch import save_file
 
-    from protsae_cli.io.atomic import follow_umask
+    from protsae_cli.io.atomic import AtomicFile, atomic_write_text, follow_umask
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
-    tmp_w = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
-    follow_umask(tmp_w)  # safetensors creates its files 0600
-    tmp_c = out / (CONFIG_NAME + ".tmp")
-    tmp_c.write_text(json.dumps(sae.cfg.to_json_dict(), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp_w, out / WEIGHTS_NAME)
-    os.replace(tmp_c, out / CONFIG_NAME)
+    weights, config = AtomicFile(out / WEIGHTS_NAME), AtomicFile(out / CONFIG_NAME)
+    try:
+        save_file(tensors, str(weights.tmp), metadata={"format": FORMAT})
+        follow_umask(weights.tmp)  # safetensors creates its files 0600
+        with open(config.tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(sae.cfg.to_json_dict(), indent=2, sort_keys=False) + "\n")
+        weights.commit()
+        config.commit()
+    finally:
+        for af in (weights, config):
+            if not af.done:  # something failed before both were in place: no temp is left behind
+                af.discard()
     if card is not None:
-        (out / "README.md").write_text(card)
+        atomic_write_text(out / "README.md", card)
     return out
 
 

@@ -104,14 +104,12 @@ class ShardWriter:
     def _write(self, acts: torch.Tensor, protein: torch.Tensor, position: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        from protsae_cli.io.atomic import follow_umask
+        from protsae_cli.io.atomic import atomic_output
 
         name = f"{self.prefix}_{len(self.shards):05d}.safetensors"
-        tmp = self.out / (name + ".tmp")
-        save_file({"acts": acts.contiguous(), "protein": protein.to(torch.int64).contiguous(),
-                   "position": position.to(torch.int64).contiguous()}, str(tmp))
-        follow_umask(tmp)  # safetensors creates its files 0600
-        os.replace(tmp, self.out / name)
+        with atomic_output(self.out / name, fsync=False) as tmp:  # a cache: rebuilt if a crash loses a shard
+            save_file({"acts": acts.contiguous(), "protein": protein.to(torch.int64).contiguous(),
+                       "position": position.to(torch.int64).contiguous()}, str(tmp))
         self.shards.append({"file": name, "rows": int(acts.shape[0])})
 
     def close(self) -> list[dict]:
@@ -125,9 +123,9 @@ def write_cache_meta(out_dir: Path, meta: dict, shards: list[dict], protein_ids:
     """meta.json last and atomically: its presence is what marks the cache complete."""
     full = dict(meta, format=CACHE_FORMAT, n_rows=sum(s["rows"] for s in shards), n_shards=len(shards),
                 shards=shards, protein_ids=list(protein_ids), sequences=list(sequences))
-    tmp = out_dir / (META_NAME + ".tmp")
-    tmp.write_text(json.dumps(full))
-    os.replace(tmp, out_dir / META_NAME)
+    from protsae_cli.io.atomic import atomic_write_text
+
+    atomic_write_text(out_dir / META_NAME, json.dumps(full))
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -357,9 +357,9 @@ def write_outputs(out_dir: Path, sae, hist: dict, opts: TrainOptions | None = No
                              "selected_step": selected, "best": hist["best"]},
                "metrics": hist["metrics"], "evals": hist["evals"], "steps": hist["history"],
                "concepts": [c.concept_id for c in sae.cfg.concepts]}
-    tmp = out_dir / "training_log.json.tmp"
-    tmp.write_text(json.dumps(log_doc, indent=1, default=float) + "\n")
-    os.replace(tmp, out_dir / "training_log.json")
+    from protsae_cli.io.atomic import atomic_write_text
+
+    atomic_write_text(out_dir / "training_log.json", json.dumps(log_doc, indent=1, default=float) + "\n")
     val = hist["metrics"].get("val") or {}
     brief = ", ".join(f"{k} {val[k]:.4g}" for k in ("fve", "l0", "l_annot", "defined_f1") if k in val)
     log.info("saved SAE to %s (checkpoint of step %s%s)", out_dir, selected, f"; validation {brief}" if brief else "")

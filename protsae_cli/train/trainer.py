@@ -234,10 +234,10 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from protsae_cli.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _cpu_state(sae: nn.Module) -> dict[str, torch.Tensor]:
