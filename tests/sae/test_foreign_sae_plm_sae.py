@@ -133,3 +133,53 @@ def test_missing_metadata_and_mismatches_are_named(tiny_plm, tmp_path):
     extra = tmp_path / "extra.safetensors"
     save_file({**plm_sae_state(), "threshold": torch.zeros(N)}, str(extra))
     assert detect(extra) is None  # not this format's state dict (a JumpReLU file of another library)
+
+
+def test_real_mixin_save_and_the_readme_hook(tmp_path):
+    """Optional (needs transformers and huggingface_hub, not dependencies): a class with plm-sae AutoEncoder's
+    __init__(cfg) and parameters, saved by the real PyTorchModelHubMixin, loads with its weights; and the README's
+    hook, `esm.encoder.layer[i].output` of a real EsmForMaskedLM, is protsae's resid_post@(i+1) for every block
+    but the last (whose module output precedes the final layer norm, which is why that one is refused)."""
+    transformers = pytest.importorskip("transformers")
+    hub = pytest.importorskip("huggingface_hub")
+    from torch import nn
+
+    from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
+    from protsae_cli.plm.loading import load_plm
+    from protsae_cli.sae.checkpoint import load_sae
+    from tests.plm.test_hf_esm import SEQS, hf_config
+
+    class AutoEncoder(nn.Module, hub.PyTorchModelHubMixin):
+        def __init__(self, cfg):
+            super().__init__()
+            self.W_enc = nn.Parameter(torch.randn(cfg["act_size"], cfg["dict_size"]))
+            self.W_dec = nn.Parameter(torch.randn(cfg["dict_size"], cfg["act_size"]))
+            self.b_enc = nn.Parameter(torch.randn(cfg["dict_size"]))
+            self.b_dec = nn.Parameter(torch.randn(cfg["act_size"]))
+
+    ae = AutoEncoder(plm_sae_cfg(32, N, "esm.encoder.layer.1.output", "x"))
+    ae.save_pretrained(str(tmp_path / "ae"))
+    sae, _ = load_sae(f"{tmp_path / 'ae'}#plm=x,k=4")
+    assert (sae.cfg.layer, sae.cfg.d_sae) == (2, N)
+    assert torch.equal(sae.W_enc, ae.W_enc.detach().T) and torch.equal(sae.b_dec, ae.b_dec.detach())
+
+    torch.manual_seed(0)
+    cfg = transformers.EsmConfig(**{k: v for k, v in hf_config(4, 32, 4, "x").items()
+                                    if k not in ("_name_or_path", "architectures", "torch_dtype",
+                                                 "transformers_version", "esmfold_config")})
+    model = transformers.EsmForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "LayerNorm" in n or "layer_norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "esm"), safe_serialization=True)
+    runner = EsmRunner(load_plm(str(tmp_path / "esm")), "cpu", attention="reference")
+    tokens = runner.tokenizer.batch(SEQS[:1])
+    for i in range(4):
+        got = {}
+        h = model.esm.encoder.layer[i].output.register_forward_hook(lambda m, inp, out: got.update(x=out))
+        with torch.no_grad():
+            model(input_ids=tokens)
+        h.remove()
+        diff = float((got["x"] - runner.hook_activations(tokens, HookPoint("resid_post", i + 1))).abs().max())
+        assert (diff <= 1e-5) == (i < 3), (i, diff)
