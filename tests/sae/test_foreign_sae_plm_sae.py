@@ -183,3 +183,17 @@ def test_real_mixin_save_and_the_readme_hook(tmp_path):
         h.remove()
         diff = float((got["x"] - runner.hook_activations(tokens, HookPoint("resid_post", i + 1))).abs().max())
         assert (diff <= 1e-5) == (i < 3), (i, diff)
+
+
+def test_pickle_payload_in_pytorch_model_bin_is_never_run(tmp_path):
+    """The older mixin's pytorch_model.bin is a pickle: read with weights_only=True, a payload is refused unrun."""
+    from protsae_cli.sae.checkpoint import load_sae
+    from tests.sae.test_foreign_sae import _OpenPayload
+
+    marker = tmp_path / "PWNED"
+    d = write_hub_folder(tmp_path / "hub", plm_sae_state(), plm_sae_cfg(TINY_DIM, N, "layers.1", "x"),
+                         "pytorch_model.bin")
+    torch.save({**plm_sae_state(), "W_enc": _OpenPayload(marker)}, d / "pytorch_model.bin")
+    with pytest.raises(InputError, match=r"pytorch_model\.bin: not a plain tensor state dict.*weights_only=True"):
+        load_sae(f"{d}#plm=x,k=4")
+    assert not marker.exists(), "a pickle inside a plm-sae file was executed"
