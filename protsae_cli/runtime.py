@@ -16,11 +16,13 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from protsae_cli.errors import CompatibilityError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from protsae_cli.io.fasta import ProteinRecord

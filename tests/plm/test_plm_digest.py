@@ -74,7 +74,7 @@ def test_pairing_across_formats_passes_on_the_digest_and_fails_for_other_weights
 
 
 def test_digest_is_computed_only_when_the_files_differ(standin_three_ways):
-    standin, pt, _, _ = standin_three_ways
+    _, pt, _, _ = standin_three_ways
     cfg = SAEConfig(d_model=pt.d_model, d_sae=64, k=8, layer=3, plm_name=pt.name, plm_sha256=pt.sha256,
                     plm_num_layers=pt.num_layers, plm_weights_sha256="0" * 64)
 

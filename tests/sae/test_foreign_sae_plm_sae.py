@@ -14,10 +14,17 @@ from safetensors.torch import save_file
 
 from protsae_cli.errors import CompatibilityError, InputError
 from tests.conftest import TINY_DIM
-from tests.sae.test_foreign_sae import (LAYER, _acts, _assert_same, _codes, _protsae_dir, _rand, _reference_codes,
-                                        fasta)  # noqa: F401 (fasta is a fixture)
+from tests.sae.test_foreign_sae import (FASTA, LAYER, _acts, _assert_same, _codes, _protsae_dir, _rand,
+                                        _reference_codes)
 
 N = 48
+
+
+@pytest.fixture()
+def fasta(tmp_path: Path) -> Path:
+    p = tmp_path / "p.fasta"
+    p.write_text(FASTA)
+    return p
 
 
 def plm_sae_state(d: int = TINY_DIM, n: int = N, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -176,8 +183,8 @@ def test_real_mixin_save_and_the_readme_hook(tmp_path):
     runner = EsmRunner(load_plm(str(tmp_path / "esm")), "cpu", attention="reference")
     tokens = runner.tokenizer.batch(SEQS[:1])
     for i in range(4):
-        got = {}
-        h = model.esm.encoder.layer[i].output.register_forward_hook(lambda m, inp, out: got.update(x=out))
+        got: dict[str, torch.Tensor] = {}
+        h = model.esm.encoder.layer[i].output.register_forward_hook(lambda m, inp, out, got=got: got.update(x=out))
         with torch.no_grad():
             model(input_ids=tokens)
         h.remove()
