@@ -164,7 +164,7 @@ def _detect_path(p: Path) -> str | None:
     return None
 
 
-#: The weights PyTorchModelHubMixin writes (huggingface_hub: safetensors since 0.21, a pickled state dict before).
+#: The weights PyTorchModelHubMixin writes: safetensors in current huggingface_hub, a pickled state dict in old ones.
 _PLM_SAE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
