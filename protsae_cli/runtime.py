@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from protsae_cli.errors import CompatibilityError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from protsae_cli.io.fasta import ProteinRecord
@@ -93,13 +95,23 @@ def plm_for_sae(cfg: SAEConfig, sae_path: str, model: str | None, device: torch.
 
 
 def check_pairing(cfg: SAEConfig, plm: LoadedPLM, check_plm: bool = True) -> None:
-    """Refuse an SAE read from a PLM it was not trained on (shape always; checksum unless --no-check-plm)."""
-    check_compatible(cfg, plm.name, plm.sha256, plm.d_model, plm.num_layers, strict_checksum=check_plm)
+    """Refuse an SAE read from a PLM it was not trained on (shape always; weights identity unless
+    --no-check-plm). The weights digest is computed only when the file checksums differ."""
+    check_compatible(cfg, plm.name, plm.sha256, plm.d_model, plm.num_layers, strict_checksum=check_plm,
+                     plm_weights_sha256=lambda: plm.weights_sha256)
 
 
 def check_compatible(cfg: SAEConfig, plm_name: str, plm_sha256: str, plm_d_model: int, plm_num_layers: int,
-                     strict_checksum: bool = True) -> None:
-    """Refuse an SAE trained on another PLM, width or depth; the message names both sides."""
+                     strict_checksum: bool = True,
+                     plm_weights_sha256: str | Callable[[], str] | None = None) -> None:
+    """Refuse an SAE trained on another PLM, width or depth; the message names both sides.
+
+    Identity: the same weights file (sha256) passes at once. Another file passes when the SAE records the
+    format-independent weights digest (`plm.digest`, written by `protsae train` since it existed) and the loaded
+    PLM's digest equals it: a fair-esm .pt and a Hugging Face safetensors snapshot of one model. An SAE that
+    records only a file checksum cannot be confirmed on another file and is refused, as before.
+    `plm_weights_sha256` is the loaded PLM's digest, or a function computing it (called only when needed).
+    """
     if cfg.d_model != plm_d_model:
         raise CompatibilityError(
             f"SAE expects d_model={cfg.d_model} (trained on {cfg.plm_name or 'unknown PLM'}) but PLM "
@@ -107,7 +119,19 @@ def check_compatible(cfg: SAEConfig, plm_name: str, plm_sha256: str, plm_d_model
     if not 1 <= cfg.layer <= plm_num_layers:
         raise CompatibilityError(
             f"SAE hooks layer {cfg.layer} but PLM {plm_name} has {plm_num_layers} layers")
-    if strict_checksum and cfg.plm_sha256 and plm_sha256 and cfg.plm_sha256 != plm_sha256:
+    if not strict_checksum or (cfg.plm_sha256 and plm_sha256 and cfg.plm_sha256 == plm_sha256):
+        return
+    if cfg.plm_weights_sha256 and plm_weights_sha256 is not None:
+        digest = plm_weights_sha256() if callable(plm_weights_sha256) else plm_weights_sha256
+        if digest == cfg.plm_weights_sha256:
+            log.info("PLM %s is another file than the SAE's %s but holds the same weights (weights sha256 %s...)",
+                     plm_name, cfg.plm_name, digest[:12])
+            return
+        raise CompatibilityError(
+            f"SAE was trained on PLM {cfg.plm_name} (weights sha256 {cfg.plm_weights_sha256[:12]}...) but the "
+            f"loaded PLM {plm_name} holds other weights (weights sha256 {digest[:12]}..., file sha256 "
+            f"{plm_sha256[:12]}...); pass --no-check-plm to override")
+    if cfg.plm_sha256 and plm_sha256:
         from protsae_cli.plm.loading import canonical_esm2_name
 
         other_format = cfg.plm_name != plm_name and canonical_esm2_name(cfg.plm_name) == canonical_esm2_name(plm_name)
@@ -115,8 +139,9 @@ def check_compatible(cfg: SAEConfig, plm_name: str, plm_sha256: str, plm_d_model
             f"SAE was trained on PLM {cfg.plm_name} (sha256 {cfg.plm_sha256[:12]}...) but the loaded PLM is "
             f"{plm_name} (sha256 {plm_sha256[:12]}...); pass --no-check-plm to override"
             + ("; both name one ESM-2 release, but a fair-esm .pt and a Hugging Face safetensors file have different "
-               "checksums, so protsae cannot confirm they hold the same weights (docs/MODELS.md §3)"
-               if other_format else ""))
+               "checksums" if other_format else "")
+            + "; this SAE records no format-independent weights digest (older protsae versions did not), so "
+              "protsae cannot confirm that the two files hold the same weights (docs/MODELS.md §3)")
 
 
 def load_sae_with_plm(sae: str | None, model: str | None, device: str | torch.device = "auto",

@@ -282,7 +282,8 @@ SaeOpt = Annotated[Optional[str], typer.Option(
 
 CheckPlmOpt = Annotated[bool, typer.Option(
     "--check-plm/--no-check-plm", rich_help_panel=MODELS_PANEL,
-    help="Refuse an SAE whose recorded PLM checksum differs from the loaded PLM.")]
+    help="Refuse an SAE trained on other PLM weights: the file checksum must match, or (another file, e.g. "
+         "fair-esm .pt vs Hugging Face safetensors) the weights digest the SAE records.")]
 
 DeviceOpt = Annotated[str, typer.Option(
     "--device", callback=device_callback, rich_help_panel=PERF_PANEL, metavar="DEVICE",

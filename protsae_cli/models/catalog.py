@@ -39,6 +39,7 @@ class ModelEntry:
     hook: str | None = None        # SAEs: "resid_post@4"
     plm: str | None = None         # SAEs: the PLM name it records
     plm_sha256: str | None = None
+    plm_weights_sha256: str | None = None  # SAEs: the format-independent weights digest it records (plm.digest)
     pairs_with: list[str] = field(default_factory=list)  # SAEs: listed PLMs it pairs with, and how
     notes: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)      # the weight files the size and sha256 are of
@@ -170,7 +171,8 @@ def _protsae_sae_dir(d: Path, location: str) -> ModelEntry | None:
     e = ModelEntry(kind="sae", name=d.name, format=f"protsae-sae ({cfg.get('arch', '?')})", location=location,
                    path=str(d), spec=str(d), size_bytes=_size(w), d_model=_int(cfg.get("d_model")),
                    hook=f"{hook.get('point', '?')}@{hook.get('layer', '?')}", plm=str(plm.get("name") or "") or None,
-                   plm_sha256=str(plm.get("sha256") or "") or None)
+                   plm_sha256=str(plm.get("sha256") or "") or None,
+                   plm_weights_sha256=str(plm.get("weights_sha256") or "") or None)
     e.notes.append(f"d_sae {cfg.get('d_sae')}, k {cfg.get('k')}, {len(cfg.get('concepts') or [])} concepts")
     e.weights = [str(w)]
     return e
@@ -284,7 +286,9 @@ def _resolve_pairs(entries: list[ModelEntry]) -> None:
             if s.plm_sha256 and p.sha256 == s.plm_sha256:
                 s.pairs_with.append(f"{p.name} [{p.location}] (checksum matches)")
             elif canonical_esm2_name(p.name) == want:
-                if p.sha256 and s.plm_sha256:
+                if p.sha256 and s.plm_sha256 and s.plm_weights_sha256:
+                    why = "same release name, another file: annotate compares the weights digest the SAE records"
+                elif p.sha256 and s.plm_sha256:
                     why = "same release name, another file: annotate needs --no-check-plm"
                 elif s.plm_sha256:
                     why = "same release name; checksum not computed (--checksums)"

@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,17 @@ class LoadedPLM:
     d_model: int
     format: str = "fair-esm"   # "fair-esm" (.pt), "protsae-safetensors" (stand-in layout) or "hf-safetensors"
     has_lm_head: bool = True    # False for an HF EsmModel checkpoint: no logits (steer/eval's fidelity need them)
+    _weights_sha256: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def weights_sha256(self) -> str:
+        """Format-independent digest of the weights (`plm.digest`): equal for the same weights loaded from a
+        fair-esm .pt, an HF safetensors snapshot or protsae's layout. Computed on first use, then kept."""
+        if self._weights_sha256 is None:
+            from protsae_cli.plm.digest import weights_sha256
+
+            self._weights_sha256 = weights_sha256(self.model)
+        return self._weights_sha256
 
     @property
     def release(self) -> str:

@@ -59,7 +59,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> tup
 
     from protsae_cli.sae import foreign as foreign_sae  # noqa: PLC0415 (it builds on this module)
 
-    if foreign_sae.detect(path) is not None:  # InterPLM, InterProt, SAELens, sparsify (docs/FOREIGN_SAES.md)
+    if foreign_sae.detect(path) is not None:  # InterPLM, InterProt, SAELens, sparsify, plm-sae (docs/FOREIGN_SAES.md)
         return foreign_sae.load(path, device)
     p = Path(path)
     if p.is_dir():

@@ -104,6 +104,8 @@ class SAEConfig:
     # arch "foreign_topk": what a published SAE computes beyond one affine map + TopK (row_norm, threshold,
     # post_scale, source_format), so `protsae label` can save it in this layout (sae.foreign.ForeignTopKSAE).
     foreign: dict[str, Any] = field(default_factory=dict)
+    # Format-independent digest of the PLM's weights (protsae_cli.plm.digest); "" for SAEs that predate it.
+    plm_weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.hook_point not in HOOK_POINTS:
@@ -123,7 +125,8 @@ class SAEConfig:
             "d_sae": self.d_sae,
             "k": self.k,
             "plm": {"name": self.plm_name, "sha256": self.plm_sha256, "num_layers": self.plm_num_layers,
-                    "d_model": self.d_model},
+                    "d_model": self.d_model,
+                    **({"weights_sha256": self.plm_weights_sha256} if self.plm_weights_sha256 else {})},
             "hook": {"point": self.hook_point, "layer": self.layer,
                      "layer_semantics": "1-based transformer block (fair-esm repr_layers index)"},
             "normalization": {"kind": "mean_scale"},
@@ -151,7 +154,7 @@ class SAEConfig:
             plm, hook = d.get("plm", {}), d["hook"]
             if not isinstance(plm, dict) or not isinstance(hook, dict):
                 raise InputError("'plm' and 'hook' must be JSON objects")
-            for key in ("name", "sha256"):
+            for key in ("name", "sha256", "weights_sha256"):
                 if not isinstance(plm.get(key, ""), str):
                     raise InputError(f"plm {key} must be a string, got {plm[key]!r}")
             for key, kind in (("concepts", list), ("training", dict), ("protsae", dict), ("segment_decoder", dict),
@@ -168,6 +171,7 @@ class SAEConfig:
                 concepts=[ConceptEntry.from_dict(c) for c in d.get("concepts", [])],
                 training=d.get("training", {}), protsae=d.get("protsae", {}),
                 segment_decoder=d.get("segment_decoder", {}), foreign=d.get("foreign", {}),
+                plm_weights_sha256=plm.get("weights_sha256", ""),
             )
             for c in cfg.concepts:
                 c.check()

@@ -1,4 +1,4 @@
-"""Published SAE formats read as protsae SAEs: InterPLM, InterProt, SAELens and sparsify checkpoints.
+"""Published SAE formats read as protsae SAEs: InterPLM, InterProt, SAELens, sparsify and plm-sae checkpoints.
 
 Each loader converts the foreign weights into protsae's own objects (an `SAEConfig` and a `TopKSAE`, or a
 `ForeignTopKSAE` where the format computes something one affine map + TopK cannot: a per-residue input
@@ -37,7 +37,7 @@ from protsae_cli.sae.topk import TopKSAE, topk_relu
 
 log = logging.getLogger("protsae.foreign_sae")
 
-FORMATS = ("interplm", "interprot", "saelens", "sparsify")
+FORMATS = ("interplm", "interprot", "saelens", "sparsify", "plm-sae")
 OPTION_SEP = "#"
 OPTION_KEYS = ("layer", "plm", "k", "model")
 
@@ -48,6 +48,13 @@ _ESM2_BY_WIDTH = {320: "esm2_t6_8M_UR50D", 480: "esm2_t12_35M_UR50D", 640: "esm2
 _INTERPLM_REPOS = {"esm2-8m": "esm2_t6_8M_UR50D", "esm2-650m": "esm2_t33_650M_UR50D"}
 #: InterProt's default k (`SparseAutoencoder(d_model, d_hidden)` in interprot/sae_model.py and its handlers).
 INTERPROT_DEFAULT_K = 128
+#: plm-sae's AutoEncoder (edithvillegas/plm-sae sae/SAE_methods.py): its whole state dict.
+PLM_SAE_KEYS = frozenset({"W_enc", "W_dec", "b_enc", "b_dec"})
+#: The SAE that repository publishes (Hugging Face evillegasgarcia/sae_esm2_6_l3): its model card says "layer 3
+#: of esm2_t6_8M_UR50D" and its README hooks `esm.encoder.layer.3.output` (0-based module index 3), which is the
+#: output of the 4th block: protsae's layer 4 (HF hidden_states[4]).
+PLM_SAE_PUBLISHED = re.compile(r"evillegasgarcia(?:/|--)sae_esm2_6_l3(?![\w.-])")
+PLM_SAE_PUBLISHED_META = (4, "esm2_t6_8M_UR50D", "esm.encoder.layer.3.output")
 ROW_NORMS = ("none", "unit_sqrt_d", "layer_norm")
 
 
@@ -108,12 +115,21 @@ def detect(spec: str | Path) -> str | None:
     and sparsify directories cfg.json; a protsae .safetensors embeds its config in the header.
     """
     path, opts = split_options(spec)
-    fmt = _detect_path(path)
+    fmt = _detect_path(_hf_snapshot(path))
     if fmt is None and opts.any():
         where = path if path.exists() else f"{path} (not found)"
         raise InputError(f"--sae {where}: --sae-layer/--sae-plm/--sae-k apply to published SAE formats "
                          f"({', '.join(FORMATS)}); a protsae SAE records its own layer, PLM and k")
     return fmt
+
+
+def _hf_snapshot(p: Path) -> Path:
+    """A Hugging Face cache repo folder (models--ORG--NAME) stands for its refs/main snapshot."""
+    if p.is_dir() and (p / "snapshots").is_dir() and not (p / "config.json").exists():
+        from protsae_cli.plm.hf_esm import snapshot_of
+
+        return snapshot_of(p) or p
+    return p
 
 
 def _detect_path(p: Path) -> str | None:
@@ -124,12 +140,14 @@ def _detect_path(p: Path) -> str | None:
             if (p / "sae.safetensors").is_file():
                 return "sparsify"
         if (p / "config.json").exists():
-            return None
+            return "plm-sae" if _plm_sae_hub_cfg(p) is not None and _plm_sae_weights_in(p) else None
         if _sparsify_layer_dirs(p):
             return "sparsify"
         return None
     if not p.is_file():
         return None
+    if p.name in _PLM_SAE_WEIGHTS and _plm_sae_hub_cfg(p.parent) is not None:
+        return "plm-sae"  # the weights file of a PyTorchModelHubMixin folder (config.json {"cfg": ...})
     if p.suffix in (".pt", ".pth", ".ckpt"):
         return "interplm-or-interprot"
     if p.suffix == ".safetensors":
@@ -142,7 +160,33 @@ def _detect_path(p: Path) -> str | None:
             return "interplm"
         if {"w_enc", "w_dec", "b_pre"} <= keys:
             return "interprot"
+        if keys == PLM_SAE_KEYS:
+            return "plm-sae"
     return None
+
+
+#: The weights PyTorchModelHubMixin writes: safetensors in current huggingface_hub, a pickled state dict in old ones.
+_PLM_SAE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _plm_sae_hub_cfg(d: Path) -> dict[str, Any] | None:
+    """plm-sae's `cfg` dict from a PyTorchModelHubMixin config.json, which stores the __init__ arguments
+    (`AutoEncoder(cfg)`, so `{"cfg": {...}}`); None when the folder holds no such config."""
+    p = d / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("cfg"), dict) and "format" not in data \
+            and "model_type" not in data:
+        return data["cfg"]
+    return None
+
+
+def _plm_sae_weights_in(d: Path) -> Path | None:
+    return next((d / n for n in _PLM_SAE_WEIGHTS if (d / n).is_file()), None)
 
 
 def _safetensors_header(p: Path) -> tuple[set[str] | None, dict[str, str]]:
@@ -333,6 +377,7 @@ class _Converted:
 def load(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
     """Read a foreign SAE as a protsae module. Returns (module, sha256 of the weights file)."""
     path, opts = split_options(spec)
+    path = _hf_snapshot(path)
     fmt = _detect_path(path)
     if fmt is None:
         raise InputError(f"{path}: not a published SAE format protsae reads ({', '.join(FORMATS)})")
@@ -344,6 +389,9 @@ def load(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     elif fmt == "sparsify":
         d = path if path.is_dir() else path.parent
         conv, w_path = _from_sparsify(d), d / "sae.safetensors"
+    elif fmt == "plm-sae":
+        w_path = (_plm_sae_weights_in(path) or path) if path.is_dir() else path
+        conv = _from_plm_sae(_read_state_dict(w_path), w_path)
     else:
         state = _read_state_dict(path)
         w_path = path
@@ -351,9 +399,12 @@ def load(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
             conv = _from_interprot(state, path, opts)
         elif {"encoder.weight", "decoder.weight"} <= set(state):
             conv = _from_interplm(state, path)
+        elif set(state) == PLM_SAE_KEYS:
+            conv = _from_plm_sae(state, path)
         else:
-            raise InputError(f"{path}: neither an InterPLM state dict (encoder.weight, decoder.weight) nor an "
-                             f"InterProt one (w_enc, w_dec, b_pre); it holds {', '.join(sorted(state)[:8])}")
+            raise InputError(f"{path}: neither an InterPLM state dict (encoder.weight, decoder.weight), an "
+                             f"InterProt one (w_enc, w_dec, b_pre) nor a plm-sae one (W_enc, W_dec, b_enc, "
+                             f"b_dec); it holds {', '.join(sorted(state)[:8])}")
     sae = _build(conv, opts, str(path))
     return sae.to(device).eval(), file_sha256(w_path)
 
@@ -498,6 +549,68 @@ def _from_interprot(state: dict[str, torch.Tensor], path: Path, opts: ForeignOpt
     return _Converted("interprot", W_enc, b_enc, W_dec, b_dec, k, "InterProt SparseAutoencoder (TopK)",
                       row_norm="layer_norm", layer=layer, plm=plm, excludes_final_norm=True,
                       where="; ".join(how))
+
+
+def _plm_sae_cfg(w_path: Path) -> tuple[dict[str, Any], Path | None]:
+    """plm-sae's cfg for a weights file, and where it was read: the PyTorchModelHubMixin config.json beside it
+    (`{"cfg": {...}}`), else the `<name>_cfg.json` that `AutoEncoder.save(name)` writes beside `<name>.pt`."""
+    hub = _plm_sae_hub_cfg(w_path.parent)
+    if hub is not None:
+        return hub, w_path.parent / "config.json"
+    side = w_path.with_name(f"{w_path.stem}_cfg.json")
+    if side.is_file():
+        try:
+            cfg = json.loads(side.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{side}: cannot read the SAE config ({e})") from e
+        if not isinstance(cfg, dict):
+            raise InputError(f"{side}: expected a JSON object")
+        return cfg, side
+    return {}, None
+
+
+def _from_plm_sae(state: dict[str, torch.Tensor], path: Path) -> _Converted:
+    """edithvillegas/plm-sae sae/SAE_methods.py `AutoEncoder` (Neel Nanda's 1L-Sparse-Autoencoder layout), the
+    code of "Interpreting and Steering Protein Language Models through Sparse Autoencoders".
+
+    W_enc [act_size, dict_size] (protsae's W_enc is its transpose), W_dec [dict_size, act_size] (protsae's
+    layout), b_enc [dict_size], b_dec [act_size]. encode: ReLU((x - b_dec) @ W_enc + b_enc), no input
+    normalisation; decode: acts @ W_dec + b_dec. A ReLU SAE: no k (--sae-k). The cfg records act_size and
+    dict_size (checked against the tensors) and, as `layer`, the name of the hooked module of transformers'
+    EsmForMaskedLM (train_sae matches it against `named_modules()`), e.g. `esm.encoder.layer.3.output`, the
+    output of block 4; `model_name` names the ESM-2 when it is one protsae knows.
+    """
+    where = str(path)
+    d, n = _matrix_shape(state, "W_enc", where)
+    W_enc = _tensor(state, "W_enc", (d, n), where).T.contiguous()
+    W_dec = _tensor(state, "W_dec", (n, d), where)
+    b_enc = _tensor(state, "b_enc", (n,), where)
+    b_dec = _tensor(state, "b_dec", (d,), where)
+    cfg, cfg_where = _plm_sae_cfg(path)
+    for key, want in (("act_size", d), ("dict_size", n)):
+        if key in cfg and _cfg_int(cfg, key, cfg_where or path) != want:
+            raise InputError(f"{cfg_where}: {key} {cfg[key]} does not match the weights' {want} ({path})")
+    layer, point, how = None, "resid_post", []
+    hook = cfg.get("layer")
+    if isinstance(hook, str):
+        layer, point, how = _layer_from_hook(hook, cfg_where)
+    elif hook is not None:
+        how.append(f"its cfg layer {hook!r} is no module name, so which block it counts from is not recorded")
+    plm = _esm2_name(cfg.get("model_name"))
+    if plm:
+        how.append(f"PLM {plm} from model_name {cfg.get('model_name')!r}")
+    if PLM_SAE_PUBLISHED.search(str(path)):
+        pub_layer, pub_plm, pub_hook = PLM_SAE_PUBLISHED_META
+        src = f"the published evillegasgarcia/sae_esm2_6_l3 (its README hooks {pub_hook})"
+        for what, got in (("layer", layer), ("PLM", plm)):
+            want = pub_layer if what == "layer" else pub_plm
+            if got is not None and got != want:
+                raise CompatibilityError(f"{where}: its cfg says {what} {got} but it sits in {src}, which is "
+                                         f"{what} {want}")
+        layer, plm = pub_layer, pub_plm
+        how.append(f"layer {pub_layer} (resid_post), PLM {pub_plm} from {src}")
+    return _Converted("plm-sae", W_enc, b_enc, W_dec, b_dec, None, "plm-sae AutoEncoder (ReLU)",
+                      layer=layer, hook_point=point, plm=plm, excludes_final_norm=True, where="; ".join(how))
 
 
 def _read_cfg(d: Path) -> dict[str, Any]:

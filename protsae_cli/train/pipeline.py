@@ -297,6 +297,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
         return Path(opts.activation_cache)
     cfg = SAEConfig(d_model=plm.d_model, d_sae=opts.d_sae, k=opts.k, hook_point=hook.point, layer=hook.layer,
                     plm_name=plm.name, plm_sha256=plm.sha256, plm_num_layers=plm.num_layers, arch=opts.arch,
+                    plm_weights_sha256=plm.weights_sha256,  # lets another file of the same weights pair with it
                     protsae=dict(opts.protsae) if opts.arch == "protsae" else {})
     del runner, plm  # the PLM is not needed for training; give its memory back
     gc.collect()
@@ -371,7 +372,7 @@ def model_card(cfg: SAEConfig) -> str:
     m = t.get("metrics", {})
     lines = [f"# protsae SAE: {cfg.arch}, {cfg.plm_name} {cfg.hook_point}@{cfg.layer}", "",
              f"- d_model {cfg.d_model}, d_sae {cfg.d_sae}, k {cfg.k}",
-             f"- PLM {cfg.plm_name} (sha256 {cfg.plm_sha256})",
+             f"- PLM {cfg.plm_name} (sha256 {cfg.plm_sha256}; weights sha256 {cfg.plm_weights_sha256})",
              f"- trained with protsae {t.get('protsae_version')} on {t.get('fasta')}: "
              f"{t.get('n_train_proteins')} training / {t.get('n_val_proteins')} validation proteins, "
              f"{t.get('train_tokens')} training tokens, {t.get('steps')} steps "

@@ -69,6 +69,9 @@ def machine(tmp_path, monkeypatch, torch_home, tiny_plm, tiny_esm_path, tiny_sae
     cfg["plm"].update(name="esm2_t6_8M_UR50D", sha256="f" * 64)
     shutil.copytree(tiny_sae_dir, models / "saes" / "on_8m")
     (models / "saes" / "on_8m" / "config.json").write_text(json.dumps(cfg))
+    cfg["plm"]["weights_sha256"] = "e" * 64  # trained by a protsae that records the weights digest
+    shutil.copytree(tiny_sae_dir, models / "saes" / "on_8m_digest")
+    (models / "saes" / "on_8m_digest" / "config.json").write_text(json.dumps(cfg))
     return models
 
 
@@ -98,6 +101,8 @@ def test_lists_every_source_with_pairings(machine, tiny_plm):
     assert "facebook/esm2_t6_8M_UR50D [hf-cache] (same release name, another file: annotate needs --no-check-plm)" \
         in pairs
     assert "esm2_t6_8M_UR50D [torch-hub-cache] (same release name, another file" in pairs  # small: hashed
+    assert "facebook/esm2_t6_8M_UR50D [hf-cache] (same release name, another file: annotate compares the weights " \
+        "digest the SAE records)" in got[("sae", "on_8m_digest", "models-dir")].pairs_with
     default = got[("sae", "default_sae", "bundled")]
     assert any("checksum matches" in p for p in default.pairs_with)
 

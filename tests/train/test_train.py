@@ -89,6 +89,9 @@ def test_cli_trains_topk_and_writes_the_documented_outputs(fasta, tiny_esm_path,
     assert res.exit_code == 0, res.output
     for name in ("config.json", "sae.safetensors", "README.md", "training_log.json", STATE_NAME):
         assert (out / name).exists(), name
+    plm = json.loads((out / "config.json").read_text())["plm"]  # both identities: the file's and the weights'
+    tiny = load_plm(str(tiny_esm_path))
+    assert (plm["sha256"], plm["weights_sha256"]) == (tiny.sha256, tiny.weights_sha256)
     log = json.loads((out / "training_log.json").read_text())
     assert log["selection"]["rule"] == "min val fvu"
     best = min(log["evals"], key=lambda e: e["val"]["fvu"])
