@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protsae_cli import steer as st  # noqa: E402
+from protsae_cli.steer import pipeline as st  # noqa: E402
 from protsae_cli.io.fasta import read_fasta  # noqa: E402
 
 

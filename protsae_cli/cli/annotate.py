@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from protsae_cli.annotate.options import DEFAULT_CHUNK_RESIDUES
+from protsae_cli.annotate.options import AnnotateOptions as A  # the defaults live there (import-light)
 from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DecodeMode, DeviceOpt, H5Dtype, LongPolicy,
                                      ModelOpt,
                                      SaeKOpt, SaeLayerOpt, SaeOpt, SaePlmOpt, ThreadsOpt, devices_callback,
@@ -32,13 +34,13 @@ def command(
     output: str = typer.Option("protsae_out", "--output", "-o", rich_help_panel=IO_PANEL, metavar="PREFIX",
                                help="Output prefix: writes PREFIX.h5, PREFIX.tsv, PREFIX.gff3. "
                                     "'-' writes the TSV to stdout (with --formats tsv)."),
-    formats: str = typer.Option("h5,tsv,gff3", "--formats", rich_help_panel=IO_PANEL, callback=formats_callback,
+    formats: str = typer.Option(",".join(A.formats), "--formats", rich_help_panel=IO_PANEL, callback=formats_callback,
                                 metavar="FORMATS",
                                 help="Comma-separated subset of h5,tsv,gff3,jsonl (jsonl: one JSON object per "
                                      "protein, proteins without calls included)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", rich_help_panel=IO_PANEL,
+    skip_invalid: bool = typer.Option(A.skip_invalid, "--skip-invalid", rich_help_panel=IO_PANEL,
                                       help="Record invalid proteins (status 'invalid') instead of stopping."),
-    h5_dtype: H5Dtype = typer.Option(H5Dtype.FLOAT32, "--h5-dtype", rich_help_panel=IO_PANEL,
+    h5_dtype: H5Dtype = typer.Option(H5Dtype(A.h5_dtype), "--h5-dtype", rich_help_panel=IO_PANEL,
                                      help="Storage type of activations in HDF5. float32 is what scipy.sparse and "
                                           "AnnData read; float16 makes the file about 40 % smaller, but only h5py "
                                           "and protsae read its codes."),
@@ -47,41 +49,42 @@ def command(
     sae_layer: SaeLayerOpt = None,
     sae_plm: SaePlmOpt = None,
     sae_k: SaeKOpt = None,
-    check_plm: CheckPlmOpt = True,
-    long_policy: LongPolicy = typer.Option(LongPolicy.WINDOW, "--long-policy", rich_help_panel=CALL_PANEL,
+    check_plm: CheckPlmOpt = A.check_plm,
+    long_policy: LongPolicy = typer.Option(LongPolicy(A.long_policy), "--long-policy", rich_help_panel=CALL_PANEL,
                                     help="Proteins over 1022 residues: window (overlapping windows, each residue "
                                          "from the window where it is most central), truncate, or error."),
-    window_overlap: int = typer.Option(256, "--window-overlap", rich_help_panel=CALL_PANEL, min=0,
+    window_overlap: int = typer.Option(A.window_overlap, "--window-overlap", rich_help_panel=CALL_PANEL, min=0,
                                        help="Minimum overlap between windows, in residues."),
-    min_segment_len: int = typer.Option(1, "--min-segment-len", rich_help_panel=CALL_PANEL, min=1,
+    min_segment_len: int = typer.Option(A.min_segment_len, "--min-segment-len", rich_help_panel=CALL_PANEL, min=1,
                                         help="Drop concept segments shorter than this (after merging)."),
-    merge_gap: int = typer.Option(0, "--merge-gap", rich_help_panel=CALL_PANEL, min=0,
+    merge_gap: int = typer.Option(A.merge_gap, "--merge-gap", rich_help_panel=CALL_PANEL, min=0,
                                   help="Merge segments of one concept separated by at most this many residues."),
-    decode: DecodeMode = typer.Option(DecodeMode.VITERBI, "--decode", rich_help_panel=CALL_PANEL,
+    decode: DecodeMode = typer.Option(DecodeMode(A.decode), "--decode", rich_help_panel=CALL_PANEL,
                                       help="Region concepts (membrane spans, sides, signal peptide): viterbi decodes "
                                            "one consistent topology per protein with the SAE's fitted state model "
                                            "(docs/SEGMENTS.md); none calls them per residue like sites. Sites "
                                            "always stay per residue."),
-    call_withheld: bool = typer.Option(False, "--call-withheld", rich_help_panel=CALL_PANEL,
+    call_withheld: bool = typer.Option(A.call_withheld, "--call-withheld", rich_help_panel=CALL_PANEL,
                                        help="Also call concepts whose validated precision or F1 is below the "
                                             "floor (withheld by default; see docs/CALLS.md)."),
-    device: DeviceOpt = "auto",
-    backend: Backend = typer.Option(Backend.AUTO, "--backend", rich_help_panel=PERF_PANEL,
+    device: DeviceOpt = A.device,
+    backend: Backend = typer.Option(Backend(A.backend), "--backend", rich_help_panel=PERF_PANEL,
                                     help="SAE encode backend: auto, torch, triton or onnx."),
-    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+    toks_per_batch: int = typer.Option(A.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens); halved on GPU OOM."),
     threads: ThreadsOpt = None,
     shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
                                         metavar="I/N",
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
+    progress: bool = typer.Option(A.progress, "--progress/--no-progress", rich_help_panel=IO_PANEL,
                                   help="Progress bar on stderr (only shown on a terminal)."),
-    resume: bool = typer.Option(False, "--resume", rich_help_panel=IO_PANEL,
+    resume: bool = typer.Option(A.resume, "--resume", rich_help_panel=IO_PANEL,
                                 help="Checkpoint finished chunks in PREFIX.parts/ and, when rerun after a crash or "
                                      "kill, skip the chunks already done. Settings must match the first attempt."),
     chunk_residues: Optional[int] = typer.Option(None, "--chunk-residues", min=1, rich_help_panel=IO_PANEL,
                                                  help="Residues per chunk, the unit of --resume checkpoints (a kill "
-                                                      "loses at most the chunk in flight). Default 65536, or "
+                                                      "loses at most the chunk in flight). Default "
+                                                      f"{DEFAULT_CHUNK_RESIDUES}, or "
                                                       "$PROTSAE_CHUNK_RESIDUES.", show_default=False),
     devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL, callback=devices_callback,
                                           metavar="DEVICES",

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from protsae_cli.evaluate.options import CalibrateOptions as C  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
                                      DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, ThreadsOpt)
 
@@ -23,20 +24,20 @@ def command(
                                               "new concept table). Required unless --measure-only."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    calling: str = typer.Option("f1", "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
+    calling: str = typer.Option(C.calling, "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
                                 help="Operating point each threshold is chosen for: f1 (best F1), precision:P "
                                      "(most recall with precision >= P, e.g. precision:0.9) or recall:R."),
-    measure_only: bool = typer.Option(False, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
+    measure_only: bool = typer.Option(C.measure_only, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
                                       help="Keep the thresholds and only measure them on these proteins "
                                            "(a held-out check); writes no SAE."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (before/after) as JSON."),
     ontology: OntologyOpt = [],
-    propagate: PropagateOpt = True,
+    propagate: PropagateOpt = C.propagate,
     model: ModelOpt = None,
-    check_plm: CheckPlmOpt = True,
-    device: DeviceOpt = "auto",
-    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+    check_plm: CheckPlmOpt = C.check_plm,
+    device: DeviceOpt = C.device,
+    toks_per_batch: int = typer.Option(C.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens)."),
     threads: ThreadsOpt = None,
 ) -> None:

@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from protsae_cli.evaluate.options import EvalOptions as E  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
                                      DeviceOpt, OntologyOpt, PlmOpt, PropagateOpt, open_ends)
 
@@ -28,29 +29,31 @@ def command(
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
     ontology: OntologyOpt = [],
-    propagate: PropagateOpt = True,
+    propagate: PropagateOpt = E.propagate,
     split_by_id: Optional[Tuple[str, str]] = typer.Option(None, "--split-by-id", rich_help_panel=DATA,
                                                           metavar="VALID_IDS TEST_IDS",
                                                           help="Two id-list files: selection proteins, report proteins."),
-    valid_fraction: float = typer.Option(0.5, "--valid-fraction", rich_help_panel=DATA,
+    valid_fraction: float = typer.Option(E.valid_fraction, "--valid-fraction", rich_help_panel=DATA,
                                          callback=open_ends(low=0, high=1),
                                          help="Without --split-by-id: seeded random fraction of proteins for "
                                               "selection, in (0, 1) (the rest is the test split)."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=DATA, help="Seed of the split and of the LM masks."),
-    max_residues: int = typer.Option(1022, "--max-residues", rich_help_panel=DATA, min=1,
+    seed: int = typer.Option(E.seed, "--seed", rich_help_panel=DATA, help="Seed of the split and of the LM masks."),
+    max_residues: int = typer.Option(E.max_residues, "--max-residues", rich_help_panel=DATA, min=1,
                                      help="Longer proteins are evaluated on their first residues only."),
-    thresholds: str = typer.Option("0,0.15,0.5,0.6,0.8", "--thresholds", metavar="LIST", rich_help_panel=CONCEPTS,
+    thresholds: str = typer.Option(",".join(f"{t:g}" for t in E.thresholds), "--thresholds", metavar="LIST",
+                                   rich_help_panel=CONCEPTS,
                                    help="Comma-separated threshold grid on max-normalised activations."),
-    lm_proteins: int = typer.Option(64, "--lm-proteins", rich_help_panel=LM, min=0,
+    lm_proteins: int = typer.Option(E.lm_proteins, "--lm-proteins", rich_help_panel=LM, min=0,
                                     help="Test proteins for the CE splice (0 = skip LM fidelity)."),
-    lm_max_len: int = typer.Option(512, "--lm-max-len", rich_help_panel=LM, min=1, help="Crop them to this length."),
-    mask_fraction: float = typer.Option(0.15, "--mask-fraction", rich_help_panel=LM, min=0, max=1,
+    lm_max_len: int = typer.Option(E.lm_max_len, "--lm-max-len", rich_help_panel=LM, min=1,
+                                   help="Crop them to this length."),
+    mask_fraction: float = typer.Option(E.mask_fraction, "--mask-fraction", rich_help_panel=LM, min=0, max=1,
                                         help="Residues masked for the masked-LM CE."),
-    toks_per_batch: int = typer.Option(8192, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+    toks_per_batch: int = typer.Option(E.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Padded tokens per PLM batch."),
-    device: DeviceOpt = "auto",
-    check_plm: CheckPlmOpt = True,
-    progress: bool = typer.Option(True, "--progress/--no-progress",
+    device: DeviceOpt = E.device,
+    check_plm: CheckPlmOpt = not E.no_check_plm,
+    progress: bool = typer.Option(E.progress, "--progress/--no-progress",
                                   help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
 ) -> None:
     """Evaluate SAEs on held-out proteins: reconstruction, LM fidelity, concept alignment, probing.

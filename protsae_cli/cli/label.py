@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from protsae_cli.evaluate.options import LabelOptions as L  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
                                      DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, SaeKOpt, SaeLayerOpt, SaePlmOpt,
                                      ThreadsOpt, open_ends)
@@ -23,36 +24,36 @@ def command(
     output: str = typer.Option(..., "--output", "-o", metavar="DIR", rich_help_panel=IO_PANEL, show_default=False,
                                help="Write the labelled SAE here: a protsae SAE directory (same weights, in "
                                     "protsae's layout) with the new concept table, and label_report.json."),
-    force: bool = typer.Option(False, "--force", rich_help_panel=IO_PANEL,
+    force: bool = typer.Option(L.force, "--force", rich_help_panel=IO_PANEL,
                                help="Replace -o DIR if it exists and is not empty."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    calling: str = typer.Option("f1", "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
+    calling: str = typer.Option(L.calling, "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
                                 help="Operating point each threshold is chosen for on the validation part: f1 "
                                      "(best F1), precision:P (most recall with precision >= P) or recall:R."),
-    valid_fraction: float = typer.Option(0.5, "--valid-fraction", rich_help_panel=CONCEPTS_PANEL,
+    valid_fraction: float = typer.Option(L.valid_fraction, "--valid-fraction", rich_help_panel=CONCEPTS_PANEL,
                                          callback=open_ends(low=0, high=1),
                                          help="Share of the labelled proteins in the validation part (thresholds "
                                               "and the reported precision/recall/F1); the rest associate latents."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=CONCEPTS_PANEL, help="Seeds the protein split."),
-    candidates: int = typer.Option(1, "--candidates", min=1, rich_help_panel=CONCEPTS_PANEL,
+    seed: int = typer.Option(L.seed, "--seed", rich_help_panel=CONCEPTS_PANEL, help="Seeds the protein split."),
+    candidates: int = typer.Option(L.candidates, "--candidates", min=1, rich_help_panel=CONCEPTS_PANEL,
                                    help="Latents per concept, ranked by association F1, that the validation part "
                                         "chooses among; 1 keeps the association's best (docs/LABEL.md: more did "
                                         "worse on held-out proteins)."),
     json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (candidates, choices) here."),
     ontology: OntologyOpt = [],
-    propagate: PropagateOpt = True,
+    propagate: PropagateOpt = L.propagate,
     model: ModelOpt = None,
     sae_layer: SaeLayerOpt = None,
     sae_plm: SaePlmOpt = None,
     sae_k: SaeKOpt = None,
-    check_plm: CheckPlmOpt = True,
-    device: DeviceOpt = "auto",
-    toks_per_batch: int = typer.Option(16384, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
+    check_plm: CheckPlmOpt = L.check_plm,
+    device: DeviceOpt = L.device,
+    toks_per_batch: int = typer.Option(L.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens)."),
     threads: ThreadsOpt = None,
-    progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=IO_PANEL,
+    progress: bool = typer.Option(L.progress, "--progress/--no-progress", rich_help_panel=IO_PANEL,
                                   help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
 ) -> None:
     """Name the concepts of any SAE from your labelled proteins: latents associated on one part, thresholds and

@@ -1,4 +1,4 @@
-"""`protsae steer`: options in, one library call (`protsae_cli.steer.run_steer`), a summary out."""
+"""`protsae steer`: options in, one library call (`protsae_cli.steer.pipeline.run_steer`), a summary out."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import List, Optional
 
 import typer
 
+from protsae_cli.steer.options import SteerOptions as O  # the defaults live there (import-light)
+from protsae_cli.steer.options import SteerSpec as S
 from protsae_cli.cli.options import (CheckPlmOpt, Decode, DeviceOpt, EditScope, MaskStrategy, ModelOpt, Positions,
                                      PpplPositions, SaeOpt, SteerInit, SteerMode, ThreadsOpt, controls_callback,
                                      open_ends)
@@ -38,65 +40,65 @@ def command(
                                          help="Generate from scratch: sequence length (with --num)."),
     num: Optional[int] = typer.Option(None, "--num", rich_help_panel=IO_PANEL, min=1,
                                       help="Generate from scratch: number of sequences (with --length)."),
-    init: SteerInit = typer.Option(SteerInit.MASK, "--init", rich_help_panel=IO_PANEL,
+    init: SteerInit = typer.Option(SteerInit(S.init), "--init", rich_help_panel=IO_PANEL,
                              help="From-scratch start: mask (all positions masked; use --decode iterative or "
                                   "gibbs) or random (seeded uniform residues, all redesigned)."),
     sae: SaeOpt = None,
     model: ModelOpt = None,
-    check_plm: CheckPlmOpt = True,
-    with_ancestors: bool = typer.Option(False, "--with-ancestors", rich_help_panel=EDIT_PANEL,
+    check_plm: CheckPlmOpt = O.check_plm,
+    with_ancestors: bool = typer.Option(S.with_ancestors, "--with-ancestors", rich_help_panel=EDIT_PANEL,
                                         help="Also steer the SAE's concepts that are ontology ancestors of the "
                                              "target (is_a, part_of), as the ProtSAE release does for GO ids."),
     ontology: Optional[str] = typer.Option(None, "--ontology", metavar="PATH", rich_help_panel=EDIT_PANEL,
                                            help="OBO file for --with-ancestors and id lookup (default: the "
                                                 "shipped residue concept ontology)."),
-    mode: SteerMode = typer.Option(SteerMode.ADD, "--mode", rich_help_panel=EDIT_PANEL,
+    mode: SteerMode = typer.Option(SteerMode(S.mode), "--mode", rich_help_panel=EDIT_PANEL,
                              help="add: z += s*S; clamp: z = s*S; multiply: z *= 1+s. S is the latent's recorded "
                                   "max activation, else the token's largest latent value; results floored at 0."),
-    strength: str = typer.Option("1.0", "--strength", "-s", metavar="LIST", rich_help_panel=EDIT_PANEL,
-                                 callback=parse_strengths,
+    strength: str = typer.Option(",".join(f"{s:g}" for s in S.strengths), "--strength", "-s", metavar="LIST",
+                                 rich_help_panel=EDIT_PANEL, callback=parse_strengths,
                                  help="Strength s; a comma-separated list runs a sweep (e.g. 0,0.5,1,2)."),
     replace_with_reconstruction: bool = typer.Option(
-        False, "--replace-with-reconstruction", rich_help_panel=EDIT_PANEL,
+        not S.keep_error, "--replace-with-reconstruction", rich_help_panel=EDIT_PANEL,
         help="Replace the activation by decode(z_edited) (ProtSAE release) instead of the error-preserving "
              "x + decode(z_edited) - decode(z)."),
-    edit_scope: EditScope = typer.Option(EditScope.ALL, "--edit-scope", rich_help_panel=EDIT_PANEL,
+    edit_scope: EditScope = typer.Option(EditScope(S.edit_scope), "--edit-scope", rich_help_panel=EDIT_PANEL,
                                    help="Tokens that get the edit: all (every residue) or designed (only the "
                                         "positions being redesigned)."),
-    positions: Positions = typer.Option(Positions.MASKED, "--positions", rich_help_panel=POS_PANEL,
+    positions: Positions = typer.Option(Positions(S.positions), "--positions", rich_help_panel=POS_PANEL,
                                   help="masked: infill masked positions; all: no masking, redesign every residue."),
-    mask_ratio: float = typer.Option(0.3, "--mask-ratio", rich_help_panel=POS_PANEL, max=1,
+    mask_ratio: float = typer.Option(S.mask_ratio, "--mask-ratio", rich_help_panel=POS_PANEL, max=1,
                                      callback=open_ends(low=0),
                                      help="Fraction of residues to mask, in (0, 1] (at least one residue)."),
-    mask_strategy: MaskStrategy = typer.Option(MaskStrategy.RANDOM, "--mask-strategy", rich_help_panel=POS_PANEL,
+    mask_strategy: MaskStrategy = typer.Option(MaskStrategy(S.mask_strategy), "--mask-strategy", rich_help_panel=POS_PANEL,
                                       help="random, or low-activation (where the target latents' pre-activation "
                                            "is lowest on the input)."),
-    decode: Decode = typer.Option(Decode.ARGMAX, "--decode", rich_help_panel=DEC_PANEL,
+    decode: Decode = typer.Option(Decode(S.decode), "--decode", rich_help_panel=DEC_PANEL,
                                help="argmax (one pass), iterative (confidence-ordered unmasking), gibbs "
                                     "(blocked resampling) or sample (one pass at --temperature)."),
-    iterations: int = typer.Option(4, "--iterations", rich_help_panel=DEC_PANEL, min=1,
+    iterations: int = typer.Option(S.iterations, "--iterations", rich_help_panel=DEC_PANEL, min=1,
                                    help="Forward passes for iterative and gibbs decoding."),
-    temperature: float = typer.Option(1.0, "--temperature", rich_help_panel=DEC_PANEL, callback=open_ends(low=0),
+    temperature: float = typer.Option(S.temperature, "--temperature", rich_help_panel=DEC_PANEL, callback=open_ends(low=0),
                                       help="Softmax temperature for sample and gibbs (> 0)."),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=DEC_PANEL,
+    seed: int = typer.Option(S.seed, "--seed", rich_help_panel=DEC_PANEL,
                              help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
     control: Optional[List[str]] = typer.Option(None, "--control", metavar="LIST", rich_help_panel=CTRL_PANEL,
                                                 callback=controls_callback,
                                                 help="Null conditions with the same settings: random-latent and/or "
                                                      "activity-matched (repeat the option, or separate by commas)."),
-    n_controls: int = typer.Option(1, "--n-controls", rich_help_panel=CTRL_PANEL, min=1,
+    n_controls: int = typer.Option(S.n_controls, "--n-controls", rich_help_panel=CTRL_PANEL, min=1,
                                    help="Control latent sets per input and control kind."),
-    pppl: bool = typer.Option(True, "--pppl/--no-pppl", rich_help_panel=CTRL_PANEL,
+    pppl: bool = typer.Option(S.pppl, "--pppl/--no-pppl", rich_help_panel=CTRL_PANEL,
                               help="Compute pseudo-perplexity (one forward row per scored position)."),
-    pppl_positions: PpplPositions = typer.Option(PpplPositions.ALL, "--pppl-positions", rich_help_panel=CTRL_PANEL,
+    pppl_positions: PpplPositions = typer.Option(PpplPositions(S.pppl_positions), "--pppl-positions", rich_help_panel=CTRL_PANEL,
                                        help="Positions scored for pseudo-perplexity: all or designed."),
     pppl_max_positions: Optional[int] = typer.Option(
         None, "--pppl-max-positions", rich_help_panel=CTRL_PANEL, min=0, show_default=False,
         help="Score a seeded random subset of at most this many positions per sequence (same subset for every "
              "condition); 0 = all \\[default: all on a GPU, 32 on CPU, where each position is one forward pass]."),
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = O.device,
     threads: ThreadsOpt = None,
-    progress: bool = typer.Option(True, "--progress/--no-progress",
+    progress: bool = typer.Option(O.progress, "--progress/--no-progress",
                                   help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
 ) -> None:
     """Steer ESM-2 toward a concept by editing SAE latents at the hook, and redesign proteins with it.
@@ -111,20 +113,19 @@ def command(
     import sys
 
     from protsae_cli.logging_setup import is_quiet
-    from protsae_cli.steer import SteerOptions, SteerSpec, run_steer
+    from protsae_cli.steer.pipeline import run_steer
 
     controls = tuple(dict.fromkeys(control or ()))
-    spec = SteerSpec(
+    spec = S(
         concept=concept, strengths=strength, mode=mode.value, with_ancestors=with_ancestors,
         keep_error=not replace_with_reconstruction, positions=positions.value, mask_ratio=mask_ratio,
         mask_strategy=mask_strategy.value, edit_scope=edit_scope.value, decode=decode.value, iterations=iterations,
         temperature=temperature, seed=seed, controls=controls, n_controls=n_controls, init=init.value, pppl=pppl,
         pppl_positions=pppl_positions.value, pppl_max_positions=pppl_max_positions,
     )
-    opts = SteerOptions(spec=spec, output=output, input=input, length=length, num=num, sae=sae, model=model,
-                        ontology=ontology, device=device, check_plm=check_plm, threads=threads,
-                        progress=progress and not is_quiet(),
-                        command="protsae " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    opts = O(spec=spec, output=output, input=input, length=length, num=num, sae=sae, model=model,
+             ontology=ontology, device=device, check_plm=check_plm, threads=threads,
+             progress=progress and not is_quiet(), command="protsae " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     s = run_steer(opts)
     typer.echo(f"steered {s.sources} inputs toward {s.concept} (latents {', '.join(map(str, s.latents))}): "
                f"{s.sequences} sequences in {s.seconds:.1f} s", err=True)

@@ -25,17 +25,16 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import shutil
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from protsae_cli.errors import InputError
+from protsae_cli.evaluate.options import CalibrateOptions  # noqa: F401 (public here too; defaults live there)
 
 log = logging.getLogger("protsae.calibrate")
 
@@ -257,24 +256,6 @@ def _round(v: float | None) -> float | None:
 
 
 # ===================================================================================================== driver
-@dataclass
-class CalibrateOptions:
-    sae: str
-    fasta: str
-    annotations: list[Any]                 # labels.sources.AnnotationSpec
-    output: str | None = None              # new SAE directory; None with measure_only
-    model: str | None = None
-    device: str = "auto"
-    calling: str = "f1"
-    measure_only: bool = False
-    ontologies: list[str] = field(default_factory=list)  # --ontology (repeatable; labels.sources rules)
-    propagate: bool = True
-    toks_per_batch: int = 16384
-    long_policy: str = "window"
-    check_plm: bool = True
-    threads: int | None = None
-    json_out: str | None = None
-    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
 
 
 def _records(fasta: str) -> tuple[list[Any], dict[str, str]]:

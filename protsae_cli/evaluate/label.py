@@ -30,10 +30,7 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import shutil
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,43 +38,17 @@ from typing import Any
 import numpy as np
 
 from protsae_cli.errors import InputError, OutputError
-from protsae_cli.evaluate.metrics import DEFAULT_THRESHOLDS
+from protsae_cli.evaluate.options import LabelOptions  # noqa: F401 (public here too; defaults live there)
 
 log = logging.getLogger("protsae.label")
 
 #: Latents per concept carried from the association part to the validation part (1: the InterPLM-best latent;
 #: choosing among more on the validation part did worse on held-out proteins, docs/LABEL.md).
-DEFAULT_CANDIDATES = 1
 #: Rows per InterPLM counting chunk (bounded memory, as eval's CHUNK_ROWS).
 CHUNK_ROWS = 65_536
 REPORT_NAME = "label_report.json"
 
 
-@dataclass
-class LabelOptions:
-    """What `label_sae` needs; `annotations` are `labels.sources.AnnotationSpec`s (one per label source)."""
-
-    sae: str                                   # any --sae annotate accepts (foreign formats as PATH#layer=...)
-    fasta: str
-    annotations: list[Any]
-    output: str
-    model: str | None = None
-    device: str = "auto"
-    calling: str = "f1"
-    valid_fraction: float = 0.5                # share of labelled proteins in the validation part
-    seed: int = 0
-    candidates: int = DEFAULT_CANDIDATES
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-    ontologies: list[str] = field(default_factory=list)  # --ontology (repeatable; labels.sources rules)
-    propagate: bool = True
-    toks_per_batch: int = 16384
-    long_policy: str = "window"
-    check_plm: bool = True
-    threads: int | None = None
-    force: bool = False
-    json_out: str | None = None
-    progress: bool = True
-    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
 
 
 # ===================================================================================================== output

@@ -26,7 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-DEFAULT_THRESHOLDS: tuple[float, ...] = (0.0, 0.15, 0.5, 0.6, 0.8)
+from protsae_cli.evaluate.options import DEFAULT_THRESHOLDS  # noqa: F401 (defined with eval's options)
+
 DEEPGO_THRESHOLDS: np.ndarray = np.arange(101) / 100.0
 
 

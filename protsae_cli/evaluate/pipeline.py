@@ -79,8 +79,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import shlex
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +93,7 @@ from protsae_cli.labels.sources import AnnotationSpec, LabelSource, load_label_s
 from protsae_cli.evaluate.metrics import (DEFAULT_THRESHOLDS, ConceptCounts, ReconstructionStats, argmax_agreement,
                                  concept_counts, kl_score, latent_max, loss_recovered, normalisation_scales,
                                  probe_metrics, select_best_on_valid_and_report_test, top_relevance_f1)
+from protsae_cli.evaluate.options import EvalOptions  # noqa: F401 (public here too; defaults live there)
 
 log = logging.getLogger("protsae.eval")
 
@@ -106,32 +105,6 @@ CHUNK_ROWS = 65_536
 
 
 # ===================================================================================================== options
-@dataclass
-class EvalOptions:
-    sae: list[str]
-    fasta: str
-    model: str | None = None
-    annotations: list[AnnotationSpec] = field(default_factory=list)
-    ontologies: list[str] = field(default_factory=list)  # --ontology (repeatable; labels.sources rules)
-    propagate: bool = True
-    split_ids: tuple[str, str] | None = None
-    valid_fraction: float = 0.5
-    seed: int = 0
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-    lm_proteins: int = 64
-    lm_max_len: int = 512
-    mask_fraction: float = 0.15
-    max_residues: int = 1022
-    toks_per_batch: int = 8192
-    device: str = "auto"
-    attention: str = "auto"
-    dense_threshold: float = 0.5
-    json_out: str | None = None
-    markdown_out: str | None = None
-    plots_dir: str | None = None
-    no_check_plm: bool = False
-    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
-    progress: bool = True  # a bar on a terminal, periodic log lines otherwise (protsae_cli.progress)
 
 
 # ====================================================================================================== splits

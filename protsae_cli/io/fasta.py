@@ -28,8 +28,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import IO, Iterator, TextIO, Union
 
-from Bio.SeqIO.FastaIO import SimpleFastaParser
-
 from protsae_cli.errors import InputError
 
 __all__ = [
@@ -352,6 +350,8 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _iter_fasta(source: Source, skip_invalid: bool) -> Iterator[ProteinRecord | InvalidRecord]:
+    from Bio.SeqIO.FastaIO import SimpleFastaParser  # here: the CLI imports this module for its option defaults
+
     name = describe_source(source)
     with open_text(source, errors="surrogateescape") as stream:
         lines = _CheckedLines(stream, name)

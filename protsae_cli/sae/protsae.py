@@ -71,9 +71,7 @@ Gradient routing (what makes the defined latents mean their concept):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,71 +80,14 @@ import torch.nn.functional as F
 
 from protsae_cli.sae.el_loss import check_normal_form_ranges, el_losses
 from protsae_cli.errors import InputError
-from protsae_cli.sae.config import SAEConfig
+from protsae_cli.sae.config import PROTSAE_CHOICES as _CHOICES  # noqa: F401 (tests check the CLI lists them)
+from protsae_cli.sae.config import PROTSAE_DEFAULTS, ProtSAEConfig, SAEConfig
 from protsae_cli.sae.base import SAE, EncoderOutput, register_arch
 from protsae_cli.sae.topk import priority_key, priority_topk_relu, topk_relu
 
-@dataclass
-class ProtSAEConfig:
-    """The ProtSAE-specific options (the `protsae` block of config.json): one field per choice the paper and the
-    released code leave open, each with its default. Validated by `resolve_protsae_options`."""
-
-    n_concepts: int | None = None
-    """m, the defined latents (latent c stands for concept c); None: len(cfg.concepts)."""
-    n_zero_classes: int = 0
-    """m0: ontology classes in the axioms that are not predicted concepts (ball embeddings only)."""
-    n_relations: int = 0
-    """|R|: relations in the NF3/NF4 axioms."""
-    topk_scope: str = "all"
-    """"all": TopK over all n latents; "unknown": defined latents always kept, TopK on the unknown ones (codes
-    are k + m wide); "defined_first": active defined latents admitted first, L0 <= k."""
-    bias_ref: str = "active_mean"
-    """Forced-activation reference level: "active_mean" | "all_mean" | "kth_value" (`ProtSAE._reference_level`)."""
-    defined_bias: str = "none"
-    """"none": z_def = e^r W x (METHOD.md §1.10); "pred": z_def = e^r (W x + b_pred); "calibrated":
-    z_def = e^r (W x - theta), theta fitted on validation F1."""
-    predictor_lr: float | None = None
-    """Peak learning rate of the predictor and EL embedding (None: the SAE's), same schedule."""
-    lambda_annot: float = 10.0
-    """Weight of the annotation (BCE) loss: the released code's default 10; the paper (per the AAAI summary) 1."""
-    lambda_axiom: float = 1.0
-    """Weight of the EL axiom loss (both sources: 1)."""
-    margin: float = 0.1
-    """EL margin gamma."""
-    label_granularity: str = "residue"
-    """"residue": labels [N, m]; "protein": labels [P, m] + protein_index [N]."""
-    pool: str = "mean"
-    """Protein-level pooling of pi for protein labels: "mean" | "max"."""
-    detach: bool = True
-    """Stop-gradient from reconstruction into W_pred/b_pred (ablation: False)."""
-    use_r_pred: bool = True
-    """Learned log-scale of the defined latents (ablation: False -> scale 1)."""
-    forced_activation: bool = True
-    """z_bias during training (ablation: False)."""
-    use_axiom: bool = True
-    """L_axiom (ablation: False)."""
-    inference_forced: bool = False
-    """Apply z_bias at inference too (then `encoder_affine` is refused: the fast backends cannot reproduce it)."""
-    el_standardize: bool = False
-    """DeepGO-SE-style normalisation of centres in the axiom loss."""
-    radius_source: str = "param"
-    """Ball radii: "param" (|class_radius|) or "b_pred" (|b_pred| for concepts, DeepGO-SE coupling)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
-#: The defaults as a plain dict (what a config.json `protsae` block is merged onto).
-PROTSAE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ProtSAEConfig)}
 
-_CHOICES = {
-    "topk_scope": ("all", "unknown", "defined_first"),
-    "bias_ref": ("active_mean", "all_mean", "kth_value"),
-    "defined_bias": ("pred", "none", "calibrated"),
-    "label_granularity": ("residue", "protein"),
-    "pool": ("mean", "max"),
-    "radius_source": ("param", "b_pred"),
-}
 
 
 def resolve_protsae_options(cfg: SAEConfig) -> ProtSAEConfig:

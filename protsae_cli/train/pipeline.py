@@ -19,9 +19,6 @@ import gc
 import json
 import logging
 import os
-import shlex
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,46 +33,13 @@ from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
 from protsae_cli.progress import Progress
 from protsae_cli.sae.checkpoint import build_sae, save_sae
 from protsae_cli.sae.config import SAEConfig
-from protsae_cli.train.trainer import STATE_NAME, TrainConfig
+from protsae_cli.train.options import ARCHS, TrainConfig, TrainOptions  # noqa: F401 (public here too)
+from protsae_cli.train.trainer import STATE_NAME
 
 log = logging.getLogger("protsae.train")
 
-ARCHS = ("topk", "protsae")
 
 
-@dataclass
-class TrainOptions:
-    fasta: str
-    output: str
-    model: str | None = None
-    layer: int = 4
-    hook: str = "resid_post"
-    arch: str = "topk"
-    d_sae: int = 4096
-    k: int = 32
-    tokens_per_protein: int | None = 64
-    max_proteins: int | None = None
-    val_fraction: float = 0.05
-    max_val_tokens: int = 262_144        # validation rows kept (whole proteins, seeded) -- bounds eval cost
-    activation_cache: str | None = None
-    stream: bool | None = None           # stream the cache through a shuffle buffer; None: when it is big
-    shuffle_buffer: int = 262_144        # rows held by the streaming shuffle buffer
-    cache_only: bool = False             # write the activation cache and stop
-    device: str = "auto"
-    ddp: bool = False                    # require a torchrun environment
-    resume: str | None = None
-    # ProtSAE
-    annotations: list[str] = field(default_factory=list)
-    annotation_formats: list[str] = field(default_factory=list)
-    ontologies: list[str] = field(default_factory=list)    # OBO files; default: the shipped PSC ontology
-    concepts: list[str] | None = None
-    min_concept_residues: int = 10
-    label_granularity: str | None = None                   # residue | protein; None: from the sources
-    protsae: dict = field(default_factory=dict)            # ProtSAE model options (protsae_model.PROTSAE_DEFAULTS)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    progress: bool = True
-    auto_batch: bool = False             # --batch-size not given: lower it to the training rows when fewer
-    command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
 
 
 def read_proteins(fasta: str, max_proteins: int | None, seed: int) -> list[tuple[str, str]]:

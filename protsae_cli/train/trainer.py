@@ -44,40 +44,14 @@ import torch.nn as nn
 from protsae_cli.train.activations import ActivationSet, Batch, InMemoryRows, ShuffleBufferStream
 from protsae_cli.train.distributed import SINGLE, DistEnv, all_reduce_sum, reduce_fired, reduce_tokens_since
 from protsae_cli.errors import InputError
+from protsae_cli.train.options import LR_SCHEDULES, TrainConfig  # noqa: F401 (public here too)
 
 log = logging.getLogger("protsae.train")
 
 STATE_NAME = "train_state.pt"
 STATE_FORMAT = "protsae-train-state"
-LR_SCHEDULES = ("cosine", "multistep", "constant")
 
 
-@dataclass
-class TrainConfig:
-    d_sae: int = 4096
-    k: int = 32
-    lr: float = 4e-4
-    batch_size: int = 4096              # global: tokens per step over all ranks
-    epochs: int = 5
-    max_steps: int | None = None
-    warmup_frac: float = 0.05
-    lr_schedule: str = "cosine"         # cosine | multistep (released ProtSAE: x0.1 after 5 of 50 epochs) | constant
-    lr_milestones: tuple[float, ...] = (0.1,)  # multistep: fractions of the run where lr *= lr_gamma
-    lr_gamma: float = 0.1
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None            # default: d_model // 2
-    dead_after_tokens: int = 2_000_000  # a latent unseen for this many tokens counts as dead
-    seed: int = 0
-    device: str = "cpu"
-    log_every: int = 50
-    eval_every: int | None = None       # steps between validations; None: once per epoch
-    save_after: float | None = None     # fraction of the run before which evals cannot be selected;
-                                        # None: 0.6 for ProtSAE (30 of 50 epochs, released code), 0 for TopK
-    state_every: int | None = 1000      # steps between resumable training states (and always at the end)
-    stop_at: int | None = None          # stop (resumably) after this step; the schedule still spans the run
-    eval_batch_size: int = 8192
-    init_rows: int = 65_536             # rows for the normalisation / b_dec / concept-prior fit
-    extra: dict = field(default_factory=dict)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:

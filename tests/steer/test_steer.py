@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from protsae_cli import steer as st
+from protsae_cli.steer import pipeline as st
 from protsae_cli.cli.app import build_app
 from protsae_cli.errors import InputError
 from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
@@ -150,7 +150,7 @@ def test_target_activation_rises_monotonically_with_strength(tiny_plm):
     assert all(b >= a for a, b in zip(counts, counts[1:])) and counts[-1] > counts[0], counts
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SAE = REPO / "protsae_cli" / "models" / "default_sae"
 
 
