@@ -411,6 +411,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     res = {"cache": a.cache, "labels": a.labels, "subset": a.subset, "proteins": len(labels),
            "residues": int(sum(len(v[0]) for v in labels.values()))}
     runs = [("none_gap3_min3", "none", 3, 3, False), ("none_raw", "none", 0, 1, False),
+            ("none_gap3_min3_default_calls", "none", 3, 3, True),
             ("viterbi", "viterbi", 0, 1, False), ("default_calls", "viterbi", 0, 1, True)]
     for name, decode, gap, mlen, called_only in runs:
         calls, sec = calls_for(acts, ids, latents, order, cfg, decode, gap, mlen, decoder=decoder, nterm=nterm,
