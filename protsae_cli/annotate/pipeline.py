@@ -82,7 +82,11 @@ class Annotator:
         self.concepts = self.calling.called
 
     def provenance(self, opts: AnnotateOptions) -> dict[str, object]:
+        from protsae_cli.call.segments import RegionCaller
+
         cfg = self.sae.cfg
+        # What decoded the region concepts and which hard constraints that imposed (docs/SEGMENTS.md).
+        regions = RegionCaller(self.concepts, cfg.segment_decoder, opts.decode)
         return {
             "format": "protsae-annotations", "format_version": 1, "protsae_version": __version__,
             "command": opts.command, "plm_model": self.plm.name, "plm_sha256": self.plm.sha256,
@@ -95,6 +99,7 @@ class Annotator:
             "long_policy": opts.long_policy, "max_window": opts.max_window, "window_overlap": opts.window_overlap,
             "min_segment_len": opts.min_segment_len, "merge_gap": opts.merge_gap,
             "calling_policy": self.call_policy.describe(), "concepts_withheld": self.calling.withheld_text(),
+            "decode": regions.describe(), "decode_constraints": regions.constraints(),
             "coordinate_system": "0-based rows; text outputs 1-based inclusive",
             "shard": f"{opts.shard[0]}/{opts.shard[1]}" if opts.shard else "",
         }

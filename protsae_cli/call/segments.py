@@ -90,11 +90,26 @@ def _runs(cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- features
-def features(acts: np.ndarray) -> np.ndarray:
-    """[L, 2 * n_roles]: ``a > 0`` and ``log1p(a)`` per role concept (TopK codes are 0 for most residues, so the
-    indicator carries the "fired at all" signal and the log the strength)."""
-    a = np.maximum(np.asarray(acts, dtype=np.float64), 0.0)
-    return np.concatenate([(a > 0).astype(np.float64), np.log1p(a)], axis=1)
+def features(acts: np.ndarray, context: Sequence[int] = (), n_extra: int = 0) -> np.ndarray:
+    """[L, (2 + len(context)) * n_roles]: ``a > 0`` and ``log1p(a)`` per role concept (TopK codes are 0 for most
+    residues, so the indicator carries the "fired at all" signal and the log the strength), then for each
+    half-width w in ``context`` the mean of ``log1p(a)`` over residues i-w..i+w (clipped at the ends): a span's
+    residues are recognised by their neighbours too, which steadies the boundaries. The last ``n_extra``
+    columns are further SAE latents (not role concepts): only ``log1p(a)`` of each is appended, last."""
+    a_all = np.maximum(np.asarray(acts, dtype=np.float64), 0.0)
+    a = a_all[:, :a_all.shape[1] - n_extra] if n_extra else a_all
+    la = np.log1p(a)
+    parts = [(a > 0).astype(np.float64), la]
+    L = la.shape[0]
+    if context and L:
+        cs = np.concatenate([np.zeros((1, la.shape[1])), np.cumsum(la, axis=0)])
+        i = np.arange(L)
+        for w in context:
+            lo, hi = np.maximum(i - int(w), 0), np.minimum(i + int(w) + 1, L)
+            parts.append((cs[hi] - cs[lo]) / (hi - lo)[:, None])
+    if n_extra:
+        parts.append(np.log1p(a_all[:, a_all.shape[1] - n_extra:]))
+    return np.concatenate(parts, axis=1)
 
 
 def role_activations(idx: np.ndarray, val: np.ndarray, latents: Sequence[int]) -> np.ndarray:
@@ -122,6 +137,48 @@ class Duration:
                              f"min={self.min} max={self.max} with {len(self.log_p)} values")
 
 
+class SignalGate:
+    """Protein-level check of a decoded signal peptide: a logistic regression on the mean activation of a few
+    SAE latents over the first ``window`` residues.
+
+    Why: the signal-peptide latent also fires on mitochondrial and plastid transit peptides (N-terminal
+    targeting sequences of similar length); TMbed has no transit-peptide label, so the distinction is learnt
+    from DeepLoc's mitochondrial / plastid proteins as negatives (docs/SEGMENTS.md). Stored in the decoder block
+    as ``signal_gate``: ``window``, ``latents``, ``coef``, ``intercept``, ``threshold``.
+    """
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.spec = dict(spec)
+        self.window = int(spec["window"])
+        self.latents = np.asarray(spec["latents"], dtype=np.int64)
+        self.coef = np.asarray(spec["coef"], dtype=np.float64)
+        self.intercept = float(spec["intercept"])
+        self.threshold = float(spec["threshold"])
+        if self.window < 1 or self.latents.ndim != 1 or self.coef.shape != self.latents.shape \
+                or not np.isfinite(self.coef).all() or not math.isfinite(self.intercept) \
+                or not 0.0 <= self.threshold <= 1.0:
+            raise InputError("signal_gate needs window >= 1, one coef per latent (finite) and 0 <= threshold <= 1")
+
+    def probability(self, idx: np.ndarray, val: np.ndarray) -> float:
+        """P(signal peptide | the first ``window`` residues' codes)."""
+        x = gate_features(idx, val, self.latents, self.window)
+        z = float(x @ self.coef) + self.intercept
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def allows(self, idx: np.ndarray, val: np.ndarray) -> bool:
+        return self.probability(idx, val) >= self.threshold
+
+
+def gate_features(idx: np.ndarray, val: np.ndarray, latents: np.ndarray, window: int) -> np.ndarray:
+    """Mean activation of each of ``latents`` over the first ``window`` rows of top-k codes (0 where absent)."""
+    idx = np.asarray(idx)[:window]
+    val = np.asarray(val, dtype=np.float64)[:window]
+    if idx.shape[0] == 0:
+        return np.zeros(len(latents))
+    hit = idx[:, :, None] == np.asarray(latents)[None, None, :]     # [w, k, n]
+    return (hit * val[:, :, None]).sum((0, 1)) / idx.shape[0]
+
+
 class SegmentDecoder:
     """A fitted state model: emission weights, durations and transitions; decodes one protein at a time."""
 
@@ -147,7 +204,18 @@ class SegmentDecoder:
             self.W = np.asarray(em["coef"], dtype=np.float64)
             self.b = np.asarray(em["intercept"], dtype=np.float64)
             self.log_prior = np.asarray(em["log_prior"], dtype=np.float64)
-            nf = 2 * len(self.role_order)
+            self.context = [int(w) for w in em.get("context", [])]
+            # Emission = log P(c | a) - prior_weight * log P(c): 1 is the hybrid HMM/ANN scaled likelihood, lower
+            # keeps part of the class prior per residue (rare membrane classes must then be earned residue by
+            # residue; chosen on validation proteins, docs/SEGMENTS.md).
+            self.prior_weight = float(em.get("prior_weight", 1.0))
+            if not 0.0 <= self.prior_weight <= 1.0:
+                raise InputError(f"emission prior_weight must be in [0, 1], got {self.prior_weight}")
+            if any(w < 1 or w > 50 for w in self.context):
+                raise InputError(f"emission context half-widths must be 1-50, got {self.context}")
+            # Further SAE latents whose log1p(activation) the emission also reads (chosen on fitting data).
+            self.extra_latents = [int(x) for x in em.get("extra_latents", [])]
+            nf = (2 + len(self.context)) * len(self.role_order) + len(self.extra_latents)
             if self.W.shape != (len(self.classes), nf) or self.b.shape != (len(self.classes),) \
                     or self.log_prior.shape != (len(self.classes),):
                 raise InputError(f"emission shapes {self.W.shape}/{self.b.shape}/{self.log_prior.shape} do not "
@@ -158,11 +226,31 @@ class SegmentDecoder:
             for c, d in self.durations.items():
                 d.check(f"duration {c}")
             self.trans = {k: float(v) for k, v in params["transitions"].items()}
+            # Log-space biases chosen on validation proteins (0 = the counted transitions as they are):
+            # "membrane" is added to starting on the membrane path (a globular-vs-membrane prior), "span" to
+            # every entry into a TM span (a transition penalty against extra spans);
+            # "strand" is added to entries into a TM beta strand only (beta barrels are rare, and a weak strand
+            # concept otherwise decodes soluble proteins as barrels).
+            self.penalties = {k: float(params.get("penalties", {}).get(k, 0.0))
+                              for k in ("membrane", "span", "strand")}
+            if not all(math.isfinite(v) for v in self.penalties.values()):
+                raise InputError("penalties must be finite")
+            self.gate = SignalGate(params["signal_gate"]) if params.get("signal_gate") else None
+            # Membrane gate: a decoded membrane path whose best span the emission model is less sure of than this
+            # (mean P(span class | a)) is decoded again as globular; 0 = off. Chosen on validation proteins.
+            self.min_span_confidence = float(params.get("membrane_gate", {}).get("min_span_confidence", 0.0))
+            if not 0.0 <= self.min_span_confidence <= 1.0:
+                raise InputError("membrane_gate min_span_confidence must be in [0, 1]")
         except InputError as e:
             raise InputError(f"{where}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{where}: malformed segment decoder ({e!r})") from e
         self._build()
+
+    @property
+    def input_latents(self) -> list[int]:
+        """The latents whose activations the decoder reads, in column order: roles, then extra latents."""
+        return [int(self.roles[r]["latent"]) for r in self.role_order] + self.extra_latents
 
     # -- state space -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -182,8 +270,9 @@ class SegmentDecoder:
         G = add("G", lg(t["start_G"]))
         has_tm = "I" in self.classes
         # Sides before the first span (I0/O0) cannot end a protein: a membrane path has at least one span.
-        I0 = add("I", lg(t["start_I"])) if has_tm else -1
-        O0 = add("O", lg(t["start_O"])) if has_tm else -1
+        pm, ps = self.penalties["membrane"], self.penalties["span"]
+        I0 = add("I", lg(t["start_I"]) + pm) if has_tm else -1
+        O0 = add("O", lg(t["start_O"]) + pm) if has_tm else -1
         I = add("I") if has_tm else -1
         O = add("O") if has_tm else -1
         chains: dict[str, tuple[int, int]] = {}   # name -> (first state, last state)
@@ -214,11 +303,12 @@ class SegmentDecoder:
                 if span not in self.classes:
                     continue
                 q = t["span_H"] if span == "H" else 1.0 - t["span_H"]
+                pen = ps + (self.penalties["strand"] if span == "B" else 0.0)
                 _, last_io = chain(span + "io", span)
                 _, last_oi = chain(span + "oi", span)
                 for src_i, src_o in ((I0, O0), (I, O)):
-                    enter(span + "io", span, src_i, lg((1.0 - t["stay_I"]) * q))
-                    enter(span + "oi", span, src_o, lg((1.0 - t["stay_O"]) * q))
+                    enter(span + "io", span, src_i, lg((1.0 - t["stay_I"]) * q) + pen)
+                    enter(span + "oi", span, src_o, lg((1.0 - t["stay_O"]) * q) + pen)
                 preds[O].append((last_io, 0.0))
                 preds[I].append((last_oi, 0.0))
                 end_ok += [last_io, last_oi]
@@ -230,8 +320,8 @@ class SegmentDecoder:
                 start[first + d.max - length] = lg(t["start_S"]) + d.log_p[length - d.min]
             preds[G].append((last, lg(t["after_S_G"])))
             if has_tm:
-                preds[I0].append((last, lg(t["after_S_I"])))
-                preds[O0].append((last, lg(t["after_S_O"])))
+                preds[I0].append((last, lg(t["after_S_I"]) + pm))
+                preds[O0].append((last, lg(t["after_S_O"]) + pm))
         n = len(states)
         P = max(len(p) for p in preds)
         self.pred = np.zeros((n, P), dtype=np.int64)
@@ -248,23 +338,48 @@ class SegmentDecoder:
 
     # -- decoding ----------------------------------------------------------------------------------
     def class_scores(self, acts: np.ndarray) -> np.ndarray:
-        """[L, classes] scaled log-likelihoods log P(c | a) - log P(c) from role activations [L, n_roles]."""
-        z = features(acts) @ self.W.T + self.b
-        z -= z.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        return logp - self.log_prior
+        """[L, classes] scaled log-likelihoods log P(c | a) - w log P(c) from activations [L, n_roles + n_extra]
+        (role latents in ``role_order``, then ``extra_latents``)."""
+        return self.log_posterior(acts) - self.prior_weight * self.log_prior
 
-    def decode(self, acts: np.ndarray) -> np.ndarray:
-        """Most likely residue classes (indices into ``self.classes``) of one protein."""
+    def log_posterior(self, acts: np.ndarray) -> np.ndarray:
+        """[L, classes] log P(c | a) of the emission model."""
+        z = features(acts, self.context, len(self.extra_latents)) @ self.W.T + self.b
+        z -= z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    def span_confidence(self, acts: np.ndarray, cls: np.ndarray) -> float:
+        """The best decoded span's mean P(span class | a) (0 without a span): how sure the emission model is of
+        the strongest membrane span, which the membrane gate compares with ``min_span_confidence``."""
+        starts, ends, kinds = _runs(cls)
+        spans = [(s, e, k) for s, e, k in zip(starts, ends, kinds) if self.classes[k] in ("H", "B")]
+        if not spans:
+            return 0.0
+        post = np.exp(self.log_posterior(acts))
+        return float(max(post[s:e, k].mean() for s, e, k in spans))
+
+    def decode(self, acts: np.ndarray, allow_signal: bool = True, allow_membrane: bool = True,
+               hidden: Sequence[str] = ()) -> np.ndarray:
+        """Most likely residue classes (indices into ``self.classes``) of one protein; ``allow_signal=False``
+        decodes the best path without a signal peptide (what the signal gate asks for), ``allow_membrane=False``
+        the best globular path (what the membrane gate asks for); ``hidden`` classes (e.g. ``B`` when the strand
+        concept is withheld) are not decoded at all, so what is reported stays a consistent topology."""
         acts = np.asarray(acts)
         L = acts.shape[0]
         if L == 0:
             return np.zeros(0, dtype=np.int64)
         E = self.class_scores(acts)[:, self.state_class]      # [L, S]
+        off = [c for c in hidden if c in self.classes] + ([c for c in "IOHB" if c in self.classes]
+                                                          if not allow_membrane else [])
+        if off:
+            E = np.where(np.isin(self.state_class, [self.classes.index(c) for c in off]), _NEG, E)
         pred, logT = self.pred, self.logT
         ar = np.arange(self.n_states)
         bp = np.empty((L, self.n_states), dtype=np.int8)
-        delta = self.log_start + E[0]
+        start = self.log_start
+        if not allow_signal and "S" in self.classes:
+            start = np.where(self.state_class == self.classes.index("S"), _NEG, start)
+        delta = start + E[0]
         for t in range(1, L):
             cand = delta[pred] + logT
             b = cand.argmax(1)
@@ -279,20 +394,63 @@ class SegmentDecoder:
             path[t - 1] = s
         return self.state_class[path]
 
+    def decode_protein(self, idx: np.ndarray, val: np.ndarray, acts: np.ndarray | None = None,
+                       hidden: Sequence[str] = ()) -> np.ndarray:
+        """``decode`` plus the gates: a membrane path whose best span is unsure is decoded again as globular
+        (membrane gate), and a decoded signal peptide the signal gate rejects (e.g. a mitochondrial or plastid
+        transit peptide) is decoded again without one."""
+        if acts is None:
+            acts = role_activations(idx, val, self.input_latents)
+        cls = self.decode(acts, hidden=hidden)
+        membrane = True
+        if self.min_span_confidence > 0 and self.span_confidence(acts, cls) < self.min_span_confidence \
+                and bool(np.isin(cls, [self.classes.index(c) for c in "HB" if c in self.classes]).any()):
+            membrane = False
+            cls = self.decode(acts, allow_membrane=False, hidden=hidden)
+        if self.gate is not None and "S" in self.classes and cls.size and cls[0] == self.classes.index("S") \
+                and not self.gate.allows(idx, val):
+            cls = self.decode(acts, allow_signal=False, allow_membrane=membrane, hidden=hidden)
+        return cls
+
+    def constraints(self) -> list[str]:
+        """The hard facts this decoder imposes on every call, in words (recorded in the outputs' provenance)."""
+        out = ["topology sides only on proteins with a reported membrane span (soluble proteins get none)",
+               "sides alternate across every membrane span"]
+        d = self.durations
+        if "S" in d:
+            out.append(f"signal peptide only at the N-terminus (starts at residue 1), {d['S'].min}-{d['S'].max} "
+                       f"residues")
+        for c, name in (("H", "TM helix"), ("B", "TM beta strand")):
+            if c in d:
+                out.append(f"{name} {d[c].min}-{d[c].max} residues")
+        if self.min_span_confidence > 0:
+            out.append(f"membrane path only with a span of mean P(span) >= {self.min_span_confidence:g}")
+        if self.gate is not None:
+            out.append(f"signal peptide gated against transit peptides (first {self.gate.window} residues, "
+                       f"p >= {self.gate.threshold:g})")
+        out.append("site concepts per residue")
+        return out
+
     def segments(self, idx: np.ndarray, val: np.ndarray,
                  entries: Mapping[str, "ConceptEntry"]) -> list[Segment]:
         """Decoded segments of one protein for the called role concepts (``entries``: role -> entry)."""
-        latents = [int(self.roles[r]["latent"]) for r in self.role_order]
-        acts = role_activations(idx, val, latents)
-        cls = self.decode(acts)
+        acts = role_activations(idx, val, self.input_latents)
+        # A span or signal class whose concept is not reported (withheld) is not decoded either: otherwise a
+        # hidden strand would leave two reported sides of one kind with nothing visible between them.
+        hidden = [c for c in ("S", "H", "B") if c in self.classes and CLASS_ROLE[c] not in entries]
+        cls = self.decode_protein(idx, val, acts, hidden=hidden)
         starts, ends, kinds = _runs(cls)
+        letters = [self.classes[k] for k in kinds.tolist()]
+        # Sides are relative to a membrane: if no span of this protein is reported (e.g. its beta strands are
+        # decoded but the strand concept is withheld), its sides are not reported either.
+        span_shown = any(c in ("H", "B") and CLASS_ROLE[c] in entries for c in letters)
         out: list[Segment] = []
-        for s, e, k in zip(starts.tolist(), ends.tolist(), kinds.tolist()):
-            role = CLASS_ROLE.get(self.classes[k])
+        for s, e, c in zip(starts.tolist(), ends.tolist(), letters):
+            role = CLASS_ROLE.get(c)
             entry = entries.get(role) if role else None
-            if entry is None:
+            if entry is None or (c in ("I", "O") and not span_shown):
                 continue
-            a = acts[s:e, self.role_order.index(role)]
+            a = acts[s:e, self.role_order.index(role)]  # type: ignore[arg-type]
             on = a[(a > 0) & (a >= np.float32(entry.threshold))]
             out.append(Segment(latent=int(entry.latent), start=s + 1, end=e, threshold=entry.threshold,
                                max_act=float(on.max()) if on.size else 0.0,
@@ -334,9 +492,14 @@ class RegionCaller:
         self.active = self.decoder is not None and bool(self.entries)
 
     def describe(self) -> str:
+        """``none`` or ``viterbi: role=concept, ...`` (the provenance's ``decode``)."""
         if not self.active:
             return "none"
         return "viterbi: " + ", ".join(f"{r}={e.concept_id}" for r, e in sorted(self.entries.items()))
+
+    def constraints(self) -> str:
+        """The constraints applied to the calls ("; "-separated; empty for per-residue calls)."""
+        return "; ".join(self.decoder.constraints()) if self.active and self.decoder is not None else ""
 
     def __call__(self, idx: np.ndarray, val: np.ndarray, min_segment_len: int = 1,
                  merge_gap: int = 0) -> list[Segment]:
@@ -388,7 +551,9 @@ def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3
 
 def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles: Mapping[str, "ConceptEntry"],
                 role_order: Sequence[str], fitted_on: str = "", max_residues: int = 400_000,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, context: Sequence[int] = (), duration_q: tuple[float, float] = (1.0, 99.0),
+                penalties: Mapping[str, float] | None = None,
+                extra_latents: Sequence[int] = ()) -> dict[str, Any]:
     """Fit a decoder from per-protein role activations [L, n_roles] and residue classes (``tmbed_classes``).
 
     Classes whose role has no concept in the SAE are left out of the model (their proteins' residues are not
@@ -441,13 +606,15 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
         remap[CLASSES.index(c)] = i
     for a, y in zip(acts, labels):
         y = np.asarray(y)
-        if a.ndim != 2 or a.shape[1] != len(role_order):
-            raise InputError(f"activations must be [rows, {len(role_order)}] (one column per role), got {a.shape}")
+        nc = len(role_order) + len(extra_latents)
+        if a.ndim != 2 or a.shape[1] != nc:
+            raise InputError(f"activations must be [rows, {nc}] (one column per role, then per extra latent), "
+                             f"got {a.shape}")
         if a.shape[0] != y.shape[0]:
             raise InputError(f"activations have {a.shape[0]} rows but labels {y.shape[0]} residues")
         yy = remap[np.where(y >= 0, y, len(CLASSES))]
         keep = yy >= 0
-        X_parts.append(features(a[keep]))
+        X_parts.append(features(a, context, len(extra_latents))[keep])
         y_parts.append(yy[keep])
     X = np.concatenate(X_parts)
     yv = np.concatenate(y_parts)
@@ -472,9 +639,12 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
         "roles": {r: {"concept_id": e.concept_id, "latent": int(e.latent)} for r, e in roles.items()},
         "role_order": role_order,
         "classes": classes,
-        "emission": {"features": "per role in role_order: [a > 0] then [log1p(a)]",
+        "emission": {"features": "per role in role_order: [a > 0], [log1p(a)], then per context half-width w "
+                                 "the mean of log1p(a) over residues i-w..i+w",
+                     "context": [int(w) for w in context], "extra_latents": [int(x) for x in extra_latents],
                      "coef": coef.round(6).tolist(), "intercept": intercept.round(6).tolist(),
                      "log_prior": log_prior.round(6).tolist()},
+        "penalties": {k: float(v) for k, v in (penalties or {}).items()},
         "durations": {},
         "transitions": {
             "start_G": frac(first["G"] + 1, n_start), "start_S": frac(first["S"] + 1, n_start),
@@ -491,7 +661,7 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
     }
     for c in ("S", "H", "B"):
         if c in classes:
-            d = _duration(counts[c])
+            d = _duration(counts[c], lo_q=duration_q[0], hi_q=duration_q[1])
             params["durations"][c] = dataclasses.asdict(d) | {"log_p": [round(x, 6) for x in d.log_p]}
     params["transitions"] = {k: round(v, 6) for k, v in params["transitions"].items()}
     SegmentDecoder(params)  # refuse to return something annotate could not load

@@ -45,13 +45,13 @@ PROVENANCE_ORDER: tuple[str, ...] = (
     "format", "format_version", "protsae_version", "command", "plm_model", "plm_sha256", "hook_point", "layer",
     "layer_semantics", "sae_id", "sae_sha256", "d_model", "d_sae", "k", "sae_arch", "dtype", "device_type",
     "backend", "compute_dtype", "long_policy", "max_window", "window_overlap", "min_segment_len", "merge_gap",
-    "calling_policy", "concepts_withheld", "coordinate_system", "shard",
+    "calling_policy", "concepts_withheld", "decode", "decode_constraints", "coordinate_system", "shard",
 )
 # Keys that change what the numbers mean: shards disagreeing on any of them are refused.
 STRICT_KEYS: tuple[str, ...] = (
     "format_version", "plm_model", "plm_sha256", "hook_point", "layer", "sae_sha256", "d_model", "d_sae", "k",
     "sae_arch", "dtype", "compute_dtype", "long_policy", "max_window", "window_overlap", "min_segment_len",
-    "merge_gap",
+    "merge_gap", "decode",
 )
 # Keys that may legitimately differ between shards (a CPU and a GPU node, a renamed SAE directory); the merged
 # file records every value seen, comma-separated, rather than pretending there was one.
