@@ -13,8 +13,11 @@ IO_PANEL, SEL_PANEL, MAP_PANEL = "Input/Output", "What to export", "Residue mapp
 
 
 def command(
-    h5: Path = typer.Option(..., "--h5", rich_help_panel=IO_PANEL, show_default=False,
-                            help="Annotation file written by `protsae annotate` (PREFIX.h5)."),
+    h5: Optional[Path] = typer.Argument(None, metavar="H5", show_default=False,
+                                        help="Annotation file written by `protsae annotate` (PREFIX.h5), as "
+                                             "`protsae report H5` takes it."),
+    h5_option: Optional[Path] = typer.Option(None, "--h5", rich_help_panel=IO_PANEL, show_default=False,
+                                             metavar="H5", help="The same, as an option (older scripts)."),
     pdb: Path = typer.Option(..., "--pdb", rich_help_panel=IO_PANEL, show_default=False,
                              help="Structure to colour: .pdb/.ent or .cif/.mmcif (optionally .gz), e.g. an "
                                   "AlphaFold model."),
@@ -50,11 +53,16 @@ def command(
 
     Residues are matched to the protein by sequence alignment (offset numbering, insertion codes and gaps are fine); other chains, ligands and waters get 0.
 
-    Example: [bold]protsae export-structure --h5 run.h5 --protein P69905 --concept "metal binding site" --pdb AF-P69905-F1-model_v4.pdb -o P69905.pdb --pml P69905.pml[/bold]
+    Example: [bold]protsae export-structure run.h5 --protein P69905 --concept "metal binding site" --pdb AF-P69905-F1-model_v4.pdb -o P69905.pdb --pml P69905.pml[/bold]
     """
     import sys
 
     from protsae_cli.report.structure import describe, export_structure
+
+    if (h5 is None) == (h5_option is None):
+        raise typer.BadParameter("give the annotation file once: as H5 (e.g. `protsae export-structure run.h5 "
+                                 "...`) or as --h5", param_hint="H5")
+    h5 = h5 if h5 is not None else h5_option
 
     summary = export_structure(h5, pdb, output, concept, protein_id=protein, index=index, chain=chain,
                                scale=scale.value, force=force, min_identity=min_identity, defattr=defattr, pml=pml)

@@ -34,7 +34,7 @@ def command(
                                            help="Residues sampled per protein (0 = all; ProtSAE's code: 100)."),
     max_proteins: Optional[int] = typer.Option(None, "--max-proteins", rich_help_panel=DATA, min=1,
                                                help="Use a seeded random subset of this many proteins."),
-    val_fraction: float = typer.Option(T.val_fraction, "--val-fraction", rich_help_panel=DATA, min=0,
+    val_fraction: float = typer.Option(T.val_fraction, "--valid-fraction", "--val-fraction", rich_help_panel=DATA, min=0,
                                        callback=open_ends(high=1),
                                        help="Fraction of proteins held out for validation and checkpoint "
                                             "selection, in [0, 1)."),

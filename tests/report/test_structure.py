@@ -344,3 +344,22 @@ def test_main_exit_code(h5, tmp_path, capsys):
               str(PDB), "-o", str(tmp_path / "o.pdb")])
     assert e.value.code == EXIT_BAD_INPUT
     assert "--index" in capsys.readouterr().err
+
+
+def test_h5_is_positional_as_in_report_and_still_an_option(tmp_path):
+    """`protsae export-structure H5` like `protsae report H5`; `--h5 H5` (older scripts) still works; both or
+    neither is a usage error (exit 2)."""
+    from typer.testing import CliRunner
+
+    from protsae_cli.cli.app import build_app
+
+    rest = ["--protein", "P1", "--concept", "c", "--pdb", str(tmp_path / "x.pdb"), "-o", str(tmp_path / "o.pdb")]
+    app = build_app()
+    neither = CliRunner().invoke(app, ["export-structure", *rest])
+    both = CliRunner().invoke(app, ["export-structure", "a.h5", "--h5", "b.h5", *rest])
+    assert neither.exit_code == 2 and both.exit_code == 2
+    assert "give the annotation file once" in neither.output + str(neither.stderr_bytes or b"")
+    for argv in (["export-structure", str(tmp_path / "missing.h5"), *rest],
+                 ["export-structure", "--h5", str(tmp_path / "missing.h5"), *rest]):
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code != 2, res.output  # parsed: fails later, on the missing file
