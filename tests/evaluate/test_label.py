@@ -1,4 +1,4 @@
-"""`protsae label` (protsae_cli/evaluate/pipeline/label.py): latents of any SAE bound to labelled concepts, written as a protsae SAE
+"""`protsae label` (protsae_cli/evaluate/label.py): latents of any SAE bound to labelled concepts, written as a protsae SAE
 directory that `annotate` calls from without foreign flags.
 
 The labels are synthetic membrane proteins a random tiny ESM-2 can represent: transmembrane helices are runs of
