@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from protsae_cli.evaluate.options import CalibrateOptions as C  # the defaults live there (import-light)
-from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
+from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CallingOpt,
+                                     CheckPlmOpt,
                                      DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, ThreadsOpt)
 
 IO_PANEL = "Input/Output"
@@ -24,9 +25,7 @@ def command(
                                               "new concept table). Required unless --measure-only."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    calling: str = typer.Option(C.calling, "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
-                                help="Operating point each threshold is chosen for: f1 (best F1), precision:P "
-                                     "(most recall with precision >= P, e.g. precision:0.9) or recall:R."),
+    calling: CallingOpt = C.calling,
     measure_only: bool = typer.Option(C.measure_only, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
                                       help="Keep the thresholds and only measure them on these proteins "
                                            "(a held-out check); writes no SAE."),

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from protsae_cli.evaluate.options import LabelOptions as L  # the defaults live there (import-light)
-from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
+from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CallingOpt,
+                                     CheckPlmOpt,
                                      DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, SaeKOpt, SaeLayerOpt, SaePlmOpt,
                                      ThreadsOpt, open_ends)
 
@@ -28,9 +29,7 @@ def command(
                                help="Replace -o DIR if it exists and is not empty."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    calling: str = typer.Option(L.calling, "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
-                                help="Operating point each threshold is chosen for on the validation part: f1 "
-                                     "(best F1), precision:P (most recall with precision >= P) or recall:R."),
+    calling: CallingOpt = L.calling,
     valid_fraction: float = typer.Option(L.valid_fraction, "--valid-fraction", rich_help_panel=CONCEPTS_PANEL,
                                          callback=open_ends(low=0, high=1),
                                          help="Share of the labelled proteins in the validation part (thresholds "

@@ -298,6 +298,11 @@ AnnotationsOpt = Annotated[List[str], typer.Option(
          "lists, GAF, GO TSV, generic TSV. Comma-join files that form one source (bindPredict "
          "metal,nuclear,small). A protein missing from a file is unlabelled (not negative) for its concepts.")]
 
+CallingOpt = Annotated[str, typer.Option(
+    "--calling", metavar="POINT", rich_help_panel=CONCEPTS_PANEL,
+    help="Operating point each concept's threshold is chosen for on the validation proteins: f1 (best F1), "
+         "precision:P (most recall with precision >= P, e.g. precision:0.9) or recall:R (docs/CALLS.md).")]
+
 OntologyOpt = Annotated[List[str], typer.Option(
     "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
     help="OBO ontology (repeatable): GO (go.obo) for GAF / GO TSV files; for residue files the first other one "
