@@ -28,12 +28,12 @@ def _entries(with_strand: bool = True) -> list[ConceptEntry]:
             for i, (r, c) in enumerate(ROLE_CONCEPTS.items()) if with_strand or r != "strand"]
 
 
-def _synthetic(n: int, seed: int, strands: bool = True, noise: float = 0.05):
+def _synthetic(n: int, seed: int, strands: bool = True, noise: float = 0.05, max_len: int = 300):
     """TMbed-style label strings and activations [L, 5] that fire on the labelled role 80 % of the time."""
     rng = np.random.default_rng(seed)
     labels, acts = [], []
     for p in range(n):
-        L = int(rng.integers(90, 300))
+        L = int(rng.integers(90, max_len))
         kind = p % 4
         if kind == 0:
             y = ("S" * 22 + "1" * L)[:L] if p % 8 == 0 else "1" * L

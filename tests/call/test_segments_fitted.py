@@ -15,46 +15,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from protsae_cli.errors import InputError
-from protsae_cli.sae.config import ConceptEntry
-from protsae_cli.call.segments import (ROLE_CONCEPTS, RegionCaller, SegmentDecoder, SignalGate, features, fit_decoder,
+from tests.call.test_segments import LABEL_COL, _entries  # noqa: F401 (shared synthetic data)
+from tests.call.test_segments import _synthetic as _synthetic_any
+from protsae_cli.call.segments import (RegionCaller, SegmentDecoder, SignalGate, features, fit_decoder,
                                   gate_features, role_entries, tmbed_classes)
 
 REPO = Path(__file__).resolve().parents[2]
-LABEL_COL = {"H": 0, "B": 1, "S": 2, "1": 3, "2": 4}
 
 
-def _entries(with_strand: bool = True) -> list[ConceptEntry]:
-    return [ConceptEntry(latent=i, concept_id=c, name=r, kind="region", threshold=0.1)
-            for i, (r, c) in enumerate(ROLE_CONCEPTS.items()) if with_strand or r != "strand"]
 
 
-def _synthetic(n: int, seed: int):
-    """TMbed-style labels and [L, 5] activations firing on the labelled role 80 % of the time (as test_segments)."""
-    rng = np.random.default_rng(seed)
-    labels, acts = [], []
-    for p in range(n):
-        L = int(rng.integers(90, 250))
-        kind = p % 4
-        if kind == 0:
-            y = ("S" * 22 + "1" * L)[:L] if p % 8 == 0 else "1" * L
-        else:
-            span, side, y = ("B" if kind == 3 else "H"), "1", ""
-            if p % 3 == 0:
-                y, side = "S" * int(rng.integers(18, 28)), "2"
-            while len(y) < L - 45:
-                y += side * int(rng.integers(4, 30))
-                y += span * (int(rng.integers(18, 26)) if span == "H" else int(rng.integers(8, 12)))
-                side = "2" if side == "1" else "1"
-            y = (y + side * L)[:L]
-        a = np.zeros((L, 5), np.float32)
-        for i, ch in enumerate(y):
-            if rng.random() < 0.8:
-                a[i, LABEL_COL[ch]] = rng.random() * 2 + 0.2
-            if rng.random() < 0.05:
-                a[i, rng.integers(5)] = rng.random()
-        labels.append(y)
-        acts.append(a)
-    return labels, acts
 
 
 @pytest.fixture(scope="module")
@@ -283,3 +253,8 @@ def test_annotate_examples_decodes_by_default_and_records_constraints(tmp_path, 
         helices = [s.end - s.start + 1 for i in range(hv.n_proteins) for s in hv.segments(i)
                    if names.get(s.latent) == "helix"]
         assert helices and all(11 <= n <= 30 for n in helices), helices
+
+
+def _synthetic(n: int, seed: int):
+    """test_segments' synthetic TMbed-style proteins, 90-249 residues long."""
+    return _synthetic_any(n, seed, max_len=250)
