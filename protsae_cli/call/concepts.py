@@ -270,10 +270,12 @@ def segment_score(entry: "ConceptEntry | None", max_act: float) -> float | None:
 
 
 def log_calling(sel: CallSelection, log: "logging.Logger") -> None:
-    """Say what annotate withholds and why, once per run (stderr; -q silences it, --log-file keeps it)."""
-    for e, why in sel.withheld:
-        log.warning("withheld concept %s %s (latent %d): %s on validation proteins; --call-withheld calls it",
-                    e.concept_id, e.name, e.latent, why)
+    """Say what annotate withholds and why, in one line per run (a warning: -qq silences it, --log-file keeps it;
+    the same list is in every output's provenance, `concepts_withheld`)."""
+    if sel.withheld:
+        log.warning("withheld %d concept%s below the reliability floors on validation proteins (docs/CALLS.md; "
+                    "--call-withheld calls them): %s", len(sel.withheld), "" if len(sel.withheld) == 1 else "s",
+                    "; ".join(f"{e.concept_id} {e.name} (latent {e.latent}: {why})" for e, why in sel.withheld))
     for e, why in sel.forced:
         log.warning("calling concept %s %s below the floor (%s) because of --call-withheld", e.concept_id, e.name, why)
     if sel.unmeasured:
