@@ -54,7 +54,7 @@ class OperatingPoint:
     target: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "OperatingPoint":
+    def parse(cls, text: str) -> OperatingPoint:
         t = text.strip().lower()
         if t in ("f1", "best-f1", "max-f1"):
             return cls("f1")
@@ -89,7 +89,7 @@ class ConceptCounts:
     n_residues: int
 
     @classmethod
-    def from_values(cls, act: np.ndarray, label: np.ndarray, n_pos: int, n_residues: int) -> "ConceptCounts":
+    def from_values(cls, act: np.ndarray, label: np.ndarray, n_pos: int, n_residues: int) -> ConceptCounts:
         """Exact counts: one bin per distinct activation of the active labelled residues."""
         act = np.asarray(act, np.float32).astype(np.float64)
         label = np.asarray(label, bool)

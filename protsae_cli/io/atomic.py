@@ -187,7 +187,7 @@ class AtomicFile:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -329,7 +329,7 @@ class OutputWriter(abc.ABC):
         self._state = "open"  # open -> closed | aborted
         self.input_identity: dict[str, int | str] = {}
 
-    def set_input_identity(self, identity: "Mapping[str, int | str]") -> None:
+    def set_input_identity(self, identity: Mapping[str, int | str]) -> None:
         """Record the whole input's identity (written at ``close``); call before closing."""
         from protsae_cli.io.fasta import INPUT_IDENTITY_KEYS
 
@@ -339,7 +339,7 @@ class OutputWriter(abc.ABC):
     def closed(self) -> bool:
         return self._state != "open"
 
-    def write(self, result: "ProteinResult") -> None:
+    def write(self, result: ProteinResult) -> None:
         """Append one protein; proteins are expected in input order (the outputs keep the order given)."""
         if self._state != "open":
             raise ValueError(f"{type(self).__name__}: write after {self._state}")
@@ -382,7 +382,7 @@ class OutputWriter(abc.ABC):
             self.abort()
 
     @abc.abstractmethod
-    def _write(self, result: "ProteinResult") -> None:
+    def _write(self, result: ProteinResult) -> None:
         """Append one validated protein to the output."""
 
     @abc.abstractmethod

@@ -26,7 +26,8 @@ import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Iterator, TextIO, Union
+from typing import IO, TextIO, Union
+from collections.abc import Iterator
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
@@ -106,7 +107,7 @@ class InputIdentity:
         self._sha = hashlib.sha256()
         self.complete = False
 
-    def add(self, record: "ProteinRecord | InvalidRecord") -> None:
+    def add(self, record: ProteinRecord | InvalidRecord) -> None:
         md5 = hashlib.md5(record.sequence.encode("ascii")).hexdigest() if isinstance(record, ProteinRecord) else ""
         self.add_fields(record.index, record.id, md5)
 
@@ -115,7 +116,7 @@ class InputIdentity:
         self._sha.update(f"{index}\t{protein_id}\t{md5}\n".encode("utf-8", "surrogateescape"))
         self.records += 1
 
-    def track(self, records: "Iterator[ProteinRecord | InvalidRecord]") -> "Iterator[ProteinRecord | InvalidRecord]":
+    def track(self, records: Iterator[ProteinRecord | InvalidRecord]) -> Iterator[ProteinRecord | InvalidRecord]:
         """Pass records through, adding each; ``complete`` once the input was read to its end."""
         for record in records:
             self.add(record)

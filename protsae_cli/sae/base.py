@@ -11,7 +11,8 @@ checkpoint names its class by `cfg.arch`.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, ClassVar, NamedTuple, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

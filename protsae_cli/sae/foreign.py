@@ -241,7 +241,7 @@ class ForeignTopKSAE(TopKSAE):
             self.post_scale = None
 
     @classmethod
-    def from_config(cls, cfg: SAEConfig) -> "ForeignTopKSAE":
+    def from_config(cls, cfg: SAEConfig) -> ForeignTopKSAE:
         """The module a protsae directory of arch ``foreign_topk`` describes (written by `protsae label`):
         `cfg.foreign` says which of the non-affine parts it has; their tensors are in the weights file."""
         spec = cfg.foreign

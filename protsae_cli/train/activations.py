@@ -24,7 +24,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class ActivationSet:
     def __len__(self) -> int:
         return self.acts.shape[0]
 
-    def subset_proteins(self, keep: Sequence[int]) -> "ActivationSet":
+    def subset_proteins(self, keep: Sequence[int]) -> ActivationSet:
         """Rows of the given proteins only (protein indices are preserved, so labels still line up)."""
         mask = torch.zeros(len(self.protein_ids), dtype=torch.bool)
         mask[torch.as_tensor(list(keep), dtype=torch.long)] = True
@@ -70,7 +70,7 @@ class ActivationSet:
         return out
 
     @classmethod
-    def load(cls, cache_dir: str | os.PathLike) -> "ActivationSet":
+    def load(cls, cache_dir: str | os.PathLike) -> ActivationSet:
         return ActivationCache.open(cache_dir).load()
 
 
@@ -186,7 +186,7 @@ class ActivationCache:
         self.rows_read = 0
 
     @classmethod
-    def open(cls, cache_dir: str | os.PathLike) -> "ActivationCache":
+    def open(cls, cache_dir: str | os.PathLike) -> ActivationCache:
         d = Path(cache_dir)
         try:
             meta = json.loads((d / META_NAME).read_text())

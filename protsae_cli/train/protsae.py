@@ -24,7 +24,8 @@ forced activation, exactly what `protsae annotate` computes):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -15,7 +15,8 @@ The loop itself (DDP, resume, validation and checkpoint selection on validation 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
