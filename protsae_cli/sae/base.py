@@ -46,6 +46,9 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = ""
     """The `cfg.arch` value this class is registered under."""
+    # Buffers (register_buffer in __init__), declared so type checkers see tensors, not `Tensor | Module`.
+    norm_mean: torch.Tensor
+    norm_scale: torch.Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

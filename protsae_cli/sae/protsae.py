@@ -256,6 +256,13 @@ class ProtSAE(SAE):
 
     Built on `SAE` (decoder, normalisation), not on `TopKSAE`: it has no full `W_enc` (see the module doc)."""
 
+    # Buffers (register_buffer in __init__), declared so type checkers see tensors, not `Tensor | Module`.
+    defined_offset: torch.Tensor
+    nf1: torch.Tensor
+    nf2: torch.Tensor
+    nf3: torch.Tensor
+    nf4: torch.Tensor
+
     def __init__(self, cfg: SAEConfig):
         if cfg.arch != "protsae":
             raise InputError(f"ProtSAE needs cfg.arch='protsae', got {cfg.arch!r}")
@@ -265,7 +272,7 @@ class ProtSAE(SAE):
         super().__init__(cfg)
         self.opts = opts
         d, n = cfg.d_model, cfg.d_sae
-        m, m0, n_rel = opts.n_concepts, opts.n_zero_classes, opts.n_relations
+        m, m0, n_rel = self.n_concepts, opts.n_zero_classes, opts.n_relations  # resolved: an int
         self.W_unk = nn.Parameter(torch.empty(n - m, d))
         self.b_unk = nn.Parameter(torch.zeros(n - m))
         self.W_pred = nn.Parameter(torch.empty(m, d))
