@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 from collections.abc import Callable
 
 log = logging.getLogger("protsae.progress")
@@ -105,7 +105,7 @@ class Progress:
         self._base = 0.0  # work done before this run (a resumed job): counted in done, not in the rate
         self.counters: dict[str, float] = {}
         self.info: str | None = None
-        self._p = None
+        self._p: Any = None  # a rich.progress.Progress while the bar runs (rich is imported lazily)
         self._t0 = self._last = 0.0
 
     # -- context ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from protsae_cli.io.results import ProteinResult
@@ -249,7 +249,8 @@ class TextOutput:
         try:
             if self.atomic.final.name.endswith(".gz"):
                 # mtime=0 keeps the gzip header reproducible between identical runs.
-                self._raw = gzip.GzipFile(filename=self.atomic.final.name[:-3], mode="wb", fileobj=raw, mtime=0)
+                gz = gzip.GzipFile(filename=self.atomic.final.name[:-3], mode="wb", fileobj=raw, mtime=0)
+                self._raw = cast(IO[bytes], gz)  # a binary stream; typeshed does not declare GzipFile an IO[bytes]
                 self._file = raw
             else:
                 self._raw = raw

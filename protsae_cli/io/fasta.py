@@ -26,7 +26,7 @@ import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, TextIO, Union
+from typing import IO, TextIO, Union, cast
 from collections.abc import Iterator
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -152,13 +152,13 @@ def describe_source(source: Source) -> str:
 def _peek(binary: IO[bytes], n: int, stack: contextlib.ExitStack) -> tuple[IO[bytes], bytes]:
     """Look at the first bytes without consuming them, so pipes can be sniffed for gzip too."""
     if hasattr(binary, "peek"):
-        return binary, binary.peek(n)[:n]  # type: ignore[attr-defined]
+        return binary, binary.peek(n)[:n]
     if binary.seekable():
         where = binary.tell()
         head = binary.read(n)
         binary.seek(where)
         return binary, head
-    reader = io.BufferedReader(binary)  # type: ignore[arg-type]
+    reader = io.BufferedReader(binary)  # type: ignore[type-var]  # any readable binary stream works; typeshed asks for a RawIOBase
     stack.callback(reader.detach)  # so that collecting the reader never closes a stream we do not own
     return reader, reader.peek(n)[:n]
 
@@ -167,7 +167,7 @@ def _decompressing(binary: IO[bytes], name: str, stack: contextlib.ExitStack) ->
     """Undo gzip when the magic bytes say so: suffixes lie (``.gz`` files that are plain, and vice versa)."""
     binary, head = _peek(binary, 6, stack)
     if head.startswith(_GZIP_MAGIC):
-        return stack.enter_context(gzip.GzipFile(fileobj=binary, mode="rb"))
+        return cast(IO[bytes], stack.enter_context(gzip.GzipFile(fileobj=binary, mode="rb")))
     for magic, kind in _COMPRESSED_MAGIC:
         if head.startswith(magic):
             raise InputError(
@@ -364,6 +364,7 @@ def _iter_fasta(source: Source, skip_invalid: bool) -> Iterator[ProteinRecord | 
             description = parts[1] if len(parts) > 1 else ""
             prefix = f"protein {protein_id!r} (record {index + 1})"
             where = f"line {layout.header_line}"
+            error: str | None
             if not protein_id:
                 error = "header has no id ('>' must be followed by an identifier)"
             else:

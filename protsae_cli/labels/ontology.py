@@ -242,14 +242,14 @@ class Ontology:
                     rels.append((rel, r))
             term.relationships = rels
             inter: list[tuple[str | None, str]] = []
-            for rel, target in term.intersection_of:
+            for irel, target in term.intersection_of:
                 r = self.resolve(target)
                 if r is None:
                     # a logical definition with a missing part cannot be normalised faithfully: drop it whole
                     self.dangling.append((tid, "intersection_of", target))
                     inter = []
                     break
-                inter.append((self._rel_alias.get(rel, rel) if rel else None, r))
+                inter.append((self._rel_alias.get(irel, irel) if irel else None, r))
             term.intersection_of = inter
 
     # ------------------------------------------------------------------------------------------------ lookup
@@ -645,14 +645,14 @@ def normal_forms(ontology: Ontology, concepts: Sequence[str], restrict_to_closur
             sink.add_nf4(tid, rel, target)
         if term.intersection_of:
             atoms: list[str] = []
-            for rel, target in term.intersection_of:
-                if rel is None:
+            for irel, target in term.intersection_of:
+                if irel is None:
                     sink.add_nf1(tid, target)
                     atoms.append(target)
                 else:
-                    sink.add_nf4(tid, rel, target)
-                    x = _exists_class(rel, target)
-                    sink.add_nf3(rel, target, x)
+                    sink.add_nf4(tid, irel, target)
+                    x = _exists_class(irel, target)
+                    sink.add_nf3(irel, target, x)
                     atoms.append(x)
             atoms = list(dict.fromkeys(atoms))
             if len(atoms) == 1:

@@ -166,8 +166,8 @@ class ResidueLabels:
             for concept, idx in per.items():
                 for anc in ancestors(concept):
                     builder.add_residues(pid, anc, idx)
-        for pid, per in self.instances.items():
-            for concept, spans in per.items():
+        for pid, inst in self.instances.items():
+            for concept, spans in inst.items():
                 for anc in ancestors(concept):
                     for span in spans:
                         builder.add_instance_span(pid, anc, span)
@@ -242,8 +242,8 @@ class ResidueLabelBuilder:
             self.touch(pid)
             for concept, idx in per.items():
                 self.add_residues(pid, concept, idx.tolist())
-        for pid, per in labels.instances.items():
-            for concept, spans in per.items():
+        for pid, inst in labels.instances.items():
+            for concept, spans in inst.items():
                 for span in spans:
                     self.add_instance_span(pid, concept, span)
         for pid, idx in labels.masked.items():

@@ -369,7 +369,7 @@ def build_view(ann: H5Annotations, pos: int, stats_by_key: dict[tuple[int, float
                  f"latent {key[0]} (no concept entry) \u00b7 threshold {fmt(key[1])}")
         best = best_row(st.entries) if st else None
         rel_note, warn = "", False
-        if best is not None:
+        if best is not None and st is not None:  # best is found only when st is
             rel_note = short_reliability(best)
             warn = not measured(best) or floor_reason(best) is not None
             for e in st.entries:  # the header already gives the threshold: from the fields, the rest

@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -418,7 +418,7 @@ def rewrite_pdb(text: str, values: dict[ResidueKey, float]) -> str:
     return "".join(out)
 
 
-def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: io.TextIOBase) -> None:
+def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: IO[str]) -> None:
     """Write the mmCIF with only ``_atom_site.B_iso_or_equiv`` changed, every other category kept.
 
     Keys use the fields Bio.PDB's MMCIFParser builds residues from (author chain, author number, PDB insertion
@@ -452,7 +452,7 @@ def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: io.TextIOB
 
 
 def write_converted(structure: Structure, values: dict[ResidueKey, float], fmt: str,
-                    handle: io.TextIOBase) -> None:
+                    handle: IO[str]) -> None:
     """PDB <-> mmCIF through Bio.PDB: coordinates and B-factors only (headers do not survive conversion)."""
     from Bio.PDB import PDBIO
     from Bio.PDB.mmcifio import MMCIFIO

@@ -157,7 +157,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # type: ignore[misc]  # in place: W_dec stays this Parameter
 
 
 # -- registry ---------------------------------------------------------------------------------------------

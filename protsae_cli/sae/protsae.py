@@ -409,7 +409,8 @@ class ProtSAE(SAE):
 
     def _defined_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective defined encoder rows and bias, unscaled: (sg(W_pred), sg(b_pred) | -theta | None)."""
-        W, b = self.W_pred, self.b_pred
+        W: torch.Tensor = self.W_pred
+        b: torch.Tensor = self.b_pred
         if self.opts.detach:
             W, b = W.detach(), b.detach()
         how = self.opts.defined_bias
@@ -421,7 +422,7 @@ class ProtSAE(SAE):
         """Unscaled, unbiased defined scores W_pred (x_n - b_dec) [N, m]: what `defined_offset` is cut on
         (`dtype`: compute in another precision, e.g. float64 for a cut that must not depend on batch shape)."""
         x_c = x_n - self.b_dec
-        W = self.W_pred
+        W: torch.Tensor = self.W_pred
         if dtype is not None:
             x_c, W = x_c.to(dtype), W.to(dtype)
         return F.linear(x_c, W)

@@ -184,7 +184,7 @@ class ProtSAEObjective(nn.Module):
             extra["n_obs"] += obs.sum()
         reduce_sums(sums, env)
         reduce_sums(extra, env)
-        out = finish_reconstruction(sums)
+        out: dict[str, Any] = finish_reconstruction(sums)  # plus per-concept dicts below
         if not out:
             return out
         out["nmse"] = out["fvu"]
