@@ -222,6 +222,7 @@ def apply_choice(entry: Any, counts: ConceptCounts, point: OperatingPoint, label
     rec: dict[str, Any] = {"concept": entry.concept_id, "name": entry.name, "latent": entry.latent,
                            "threshold_before": entry.threshold, "before": before, "positives": counts.n_pos,
                            "residues": counts.n_residues, "active_residues": counts.n_active}
+    choice: Choice | None
     if keep_threshold:
         choice = Choice(entry.threshold, before["precision"], before["recall"], before["f1"], before["calls"], True,
                         "threshold kept")
