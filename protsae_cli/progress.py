@@ -20,7 +20,8 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import Any, TextIO
+from collections.abc import Callable
 
 log = logging.getLogger("protsae.progress")
 
@@ -87,10 +88,10 @@ class Progress:
     ``residues=312``) are running sums shown beside the count.
     """
 
-    def __init__(self, label: str, total: Optional[int] = None, *, unit: str = "items", enabled: bool = True,
-                 interval: Optional[float] = None, logger: Optional[logging.Logger] = None,
-                 stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic,
-                 bar: Optional[bool] = None) -> None:
+    def __init__(self, label: str, total: int | None = None, *, unit: str = "items", enabled: bool = True,
+                 interval: float | None = None, logger: logging.Logger | None = None,
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic,
+                 bar: bool | None = None) -> None:
         from protsae_cli.logging_setup import is_quiet
 
         self.label, self.total, self.unit = label, total, unit
@@ -103,12 +104,12 @@ class Progress:
         self.done = 0.0
         self._base = 0.0  # work done before this run (a resumed job): counted in done, not in the rate
         self.counters: dict[str, float] = {}
-        self.info: Optional[str] = None
-        self._p = None
+        self.info: str | None = None
+        self._p: Any = None  # a rich.progress.Progress while the bar runs (rich is imported lazily)
         self._t0 = self._last = 0.0
 
     # -- context ------------------------------------------------------------------------------------------------
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._t0 = self._last = self.clock()
         if self.use_bar:
             from rich.console import Console
@@ -129,7 +130,7 @@ class Progress:
         elif self.enabled and exc_type is None:
             self.log.info("%s", self.line(final=True))
 
-    def __call__(self, n: float = 1, total: Optional[int] = None, info: Optional[str] = None, **counters: float
+    def __call__(self, n: float = 1, total: int | None = None, info: str | None = None, **counters: float
                  ) -> None:
         """Same as `advance`, so the object itself can be handed to code that takes a progress callback."""
         self.advance(n, total=total, info=info, **counters)
@@ -140,7 +141,7 @@ class Progress:
         if self._p is not None:
             self._p.update(self._task, completed=self.done)
 
-    def advance(self, n: float = 1, *, total: Optional[int] = None, info: Optional[str] = None,
+    def advance(self, n: float = 1, *, total: int | None = None, info: str | None = None,
                 **counters: float) -> None:
         if not self.enabled:
             return
@@ -193,7 +194,7 @@ class Progress:
         return text
 
 
-def progress(label: str, total: Optional[int] = None, *, unit: str = "items", enabled: bool = True,
+def progress(label: str, total: int | None = None, *, unit: str = "items", enabled: bool = True,
              **kwargs) -> Progress:
     """`with progress("training", total=steps, unit="steps") as p: ... p.advance()` (see `Progress`)."""
     return Progress(label, total, unit=unit, enabled=enabled, **kwargs)

@@ -44,7 +44,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton

@@ -53,7 +53,7 @@ class OperatingPoint:
     target: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "OperatingPoint":
+    def parse(cls, text: str) -> OperatingPoint:
         t = text.strip().lower()
         if t in ("f1", "best-f1", "max-f1"):
             return cls("f1")
@@ -88,7 +88,7 @@ class ConceptCounts:
     n_residues: int
 
     @classmethod
-    def from_values(cls, act: np.ndarray, label: np.ndarray, n_pos: int, n_residues: int) -> "ConceptCounts":
+    def from_values(cls, act: np.ndarray, label: np.ndarray, n_pos: int, n_residues: int) -> ConceptCounts:
         """Exact counts: one bin per distinct activation of the active labelled residues."""
         act = np.asarray(act, np.float32).astype(np.float64)
         label = np.asarray(label, bool)
@@ -221,6 +221,7 @@ def apply_choice(entry: Any, counts: ConceptCounts, point: OperatingPoint, label
     rec: dict[str, Any] = {"concept": entry.concept_id, "name": entry.name, "latent": entry.latent,
                            "threshold_before": entry.threshold, "before": before, "positives": counts.n_pos,
                            "residues": counts.n_residues, "active_residues": counts.n_active}
+    choice: Choice | None
     if keep_threshold:
         choice = Choice(entry.threshold, before["precision"], before["recall"], before["f1"], before["calls"], True,
                         "threshold kept")

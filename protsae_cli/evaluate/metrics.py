@@ -268,7 +268,7 @@ class ConceptCounts:
     inst_hits: np.ndarray | None = None    # [T, L, C] instances with >= 1 residue a > tau
     n_instances: np.ndarray | None = None  # [C]
 
-    def __add__(self, other: "ConceptCounts") -> "ConceptCounts":
+    def __add__(self, other: ConceptCounts) -> ConceptCounts:
         if not np.array_equal(self.thresholds, other.thresholds) or self.tp.shape != other.tp.shape:
             raise ValueError("ConceptCounts with different thresholds or shapes cannot be added")
         inst = None

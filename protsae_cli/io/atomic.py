@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from protsae_cli.io.results import ProteinResult
@@ -187,7 +187,7 @@ class AtomicFile:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -249,7 +249,8 @@ class TextOutput:
         try:
             if self.atomic.final.name.endswith(".gz"):
                 # mtime=0 keeps the gzip header reproducible between identical runs.
-                self._raw = gzip.GzipFile(filename=self.atomic.final.name[:-3], mode="wb", fileobj=raw, mtime=0)
+                gz = gzip.GzipFile(filename=self.atomic.final.name[:-3], mode="wb", fileobj=raw, mtime=0)
+                self._raw = cast(IO[bytes], gz)  # a binary stream; typeshed does not declare GzipFile an IO[bytes]
                 self._file = raw
             else:
                 self._raw = raw
@@ -329,7 +330,7 @@ class OutputWriter(abc.ABC):
         self._state = "open"  # open -> closed | aborted
         self.input_identity: dict[str, int | str] = {}
 
-    def set_input_identity(self, identity: "Mapping[str, int | str]") -> None:
+    def set_input_identity(self, identity: Mapping[str, int | str]) -> None:
         """Record the whole input's identity (written at ``close``); call before closing."""
         from protsae_cli.io.fasta import INPUT_IDENTITY_KEYS
 
@@ -339,7 +340,7 @@ class OutputWriter(abc.ABC):
     def closed(self) -> bool:
         return self._state != "open"
 
-    def write(self, result: "ProteinResult") -> None:
+    def write(self, result: ProteinResult) -> None:
         """Append one protein; proteins are expected in input order (the outputs keep the order given)."""
         if self._state != "open":
             raise ValueError(f"{type(self).__name__}: write after {self._state}")
@@ -382,7 +383,7 @@ class OutputWriter(abc.ABC):
             self.abort()
 
     @abc.abstractmethod
-    def _write(self, result: "ProteinResult") -> None:
+    def _write(self, result: ProteinResult) -> None:
         """Append one validated protein to the output."""
 
     @abc.abstractmethod

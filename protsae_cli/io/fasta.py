@@ -26,7 +26,8 @@ import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import IO, Iterator, TextIO, Union
+from typing import IO, TextIO, Union, cast
+from collections.abc import Iterator
 
 from protsae_cli.errors import InputError
 
@@ -104,7 +105,7 @@ class InputIdentity:
         self._sha = hashlib.sha256()
         self.complete = False
 
-    def add(self, record: "ProteinRecord | InvalidRecord") -> None:
+    def add(self, record: ProteinRecord | InvalidRecord) -> None:
         md5 = hashlib.md5(record.sequence.encode("ascii")).hexdigest() if isinstance(record, ProteinRecord) else ""
         self.add_fields(record.index, record.id, md5)
 
@@ -113,7 +114,7 @@ class InputIdentity:
         self._sha.update(f"{index}\t{protein_id}\t{md5}\n".encode("utf-8", "surrogateescape"))
         self.records += 1
 
-    def track(self, records: "Iterator[ProteinRecord | InvalidRecord]") -> "Iterator[ProteinRecord | InvalidRecord]":
+    def track(self, records: Iterator[ProteinRecord | InvalidRecord]) -> Iterator[ProteinRecord | InvalidRecord]:
         """Pass records through, adding each; ``complete`` once the input was read to its end."""
         for record in records:
             self.add(record)
@@ -149,13 +150,13 @@ def describe_source(source: Source) -> str:
 def _peek(binary: IO[bytes], n: int, stack: contextlib.ExitStack) -> tuple[IO[bytes], bytes]:
     """Look at the first bytes without consuming them, so pipes can be sniffed for gzip too."""
     if hasattr(binary, "peek"):
-        return binary, binary.peek(n)[:n]  # type: ignore[attr-defined]
+        return binary, binary.peek(n)[:n]
     if binary.seekable():
         where = binary.tell()
         head = binary.read(n)
         binary.seek(where)
         return binary, head
-    reader = io.BufferedReader(binary)  # type: ignore[arg-type]
+    reader = io.BufferedReader(binary)  # type: ignore[type-var]  # any readable binary stream works; typeshed asks for a RawIOBase
     stack.callback(reader.detach)  # so that collecting the reader never closes a stream we do not own
     return reader, reader.peek(n)[:n]
 
@@ -164,7 +165,7 @@ def _decompressing(binary: IO[bytes], name: str, stack: contextlib.ExitStack) ->
     """Undo gzip when the magic bytes say so: suffixes lie (``.gz`` files that are plain, and vice versa)."""
     binary, head = _peek(binary, 6, stack)
     if head.startswith(_GZIP_MAGIC):
-        return stack.enter_context(gzip.GzipFile(fileobj=binary, mode="rb"))
+        return cast(IO[bytes], stack.enter_context(gzip.GzipFile(fileobj=binary, mode="rb")))
     for magic, kind in _COMPRESSED_MAGIC:
         if head.startswith(magic):
             raise InputError(
@@ -363,6 +364,7 @@ def _iter_fasta(source: Source, skip_invalid: bool) -> Iterator[ProteinRecord | 
             description = parts[1] if len(parts) > 1 else ""
             prefix = f"protein {protein_id!r} (record {index + 1})"
             where = f"line {layout.header_line}"
+            error: str | None
             if not protein_id:
                 error = "header has no id ('>' must be followed by an identifier)"
             else:

@@ -115,7 +115,7 @@ class ProteinResult:
 
     @classmethod
     def without_codes(cls, index: int, id: str, description: str, sequence: str, status: str,
-                      status_detail: str, k: int = 0) -> "ProteinResult":
+                      status_detail: str, k: int = 0) -> ProteinResult:
         """A record for a protein that produced no codes (invalid input, out of memory).
 
         Exists so callers do not each hand-build empty [0, k] arrays with the right dtypes.

@@ -23,7 +23,8 @@ import logging
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from protsae_cli.errors import InputError
 from protsae_cli.labels.sets import ProteinLabels, ResidueLabelBuilder, ResidueLabels
@@ -148,7 +149,7 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
             raise InputError(f"{path}, line {lineno + 1}: not UTF-8 text ({exc.reason})") from None
 
 
-LineRef = Union[int, Callable[[], Optional[int]], None]  # a line number, or a function that finds it
+LineRef = int | Callable[[], int | None] | None  # a line number, or a function that finds it
 
 
 def _err(path: str | Path, lineno: LineRef, msg: str) -> InputError:
@@ -713,10 +714,11 @@ def load_uniprot_tsv(
             raise _err(path, lineno, f"{len(fields)} tab-separated fields, but the header has {len(header)}")
         fields += [""] * (len(header) - len(fields))
 
-        def col(names: Sequence[str]) -> str:
+        def col(names: Sequence[str], row: list[str] = fields) -> str:
+            # row bound now: the helper reads this line's fields, never a later line's
             for n in names:
                 if n in cols:
-                    return fields[cols[n]].strip()
+                    return row[cols[n]].strip()
             return ""
 
         raw_id = col(_TSV_ID_COLUMNS)

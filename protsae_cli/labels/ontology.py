@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from protsae_cli.errors import InputError
 
@@ -161,7 +162,7 @@ class Ontology:
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
-    def from_obo(cls, path: str | Path) -> "Ontology":
+    def from_obo(cls, path: str | Path) -> Ontology:
         """Parse an OBO 1.2/1.4 file (plain or .gz)."""
         try:
             with _open_text(path) as fh:
@@ -172,11 +173,11 @@ class Ontology:
             raise InputError(f"{path}: cannot read ontology: {exc}") from None
 
     @classmethod
-    def from_string(cls, text: str, source: str = "<string>") -> "Ontology":
+    def from_string(cls, text: str, source: str = "<string>") -> Ontology:
         return cls.from_lines(io.StringIO(text), source=source)
 
     @classmethod
-    def from_lines(cls, lines: Iterable[str], source: str = "<ontology>") -> "Ontology":
+    def from_lines(cls, lines: Iterable[str], source: str = "<ontology>") -> Ontology:
         header: dict[str, list[str]] = {}
         stanzas: list[tuple[str, int, list[tuple[str, str, int]]]] = []
         current: list[tuple[str, str, int]] | None = None
@@ -241,14 +242,14 @@ class Ontology:
                     rels.append((rel, r))
             term.relationships = rels
             inter: list[tuple[str | None, str]] = []
-            for rel, target in term.intersection_of:
+            for irel, target in term.intersection_of:
                 r = self.resolve(target)
                 if r is None:
                     # a logical definition with a missing part cannot be normalised faithfully: drop it whole
                     self.dangling.append((tid, "intersection_of", target))
                     inter = []
                     break
-                inter.append((self._rel_alias.get(rel, rel) if rel else None, r))
+                inter.append((self._rel_alias.get(irel, irel) if irel else None, r))
             term.intersection_of = inter
 
     # ------------------------------------------------------------------------------------------------ lookup
@@ -479,10 +480,10 @@ class NormalForms:
 
     class_ids: list[str]
     relation_ids: list[str]
-    nf1: "torch.Tensor"  # [n1, 2] (C, D):     C ⊑ D
-    nf2: "torch.Tensor"  # [n2, 3] (C, D, E):  C ⊓ D ⊑ E
-    nf3: "torch.Tensor"  # [n3, 3] (R, C, D):  ∃R.C ⊑ D
-    nf4: "torch.Tensor"  # [n4, 3] (C, R, D):  C ⊑ ∃R.D
+    nf1: torch.Tensor  # [n1, 2] (C, D):     C ⊑ D
+    nf2: torch.Tensor  # [n2, 3] (C, D, E):  C ⊓ D ⊑ E
+    nf3: torch.Tensor  # [n3, 3] (R, C, D):  ∃R.C ⊑ D
+    nf4: torch.Tensor  # [n4, 3] (C, R, D):  C ⊑ ∃R.D
     n_concepts: int = 0
 
     @property
@@ -500,7 +501,7 @@ class NormalForms:
     def counts(self) -> dict[str, int]:
         return {name: int(getattr(self, name).shape[0]) for name in ("nf1", "nf2", "nf3", "nf4")}
 
-    def to(self, device: "torch.device | str") -> "NormalForms":
+    def to(self, device: torch.device | str) -> NormalForms:
         return NormalForms(
             list(self.class_ids),
             list(self.relation_ids),
@@ -644,14 +645,14 @@ def normal_forms(ontology: Ontology, concepts: Sequence[str], restrict_to_closur
             sink.add_nf4(tid, rel, target)
         if term.intersection_of:
             atoms: list[str] = []
-            for rel, target in term.intersection_of:
-                if rel is None:
+            for irel, target in term.intersection_of:
+                if irel is None:
                     sink.add_nf1(tid, target)
                     atoms.append(target)
                 else:
-                    sink.add_nf4(tid, rel, target)
-                    x = _exists_class(rel, target)
-                    sink.add_nf3(rel, target, x)
+                    sink.add_nf4(tid, irel, target)
+                    x = _exists_class(irel, target)
+                    sink.add_nf3(irel, target, x)
                     atoms.append(x)
             atoms = list(dict.fromkeys(atoms))
             if len(atoms) == 1:
@@ -738,7 +739,7 @@ def shipped_concept_ontology() -> Ontology:
     return Ontology.from_obo(concept_ontology_path())
 
 
-def _nearest(onto: Ontology, tid: str, pick: "Callable[[Term], str | None]") -> str | None:
+def _nearest(onto: Ontology, tid: str, pick: Callable[[Term], str | None]) -> str | None:
     """First value `pick` finds on the term or, breadth-first along is_a, its nearest ancestor."""
     seen, level = {tid}, [tid]
     while level:

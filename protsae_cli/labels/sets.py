@@ -11,7 +11,8 @@ text formats are 1-based inclusive and are converted once, in the loaders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class ResidueLabels:
         return keep
 
     # ------------------------------------------------------------------------------------------- combinators
-    def merge(self, other: "ResidueLabels") -> "ResidueLabels":
+    def merge(self, other: ResidueLabels) -> ResidueLabels:
         """Union of two label sets (e.g. TMbed topology + bindPredict binding residues for the same proteins).
 
         A protein with two different lengths is an error: the two sources disagree about the sequence, and
@@ -143,7 +144,7 @@ class ResidueLabels:
         merged.skipped = _merge_counts(self.skipped, other.skipped)
         return merged
 
-    def propagate(self, ontology: "Ontology", relations: Sequence[str] = ("is_a",)) -> "ResidueLabels":
+    def propagate(self, ontology: Ontology, relations: Sequence[str] = ("is_a",)) -> ResidueLabels:
         """Add every ancestor concept: a zinc-binding residue is also a metal-binding and a binding-site residue.
 
         Concepts unknown to the ontology are kept as they are (they simply have no ancestors).
@@ -165,8 +166,8 @@ class ResidueLabels:
             for concept, idx in per.items():
                 for anc in ancestors(concept):
                     builder.add_residues(pid, anc, idx)
-        for pid, per in self.instances.items():
-            for concept, spans in per.items():
+        for pid, inst in self.instances.items():
+            for concept, spans in inst.items():
                 for anc in ancestors(concept):
                     for span in spans:
                         builder.add_instance_span(pid, anc, span)
@@ -181,7 +182,7 @@ class ResidueLabels:
         out.skipped = dict(self.skipped)
         return out
 
-    def restrict(self, concepts: Iterable[str]) -> "ResidueLabels":
+    def restrict(self, concepts: Iterable[str]) -> ResidueLabels:
         """Keep only some concepts (proteins stay annotated: their other residues remain negatives)."""
         keep = list(dict.fromkeys(concepts))
         keep_set = set(keep)
@@ -241,8 +242,8 @@ class ResidueLabelBuilder:
             self.touch(pid)
             for concept, idx in per.items():
                 self.add_residues(pid, concept, idx.tolist())
-        for pid, per in labels.instances.items():
-            for concept, spans in per.items():
+        for pid, inst in labels.instances.items():
+            for concept, spans in inst.items():
                 for span in spans:
                     self.add_instance_span(pid, concept, span)
         for pid, idx in labels.masked.items():
@@ -306,7 +307,7 @@ class ProteinLabels:
                     out[i, j] = True
         return out
 
-    def propagate(self, ontology: "Ontology", relations: Sequence[str] = ("is_a",)) -> "ProteinLabels":
+    def propagate(self, ontology: Ontology, relations: Sequence[str] = ("is_a",)) -> ProteinLabels:
         """Close each protein's term set under the ontology (DeepGO-SE's `prop_annotations`)."""
         cache: dict[str, set[str]] = {}
         new_labels: dict[str, set[str]] = {}
@@ -325,7 +326,7 @@ class ProteinLabels:
                 names[c] = ontology.name(c)
         return ProteinLabels(concepts=concepts, names=names, labels=new_labels, skipped=dict(self.skipped))
 
-    def merge(self, other: "ProteinLabels") -> "ProteinLabels":
+    def merge(self, other: ProteinLabels) -> ProteinLabels:
         labels = {p: set(t) for p, t in self.labels.items()}
         for p, t in other.labels.items():
             labels.setdefault(p, set()).update(t)

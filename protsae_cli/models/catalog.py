@@ -166,8 +166,9 @@ def _protsae_sae_dir(d: Path, location: str) -> ModelEntry | None:
     w = d / WEIGHTS_NAME
     if not isinstance(cfg, dict) or cfg.get("format") != "protsae-sae" or not w.is_file():
         return None
-    plm = cfg.get("plm") if isinstance(cfg.get("plm"), dict) else {}
-    hook = cfg.get("hook") if isinstance(cfg.get("hook"), dict) else {}
+    plm, hook = cfg.get("plm"), cfg.get("hook")
+    plm = plm if isinstance(plm, dict) else {}
+    hook = hook if isinstance(hook, dict) else {}
     e = ModelEntry(kind="sae", name=d.name, format=f"protsae-sae ({cfg.get('arch', '?')})", location=location,
                    path=str(d), spec=str(d), size_bytes=_size(w), d_model=_int(cfg.get("d_model")),
                    hook=f"{hook.get('point', '?')}@{hook.get('layer', '?')}", plm=str(plm.get("name") or "") or None,

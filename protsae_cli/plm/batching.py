@@ -12,7 +12,8 @@ sequence in the batch: a fixed token budget keeps GPU memory flat whatever the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from protsae_cli.errors import InputError
 

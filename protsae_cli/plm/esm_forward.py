@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -143,6 +143,7 @@ class EsmRunner:
                 x = x.transpose(0, 1)  # fair-esm's (T, B, C)
             kpm = padding_mask if padding_mask.any() else None
             n_layers = hook.layer if (stop_at_hook and hook is not None) else m.num_layers
+            point = hook.point if hook is not None else None
             for li in range(n_layers):
                 layer = m.layers[li]
                 here = hook is not None and hook.layer == li + 1
@@ -153,7 +154,7 @@ class EsmRunner:
                 else:
                     h = _sdpa_self_attention(layer.self_attn, h, kpm)
                 x = residual + h
-                if here and hook.point == "attn_out":
+                if here and point == "attn_out":
                     x = self._apply(x, edit, ref)
                     if stop_at_hook:
                         return x
@@ -161,7 +162,7 @@ class EsmRunner:
                 h = layer.final_layer_norm(x)
                 h = layer.fc2(_gelu(layer.fc1(h)))
                 x = residual + h
-                if here and hook.point == "resid_post":
+                if here and point == "resid_post":
                     last = li + 1 == m.num_layers
                     if last:  # fair-esm's repr for the last layer includes the final layer norm
                         x = m.emb_layer_norm_after(x)

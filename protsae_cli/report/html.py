@@ -75,7 +75,7 @@ class ConceptRow:
         return self.concept_id or f"latent {self.latent}"
 
 
-def read_concepts(ann: "H5Annotations") -> list[ConceptRow]:
+def read_concepts(ann: H5Annotations) -> list[ConceptRow]:
     """The concept table as plain records; cheap (no torch), unlike ``H5Annotations.concepts``.
 
     Reliability columns are read when the file has them (annotate writes them since issue #14); a file
@@ -154,7 +154,7 @@ class OrdinalMap:
         return np.where(found, pos, -1)
 
 
-def scan_segments(ann: "H5Annotations", concepts: Sequence[ConceptRow], omap: OrdinalMap,
+def scan_segments(ann: H5Annotations, concepts: Sequence[ConceptRow], omap: OrdinalMap,
                   chunk: int = SEGMENT_CHUNK, top_n: int = 5) -> tuple[list[ConceptStats], np.ndarray, np.ndarray]:
     """Per-concept totals and per-protein segment/concept counts, streamed over /segments in chunks.
 
@@ -258,7 +258,7 @@ class LatentScan:
         return self.rows_scanned >= self.rows_total
 
 
-def scan_latents(ann: "H5Annotations", max_entries: int, chunk: int = LATENT_CHUNK) -> LatentScan:
+def scan_latents(ann: H5Annotations, max_entries: int, chunk: int = LATENT_CHUNK) -> LatentScan:
     """How often and how strongly each latent fired, over whole residues up to ``max_entries`` code entries."""
     d = ann.d_sae
     indptr = ann.f["codes/indptr"]
@@ -282,7 +282,7 @@ def scan_latents(ann: "H5Annotations", max_entries: int, chunk: int = LATENT_CHU
     return LatentScan(counts=counts, maxes=maxes, rows_scanned=rows, rows_total=n_rows, entries_scanned=stop)
 
 
-def latent_histograms(ann: "H5Annotations", scan: LatentScan, latents: Sequence[int], bins: int = 30,
+def latent_histograms(ann: H5Annotations, scan: LatentScan, latents: Sequence[int], bins: int = 30,
                       chunk: int = LATENT_CHUNK) -> None:
     """Second pass over the same prefix: histograms of nonzero activations, bins spanning 0..latent max."""
     if not latents:
@@ -310,7 +310,7 @@ def latent_histograms(ann: "H5Annotations", scan: LatentScan, latents: Sequence[
 
 @dataclass
 class ProteinView:
-    info: "ProteinInfo"
+    info: ProteinInfo
     sequence: str
     lanes: list[Lane]
     heat: Heatmap | None
@@ -336,7 +336,7 @@ def _latent_names(stats: Sequence[ConceptStats]) -> dict[int, str]:
     return {k: " / ".join(v) for k, v in out.items()}
 
 
-def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, float], ConceptStats],
+def build_view(ann: H5Annotations, pos: int, stats_by_key: dict[tuple[int, float], ConceptStats],
                latent_names: dict[int, str], scan: LatentScan | None, top_latents: int, max_lanes: int,
                heat_names: dict[int, tuple[str, str]] | None = None, call_withheld: bool = False) -> ProteinView:
     """Everything the figures need for one protein: lanes per called concept and the top-latent heatmap.
@@ -369,7 +369,7 @@ def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, flo
                  f"latent {key[0]} (no concept entry) \u00b7 threshold {fmt(key[1])}")
         best = best_row(st.entries) if st else None
         rel_note, warn = "", False
-        if best is not None:
+        if best is not None and st is not None:  # best is found only when st is
             rel_note = short_reliability(best)
             warn = not measured(best) or floor_reason(best) is not None
             for e in st.entries:  # the header already gives the threshold: from the fields, the rest
@@ -413,7 +413,7 @@ def build_view(ann: "H5Annotations", pos: int, stats_by_key: dict[tuple[int, flo
                        mean_active=codes.nnz / max(1, codes.shape[0]), lanes_note=note, lane_ids=lane_ids)
 
 
-def attach_references(ann: "H5Annotations", v: ProteinView, sources: Sequence[ReferenceSource],
+def attach_references(ann: H5Annotations, v: ProteinView, sources: Sequence[ReferenceSource],
                       stats_by_key: dict[tuple[int, float], ConceptStats], table_ids: Sequence[str]) -> None:
     """Reference tracks of every label source that labels this protein, under its predicted lanes.
 
@@ -469,7 +469,7 @@ def attach_references(ann: "H5Annotations", v: ProteinView, sources: Sequence[Re
 # Selection
 # ---------------------------------------------------------------------------------------------------------
 
-def select_positions(ann: "H5Annotations", proteins: Sequence[str] | None, max_proteins: int) -> list[int]:
+def select_positions(ann: H5Annotations, proteins: Sequence[str] | None, max_proteins: int) -> list[int]:
     """Positions to draw: every match of the requested ids (in file order), or the first ``max_proteins``."""
     if proteins:
         import difflib
@@ -679,7 +679,7 @@ class ReportSummary:
 
 @dataclass
 class _Run:
-    ann: "H5Annotations"
+    ann: H5Annotations
     attrs: dict[str, Any]
     concepts: list[ConceptRow]
     stats: list[ConceptStats]
@@ -967,7 +967,7 @@ def write_report(h5: str | os.PathLike[str], output: str | os.PathLike[str], *, 
                  max_lanes: int = 25, top_concepts: int = 20, hist_latents: int = 12,
                  scan_entries: int = 20_000_000, table_limit: int = 200_000,
                  title: str | None = None, progress: bool = True,
-                 annotations: Sequence["AnnotationSpec"] = ()) -> ReportSummary:
+                 annotations: Sequence[AnnotationSpec] = ()) -> ReportSummary:
     """Write the HTML report of ``h5`` to ``output`` (atomically) and, with ``png_dir``, matplotlib PNGs.
 
     ``progress``: per drawn protein and per PNG, a bar on a terminal or periodic log lines (protsae_cli.progress).

@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class ExportSummary:
 # Protein and concept lookup
 # ---------------------------------------------------------------------------------------------------------
 
-def select_protein(ann: "H5Annotations", protein_id: str | None, index: int | None) -> int:
+def select_protein(ann: H5Annotations, protein_id: str | None, index: int | None) -> int:
     """File position of the protein named by id and/or input ordinal, with errors a user can act on."""
     if protein_id is None and index is None:
         raise InputError("name the protein with --protein ID (or --index N, its 0-based input ordinal)")
@@ -212,7 +212,7 @@ def resolve_concept(concepts: Sequence[ConceptRow], spec: str, d_sae: int) -> Co
     raise InputError(f"concept {spec!r} is not a concept id, name or ontology id in this file, nor latent:N{hint}")
 
 
-def concept_activation(ann: "H5Annotations", position: int, selection: ConceptSelection) -> np.ndarray:
+def concept_activation(ann: H5Annotations, position: int, selection: ConceptSelection) -> np.ndarray:
     """Per-encoded-residue activation (float32 [rows]): the maximum over the concept's latents, 0 where off."""
     codes = ann.codes(position)
     cols = codes[:, list(selection.latents)].toarray()
@@ -246,7 +246,7 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}: cannot read structure file ({e})") from e
 
 
-def parse_structure(text: str, fmt: str, name: str = "model") -> "Structure":
+def parse_structure(text: str, fmt: str, name: str = "model") -> Structure:
     import warnings
 
     from Bio.PDB import MMCIFParser, PDBParser
@@ -264,7 +264,7 @@ def parse_structure(text: str, fmt: str, name: str = "model") -> "Structure":
     return structure
 
 
-def residue_letter(residue: "Residue") -> str | None:
+def residue_letter(residue: Residue) -> str | None:
     """One-letter code of a polymer amino-acid residue, or None for waters, ligands and nucleotides.
 
     Modified residues recorded as HETATM inside the chain (MSE, SEP, ...) count as their parent amino acid
@@ -285,11 +285,11 @@ def residue_letter(residue: "Residue") -> str | None:
     return letter
 
 
-def polymer_residues(chain: "Chain") -> list[tuple["Residue", str]]:
+def polymer_residues(chain: Chain) -> list[tuple[Residue, str]]:
     return [(r, letter) for r in chain for letter in [residue_letter(r)] if letter is not None]
 
 
-def chain_sequences(structure: "Structure") -> dict[str, list[tuple["Residue", str]]]:
+def chain_sequences(structure: Structure) -> dict[str, list[tuple[Residue, str]]]:
     """Polymer residues of every chain of the first model (the one aligned; other models share numbering)."""
     model = next(iter(structure))
     out = {}
@@ -365,7 +365,7 @@ def align_chain(chain_seq: str, protein_seq: str, open_end: bool = False) -> Ali
     return Alignment(positions, aligned, identical, open_end)
 
 
-def _choose_chain(chains: dict[str, list[tuple["Residue", str]]], protein_seq: str, requested: str | None,
+def _choose_chain(chains: dict[str, list[tuple[Residue, str]]], protein_seq: str, requested: str | None,
                   where: str, open_end: bool) -> tuple[str, Alignment]:
     """The requested chain, or else the chain with the most identical aligned residues (the usual intent)."""
     if not chains:
@@ -418,7 +418,7 @@ def rewrite_pdb(text: str, values: dict[ResidueKey, float]) -> str:
     return "".join(out)
 
 
-def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: io.TextIOBase) -> None:
+def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: IO[str]) -> None:
     """Write the mmCIF with only ``_atom_site.B_iso_or_equiv`` changed, every other category kept.
 
     Keys use the fields Bio.PDB's MMCIFParser builds residues from (author chain, author number, PDB insertion
@@ -451,8 +451,8 @@ def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: io.TextIOB
     writer.save(handle)
 
 
-def write_converted(structure: "Structure", values: dict[ResidueKey, float], fmt: str,
-                    handle: io.TextIOBase) -> None:
+def write_converted(structure: Structure, values: dict[ResidueKey, float], fmt: str,
+                    handle: IO[str]) -> None:
     """PDB <-> mmCIF through Bio.PDB: coordinates and B-factors only (headers do not survive conversion)."""
     from Bio.PDB import PDBIO
     from Bio.PDB.mmcifio import MMCIFIO

@@ -44,7 +44,7 @@ WARN_IDS = 10
 # Reliability of one concept row
 # ---------------------------------------------------------------------------------------------------------
 
-def measured(row: "ConceptRow") -> bool:
+def measured(row: ConceptRow) -> bool:
     """True when precision or F1 was measured (the same test annotate's calling policy uses)."""
     return row.precision is not None or row.f1 is not None
 
@@ -53,14 +53,14 @@ def _num(x: float | None) -> str:
     return "\u2013" if x is None else f"{x:.3f}"
 
 
-def floor_reason(row: "ConceptRow") -> str | None:
+def floor_reason(row: ConceptRow) -> str | None:
     """Why a measured concept is below annotate's default calling floors (concepts.below_floor), or None."""
     from protsae_cli.call.concepts import CallPolicy, below_floor
 
     return below_floor(row, CallPolicy())  # type: ignore[arg-type]  # duck-typed: reads the same fields
 
 
-def call_status(row: "ConceptRow", call_withheld: bool) -> str:
+def call_status(row: ConceptRow, call_withheld: bool) -> str:
     """How annotate treated a concept that is in the file's table (withheld ones are not in it)."""
     if not measured(row):
         return f"called; reliability {NOT_MEASURED}"
@@ -71,7 +71,7 @@ def call_status(row: "ConceptRow", call_withheld: bool) -> str:
     return f"below the default floors ({why}); called {how}"
 
 
-def short_reliability(row: "ConceptRow") -> str:
+def short_reliability(row: ConceptRow) -> str:
     """One line under a lane's name: ``P 0.73 · R 0.75 · F1 0.74`` or ``reliability not measured``."""
     if not measured(row):
         return f"reliability {NOT_MEASURED}"
@@ -79,7 +79,7 @@ def short_reliability(row: "ConceptRow") -> str:
     return text + (" \u00b7 below floor" if floor_reason(row) else "")
 
 
-def reliability_lines(row: "ConceptRow", call_withheld: bool, threshold: bool = True) -> list[str]:
+def reliability_lines(row: ConceptRow, call_withheld: bool, threshold: bool = True) -> list[str]:
     """Every reliability field of a concept row, for tooltips and the concept table (``threshold=False``
     where the caller already shows the threshold, as a lane's tooltip header does)."""
     how = [f"threshold {row.threshold:.4g}"] if threshold else []
@@ -100,7 +100,7 @@ def reliability_lines(row: "ConceptRow", call_withheld: bool, threshold: bool = 
     return lines
 
 
-def best_row(rows: Sequence["ConceptRow"]) -> "ConceptRow | None":
+def best_row(rows: Sequence[ConceptRow]) -> ConceptRow | None:
     """The entry with the highest measured F1 (then the first): whose numbers a shared lane or latent shows."""
     if not rows:
         return None
@@ -118,10 +118,10 @@ def withheld_list(attrs: Mapping[str, Any]) -> list[str]:
     return [part.strip() for part in text.split("; ") if part.strip()]
 
 
-def heatmap_names(rows: Sequence["ConceptRow"], width: int = 40) -> dict[int, tuple[str, str]]:
+def heatmap_names(rows: Sequence[ConceptRow], width: int = 40) -> dict[int, tuple[str, str]]:
     """Per latent with a concept: (row label suffix, tooltip). The label names the latent's best concept
     (highest F1) and that F1, the name clipped so the F1 always fits in ``width`` characters with ``L<latent>``."""
-    by_latent: dict[int, list["ConceptRow"]] = {}
+    by_latent: dict[int, list[ConceptRow]] = {}
     for r in rows:
         by_latent.setdefault(r.latent, []).append(r)
     out: dict[int, tuple[str, str]] = {}
@@ -233,7 +233,7 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def load_references(specs: Sequence["AnnotationSpec"], ann: "H5Annotations") -> list[ReferenceSource]:
+def load_references(specs: Sequence[AnnotationSpec], ann: H5Annotations) -> list[ReferenceSource]:
     """Load each source with eval's loader and match its proteins to the annotation file's ids.
 
     The loader is given no sequence set, so every protein of the file is read under its own id (a label file

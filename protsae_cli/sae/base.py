@@ -11,7 +11,8 @@ checkpoint names its class by `cfg.arch`.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, ClassVar, NamedTuple, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,9 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = ""
     """The `cfg.arch` value this class is registered under."""
+    # Buffers (register_buffer in __init__), declared so type checkers see tensors, not `Tensor | Module`.
+    norm_mean: torch.Tensor
+    norm_scale: torch.Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -153,7 +157,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # type: ignore[misc]  # in place: W_dec stays this Parameter
 
 
 # -- registry ---------------------------------------------------------------------------------------------

@@ -21,18 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from protsae_cli.errors import CompatibilityError, InputError
 from protsae_cli.io.checksum import file_sha256
 from protsae_cli.sae.config import SAEConfig
-from protsae_cli.sae.base import register_arch
+from protsae_cli.sae.base import EncoderOutput, register_arch
 from protsae_cli.sae.topk import TopKSAE, topk_relu
 
 log = logging.getLogger("protsae.foreign_sae")
@@ -85,7 +85,7 @@ def with_options(sae: str, layer: int | None = None, plm: str | None = None, k: 
     return f"{sae}{OPTION_SEP}{','.join(parts)}" if parts else sae
 
 
-def split_options(spec: str | Path) -> tuple[Path, ForeignOptions]:
+def split_options(spec: str | os.PathLike[str]) -> tuple[Path, ForeignOptions]:
     """Split ``PATH#layer=L,plm=NAME,k=K`` into the path and its options; a path that exists is taken whole."""
     s = str(spec)
     if OPTION_SEP not in s or Path(s).exists():
@@ -107,7 +107,7 @@ def split_options(spec: str | Path) -> tuple[Path, ForeignOptions]:
 
 # -- detection ------------------------------------------------------------------------------------------------
 
-def detect(spec: str | Path) -> str | None:
+def detect(spec: str | os.PathLike[str]) -> str | None:
     """The foreign format at `spec` ('interplm-or-interprot' for a .pt state dict, or one of FORMATS), or None
     for a protsae SAE or anything else, which `sae.load_sae` then explains in its own words.
 
@@ -241,7 +241,7 @@ class ForeignTopKSAE(TopKSAE):
             self.post_scale = None
 
     @classmethod
-    def from_config(cls, cfg: SAEConfig) -> "ForeignTopKSAE":
+    def from_config(cls, cfg: SAEConfig) -> ForeignTopKSAE:
         """The module a protsae directory of arch ``foreign_topk`` describes (written by `protsae label`):
         `cfg.foreign` says which of the non-affine parts it has; their tensors are in the weights file."""
         spec = cfg.foreign
@@ -307,7 +307,8 @@ class ForeignTopKSAE(TopKSAE):
                              "require; annotate encodes it with the torch backend")
         return super().encoder_affine()
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> EncoderOutput:
+        # EncoderOutput (a tuple: `idx, val = ...` unchanged), so `.indices`/`.values` work as for every SAE
         from protsae_cli.sae.topk import canonical_order
 
         pre = self.pre_activations(x)
@@ -315,10 +316,10 @@ class ForeignTopKSAE(TopKSAE):
             pre = torch.where(pre > self.threshold, pre, torch.zeros((), dtype=pre.dtype, device=pre.device))
         idx, val = topk_relu(pre, self.k)
         if self.post_scale is None:
-            return idx, val
+            return EncoderOutput(idx, val)
         scale = self.post_scale[idx.clamp_min(0)]
         val = torch.where((idx >= 0) & (scale > 0), val / scale.clamp_min(1e-30), torch.zeros_like(val))
-        return canonical_order(idx, val)
+        return EncoderOutput(*canonical_order(idx, val))
 
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         idx, val = self.encode(x)
@@ -374,7 +375,7 @@ class _Converted:
     where: str = ""              # how layer/PLM were read, for the log
 
 
-def load(spec: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
+def load(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[TopKSAE, str]:
     """Read a foreign SAE as a protsae module. Returns (module, sha256 of the weights file)."""
     path, opts = split_options(spec)
     path = _hf_snapshot(path)
@@ -590,7 +591,8 @@ def _from_plm_sae(state: dict[str, torch.Tensor], path: Path) -> _Converted:
     for key, want in (("act_size", d), ("dict_size", n)):
         if key in cfg and _cfg_int(cfg, key, cfg_where or path) != want:
             raise InputError(f"{cfg_where}: {key} {cfg[key]} does not match the weights' {want} ({path})")
-    layer, point, how = None, "resid_post", []
+    how: list[str] = []
+    layer, point = None, "resid_post"
     hook = cfg.get("layer")
     if isinstance(hook, str):
         layer, point, how = _layer_from_hook(hook, cfg_where)
@@ -603,10 +605,10 @@ def _from_plm_sae(state: dict[str, torch.Tensor], path: Path) -> _Converted:
         pub_layer, pub_plm, pub_hook = PLM_SAE_PUBLISHED_META
         src = f"the published evillegasgarcia/sae_esm2_6_l3 (its README hooks {pub_hook})"
         for what, got in (("layer", layer), ("PLM", plm)):
-            want = pub_layer if what == "layer" else pub_plm
-            if got is not None and got != want:
+            expect = pub_layer if what == "layer" else pub_plm
+            if got is not None and got != expect:
                 raise CompatibilityError(f"{where}: its cfg says {what} {got} but it sits in {src}, which is "
-                                         f"{what} {want}")
+                                         f"{what} {expect}")
         layer, plm = pub_layer, pub_plm
         how.append(f"layer {pub_layer} (resid_post), PLM {pub_plm} from {src}")
     return _Converted("plm-sae", W_enc, b_enc, W_dec, b_dec, None, "plm-sae AutoEncoder (ReLU)",
@@ -688,11 +690,13 @@ def _from_saelens(d: Path) -> _Converted:
         else:
             threshold = torch.exp(_tensor(state, "log_threshold", (n,), str(w_path)))
     elif arch == "topk":
-        kwargs = cfg.get("activation_fn_kwargs") if isinstance(cfg.get("activation_fn_kwargs"), dict) else {}
+        kwargs = cfg.get("activation_fn_kwargs")
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
         k = _cfg_int(cfg, "k", where) if "k" in cfg else _cfg_int(kwargs, "k", where)
         if k is None:
             raise InputError(f"{where}: a topk SAE config needs k")
-    meta = cfg.get("meta") if isinstance(cfg.get("meta"), dict) else {}
+    meta = cfg.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
     hook_name = meta.get("hook_name") or cfg.get("hook_name")
     model_name = meta.get("model_name") or cfg.get("model_name")
     layer, point, how = _layer_from_hook(hook_name, where)
@@ -794,7 +798,7 @@ def _esm2_name(model_name: Any) -> str | None:
     return name if name in ESM2_MODELS else None
 
 
-def _build(conv: _Converted, opts: ForeignOptions, where: str) -> nn.Module:
+def _build(conv: _Converted, opts: ForeignOptions, where: str) -> TopKSAE:
     from protsae_cli.plm.loading import ESM2_MODELS
 
     n, d = conv.W_enc.shape

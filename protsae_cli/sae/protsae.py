@@ -197,6 +197,13 @@ class ProtSAE(SAE):
 
     Built on `SAE` (decoder, normalisation), not on `TopKSAE`: it has no full `W_enc` (see the module doc)."""
 
+    # Buffers (register_buffer in __init__), declared so type checkers see tensors, not `Tensor | Module`.
+    defined_offset: torch.Tensor
+    nf1: torch.Tensor
+    nf2: torch.Tensor
+    nf3: torch.Tensor
+    nf4: torch.Tensor
+
     def __init__(self, cfg: SAEConfig):
         if cfg.arch != "protsae":
             raise InputError(f"ProtSAE needs cfg.arch='protsae', got {cfg.arch!r}")
@@ -206,7 +213,7 @@ class ProtSAE(SAE):
         super().__init__(cfg)
         self.opts = opts
         d, n = cfg.d_model, cfg.d_sae
-        m, m0, n_rel = opts.n_concepts, opts.n_zero_classes, opts.n_relations
+        m, m0, n_rel = self.n_concepts, opts.n_zero_classes, opts.n_relations  # resolved: an int
         self.W_unk = nn.Parameter(torch.empty(n - m, d))
         self.b_unk = nn.Parameter(torch.zeros(n - m))
         self.W_pred = nn.Parameter(torch.empty(m, d))
@@ -343,7 +350,8 @@ class ProtSAE(SAE):
 
     def _defined_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Effective defined encoder rows and bias, unscaled: (sg(W_pred), sg(b_pred) | -theta | None)."""
-        W, b = self.W_pred, self.b_pred
+        W: torch.Tensor = self.W_pred
+        b: torch.Tensor = self.b_pred
         if self.opts.detach:
             W, b = W.detach(), b.detach()
         how = self.opts.defined_bias
@@ -355,7 +363,7 @@ class ProtSAE(SAE):
         """Unscaled, unbiased defined scores W_pred (x_n - b_dec) [N, m]: what `defined_offset` is cut on
         (`dtype`: compute in another precision, e.g. float64 for a cut that must not depend on batch shape)."""
         x_c = x_n - self.b_dec
-        W = self.W_pred
+        W: torch.Tensor = self.W_pred
         if dtype is not None:
             x_c, W = x_c.to(dtype), W.to(dtype)
         return F.linear(x_c, W)

@@ -65,7 +65,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -716,7 +717,7 @@ class PpplProgress:
         self._t0 = 0.0
         self._tokens_done = 0
 
-    def __enter__(self) -> "PpplProgress":
+    def __enter__(self) -> PpplProgress:
         self.bar.__enter__()
         self._t0 = self.clock()
         return self

@@ -24,7 +24,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class ActivationSet:
     def __len__(self) -> int:
         return self.acts.shape[0]
 
-    def subset_proteins(self, keep: Sequence[int]) -> "ActivationSet":
+    def subset_proteins(self, keep: Iterable[int]) -> ActivationSet:
         """Rows of the given proteins only (protein indices are preserved, so labels still line up)."""
         mask = torch.zeros(len(self.protein_ids), dtype=torch.bool)
         mask[torch.as_tensor(list(keep), dtype=torch.long)] = True
@@ -70,7 +70,7 @@ class ActivationSet:
         return out
 
     @classmethod
-    def load(cls, cache_dir: str | os.PathLike) -> "ActivationSet":
+    def load(cls, cache_dir: str | os.PathLike) -> ActivationSet:
         return ActivationCache.open(cache_dir).load()
 
 
@@ -186,7 +186,7 @@ class ActivationCache:
         self.rows_read = 0
 
     @classmethod
-    def open(cls, cache_dir: str | os.PathLike) -> "ActivationCache":
+    def open(cls, cache_dir: str | os.PathLike) -> ActivationCache:
         d = Path(cache_dir)
         try:
             meta = json.loads((d / META_NAME).read_text())
@@ -257,11 +257,11 @@ class ActivationCache:
         """The cache in memory, optionally only the rows of some proteins (a boolean mask over proteins)."""
         parts = []
         for i in range(self.n_shards):
-            prot = self.proteins_of_shard(i)
+            shard_prot = self.proteins_of_shard(i)
             if proteins is None:
                 parts.append(self.read(i, 0, self.shard_rows[i]))
             else:
-                rows = np.nonzero(proteins[prot])[0]
+                rows = np.nonzero(proteins[shard_prot])[0]
                 if len(rows):
                     parts.append(self.read(i, 0, 0, rows=rows))
         if parts:

@@ -31,6 +31,7 @@ from protsae_cli.train.distributed import SINGLE, DistEnv, barrier, init_distrib
 from protsae_cli.errors import InputError
 from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
 from protsae_cli.progress import Progress
+from protsae_cli.sae.base import SAE
 from protsae_cli.sae.checkpoint import build_sae, save_sae
 from protsae_cli.sae.config import SAEConfig
 from protsae_cli.train.options import ARCHS, TrainConfig, TrainOptions  # noqa: F401 (public here too)
@@ -169,7 +170,7 @@ def split_data(opts: TrainOptions, src: ActivationSet | ActivationCache, env: Di
         val = src.load(proteins=in_val) if len(val_idx) else None
         if stream:
             log.info("streaming %s through a %d-row shuffle buffer", src.dir, opts.shuffle_buffer)
-            rows = ShuffleBufferStream(src, in_train, cfg.batch_size, opts.shuffle_buffer, cfg.seed,
+            rows: ShuffleBufferStream | InMemoryRows = ShuffleBufferStream(src, in_train, cfg.batch_size, opts.shuffle_buffer, cfg.seed,
                                        env.rank, env.world_size)
             return rows, val, train_idx, val_idx
         src = src.load()
@@ -277,6 +278,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
         raise InputError(f"--resume {resume}: no {STATE_NAME} there")
     with Progress("training", opts.train.max_steps, unit="steps", enabled=opts.progress and env.is_main) as adv:
         kw = dict(env=env, device=device, state_dir=str(out_dir), resume=resume, progress=_train_progress(adv))
+        sae: SAE
         if opts.arch == "protsae":
             from protsae_cli.labels.concept_labels import check_unique_sequences
             from protsae_cli.labels.sources import annotation_specs, load_label_sources

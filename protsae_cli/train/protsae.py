@@ -24,7 +24,8 @@ forced activation, exactly what `protsae annotate` computes):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ class ProtSAEObjective(nn.Module):
             extra["n_obs"] += obs.sum()
         reduce_sums(sums, env)
         reduce_sums(extra, env)
-        out = finish_reconstruction(sums)
+        out: dict[str, Any] = finish_reconstruction(sums)  # plus per-concept dicts below
         if not out:
             return out
         out["nmse"] = out["fvu"]

@@ -15,7 +15,8 @@ The loop itself (DDP, resume, validation and checkpoint selection on validation 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from protsae_cli.train.activations import ActivationSet, Batch, InMemoryRows, ShuffleBufferStream
 from protsae_cli.train.distributed import SINGLE, DistEnv
 from protsae_cli.sae.config import SAEConfig
+from protsae_cli.sae.base import SAE
 from protsae_cli.sae.topk import TopKSAE
 from protsae_cli.train.trainer import (TrainConfig, aux_rescale, cosine_lr, finish_reconstruction, fit, new_reconstruction_sums,
                                  project_decoder_grad, reconstruction_sums, reduce_sums)
@@ -46,7 +48,7 @@ def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> tor
     return m
 
 
-def init_centre(sae: TopKSAE, sample: ActivationSet) -> None:
+def init_centre(sae: SAE, sample: ActivationSet) -> None:
     """Fit input normalisation on a sample, then start b_dec at the normalised data's geometric median."""
     x = sample.acts.float()
     sae.fit_normalization(x)
@@ -80,7 +82,7 @@ def topk_losses(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -
 
 
 @torch.no_grad()
-def evaluate(sae: nn.Module, acts: torch.Tensor, batch_size: int = 8192, device: str | torch.device = "cpu",
+def evaluate(sae: SAE, acts: torch.Tensor, batch_size: int = 8192, device: str | torch.device = "cpu",
              env: DistEnv = SINGLE) -> dict[str, float]:
     """FVU/FVE in raw activation space, L0, dead fraction over these tokens (summed over ranks under DDP)."""
     was_training = sae.training
@@ -154,7 +156,7 @@ def train_topk(train: ActivationSet | InMemoryRows | ShuffleBufferStream, val: A
     return sae.cpu(), finish_history(sae, res, rows, val, cfg, objective, env)
 
 
-def finish_history(sae: nn.Module, res, rows, val: ActivationSet | None, cfg: TrainConfig, objective,
+def finish_history(sae: SAE, res, rows, val: ActivationSet | None, cfg: TrainConfig, objective,
                    env: DistEnv) -> dict:
     """Final metrics of the selected checkpoint, provenance into its config, and the history dict."""
     device = next(sae.parameters()).device

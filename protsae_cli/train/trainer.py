@@ -35,7 +35,8 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from protsae_cli.train.activations import ActivationSet, Batch, InMemoryRows, Sh
 from protsae_cli.train.distributed import SINGLE, DistEnv, all_reduce_sum, reduce_fired, reduce_tokens_since
 from protsae_cli.errors import InputError
 from protsae_cli.train.options import LR_SCHEDULES, TrainConfig  # noqa: F401 (public here too)
+
+if TYPE_CHECKING:
+    from protsae_cli.sae.base import SAE
 
 log = logging.getLogger("protsae.train")
 
@@ -75,7 +79,7 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     raise InputError(f"unknown lr schedule {cfg.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
 
 
-def project_decoder_grad(sae: nn.Module) -> None:
+def project_decoder_grad(sae: SAE) -> None:
     """Remove the gradient component along each unit-norm decoder row (it would only change the norm)."""
     if sae.W_dec.grad is None:
         return
@@ -99,14 +103,14 @@ def aux_rescale(l_rec: torch.Tensor, dead: torch.Tensor, env: DistEnv) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def new_reconstruction_sums(sae: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
+def new_reconstruction_sums(sae: SAE, device: torch.device) -> dict[str, torch.Tensor]:
     """Zeroed accumulators; created up front so a rank with no validation rows still joins the reductions."""
     z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
     return {"sse": z(), "sum_x": z(sae.cfg.d_model), "sum_x2": z(), "n": z(), "l0": z(), "fired": z(sae.cfg.d_sae)}
 
 
 @torch.no_grad()
-def reconstruction_sums(sae: nn.Module, x: torch.Tensor, sums: dict[str, torch.Tensor]
+def reconstruction_sums(sae: SAE, x: torch.Tensor, sums: dict[str, torch.Tensor]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the additive statistics of FVU/L0/dead latents for one batch (raw activation space).
 
@@ -160,8 +164,10 @@ def shard_for_rank(val: ActivationSet, env: DistEnv) -> ActivationSet:
 class Objective(Protocol):
     """What an architecture contributes to the shared loop."""
 
-    sae: nn.Module
     arch: str
+
+    @property
+    def sae(self) -> SAE: ...  # read-only in the protocol, so an objective may hold a TopKSAE or a ProtSAE
 
     def init(self, sample: ActivationSet) -> None: ...
     def prepare(self, batch: Batch, device: torch.device, env: DistEnv) -> dict[str, Any]: ...
@@ -214,7 +220,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _cpu_state(sae: nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_state(sae: SAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in sae.state_dict().items()}
 
 
@@ -233,7 +239,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # ----------------------------------------------------------------------------------------------- the loop
 @dataclass
 class FitResult:
-    sae: nn.Module                       # the selected checkpoint (rank 0), else the last weights
+    sae: SAE                       # the selected checkpoint (rank 0), else the last weights
     last_state: dict[str, torch.Tensor]  # the final weights (CPU)
     step: int
     total_steps: int
@@ -299,7 +305,7 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
     tokens_since = reduce_tokens_since(tokens_since.to(device), env)
     # An objective may give parameter groups their own peak lr ("lr_scale" x the run's schedule), e.g. ProtSAE's
     # concept predictor, a logistic regression that converges at a far larger step than the dictionary.
-    groups = objective.param_groups(cfg.lr) if hasattr(objective, "param_groups") else \
+    groups: list[dict[str, Any]] = objective.param_groups(cfg.lr) if hasattr(objective, "param_groups") else \
         [{"params": [p for p in sae.parameters() if p.requires_grad]}]
     for g in groups:
         g.setdefault("lr_scale", 1.0)
