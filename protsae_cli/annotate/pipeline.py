@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ class Annotator:
             off += n
 
     def _results(self, chunk: list[ProteinRecord | InvalidRecord], opts: AnnotateOptions,
-                 stop: "threading.Event | None" = None):
+                 stop: threading.Event | None = None):
         from protsae_cli.io.results import ProteinResult
         from protsae_cli.call.segments import RegionCaller
 

@@ -38,7 +38,8 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
 
 from protsae_cli.errors import InputError
 from protsae_cli.io.fasta import InputIdentity, InvalidRecord, ProteinRecord
@@ -145,7 +146,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(provenance: dict[str, Any], opts: "AnnotateOptions") -> dict[str, Any]:
+def fingerprint(provenance: dict[str, Any], opts: AnnotateOptions) -> dict[str, Any]:
     """What must be equal for parts of an earlier attempt to be reused (JSON-comparable values)."""
     fp: dict[str, Any] = {k: _jsonable(provenance.get(k, "")) for k in _PROVENANCE_KEYS}
     fp.update({k: _jsonable(getattr(opts, k)) for k in _OPTION_KEYS})
@@ -309,7 +310,7 @@ class PartStore:
         return True
 
 
-def run_resumable(ann: "Annotator", opts: "AnnotateOptions") -> "AnnotateSummary":
+def run_resumable(ann: Annotator, opts: AnnotateOptions) -> AnnotateSummary:
     """The body of `Annotator.run` under `--resume` (see the module docstring)."""
     from protsae_cli.annotate.options import AnnotateSummary, count_records, progress_bar, tally
     from protsae_cli.io.writers import output_paths

@@ -39,7 +39,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Sequence
+from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 from protsae_cli.errors import EXIT_INTERNAL, EXIT_RESOURCES, InputError, ProtsaeError
 
@@ -119,12 +120,12 @@ def _worker_env(device: str) -> tuple[dict[str, str], str]:
     return env, "cuda:0"
 
 
-def _fingerprint(opts: "AnnotateOptions") -> dict[str, Any]:
+def _fingerprint(opts: AnnotateOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(d.items()) if k not in _NOT_FINGERPRINTED}
 
 
-def _prepare_workdir(work: Path, opts: "AnnotateOptions", devices: Sequence[str]) -> None:
+def _prepare_workdir(work: Path, opts: AnnotateOptions, devices: Sequence[str]) -> None:
     """Create or (with --resume) reuse the worker directory, refusing reuse under other settings."""
     fp = {"options": _fingerprint(opts), "workers": len(devices)}
     manifest = work / "manifest.json"
@@ -143,7 +144,7 @@ def _prepare_workdir(work: Path, opts: "AnnotateOptions", devices: Sequence[str]
     manifest.write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
 
 
-def annotate_multi(opts: "AnnotateOptions", devices: Sequence[str]) -> "AnnotateSummary":
+def annotate_multi(opts: AnnotateOptions, devices: Sequence[str]) -> AnnotateSummary:
     """Annotate with one worker process per device and merge their shards into `opts.output_prefix`."""
     from protsae_cli.annotate.options import AnnotateSummary, tally
     from protsae_cli.io.writers import output_paths

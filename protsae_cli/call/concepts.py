@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # sae.py imports torch; readers of finished outputs should no
     from protsae_cli.sae.config import ConceptEntry
 
 
-def _concept_keys(concepts: Sequence["ConceptEntry"]) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def _concept_keys(concepts: Sequence[ConceptEntry]) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """Unique (latent, float32 threshold) keys sorted by latent then threshold.
 
     Returns the latents, the float32 thresholds used for comparison and the original thresholds (Python
@@ -56,7 +56,7 @@ def _concept_keys(concepts: Sequence["ConceptEntry"]) -> tuple[np.ndarray, np.nd
     return lat, thr, [seen[k] for k in keys]
 
 
-def call_segments(idx: np.ndarray, val: np.ndarray, concepts: Sequence["ConceptEntry"],
+def call_segments(idx: np.ndarray, val: np.ndarray, concepts: Sequence[ConceptEntry],
                   min_segment_len: int = 1, merge_gap: int = 0) -> list[Segment]:
     """Concept segments of one protein from its top-k codes.
 
@@ -149,15 +149,15 @@ class ConceptLookup:
     from HDF5 (float32 thresholds) match as well as freshly called ones.
     """
 
-    def __init__(self, concepts: Sequence["ConceptEntry"]):
+    def __init__(self, concepts: Sequence[ConceptEntry]):
         self.concepts = list(concepts)
-        self._by_key: dict[tuple[int, np.float32], list["ConceptEntry"]] = {}
-        self._by_latent: dict[int, list["ConceptEntry"]] = {}
+        self._by_key: dict[tuple[int, np.float32], list[ConceptEntry]] = {}
+        self._by_latent: dict[int, list[ConceptEntry]] = {}
         for c in self.concepts:
             self._by_key.setdefault((int(c.latent), np.float32(c.threshold)), []).append(c)
             self._by_latent.setdefault(int(c.latent), []).append(c)
 
-    def entries(self, seg: Segment) -> list["ConceptEntry"]:
+    def entries(self, seg: Segment) -> list[ConceptEntry]:
         """Entries for a segment; by latent alone when no threshold matches (segments from another run).
 
         Empty when the latent has no concept, and writers then emit the segment without concept fields rather
@@ -195,17 +195,17 @@ class CallPolicy:
 
 @dataclass
 class CallSelection:
-    called: list["ConceptEntry"]
-    withheld: list[tuple["ConceptEntry", str]]     # (entry, why), withheld by the policy
-    forced: list[tuple["ConceptEntry", str]]       # below a floor but called because of --call-withheld
-    unmeasured: list["ConceptEntry"]               # called without a measured reliability
+    called: list[ConceptEntry]
+    withheld: list[tuple[ConceptEntry, str]]     # (entry, why), withheld by the policy
+    forced: list[tuple[ConceptEntry, str]]       # below a floor but called because of --call-withheld
+    unmeasured: list[ConceptEntry]               # called without a measured reliability
 
     def withheld_text(self) -> str:
         """One line for provenance/logs: ``PSC:0000210 metal binding (precision 0.21 < 0.5); ...``."""
         return "; ".join(f"{e.concept_id} {e.name} ({why})" for e, why in self.withheld)
 
 
-def below_floor(entry: "ConceptEntry", policy: CallPolicy) -> str | None:
+def below_floor(entry: ConceptEntry, policy: CallPolicy) -> str | None:
     """Why a measured concept falls below the policy's floors, or None (also None when it was never measured)."""
     if entry.precision is None and entry.f1 is None:
         return None
@@ -218,7 +218,7 @@ def below_floor(entry: "ConceptEntry", policy: CallPolicy) -> str | None:
     return None
 
 
-def select_calls(concepts: Sequence["ConceptEntry"], policy: CallPolicy = CallPolicy()) -> CallSelection:
+def select_calls(concepts: Sequence[ConceptEntry], policy: CallPolicy = CallPolicy()) -> CallSelection:
     """Split an SAE's concept table into what annotate calls and what it withholds, and why."""
     sel = CallSelection([], [], [], [])
     for e in concepts:
@@ -235,7 +235,7 @@ def select_calls(concepts: Sequence["ConceptEntry"], policy: CallPolicy = CallPo
     return sel
 
 
-def standardize(concepts: Sequence["ConceptEntry"]) -> list["ConceptEntry"]:
+def standardize(concepts: Sequence[ConceptEntry]) -> list[ConceptEntry]:
     """Copies whose ``ontology_id`` holds the concept's standard SO/GO ids and whose ``kind`` is filled in,
     from the shipped ontology's xrefs when the table leaves them empty or as a copy of the concept id (SAEs
     trained before the xrefs existed); ids a table states itself are kept first."""
@@ -251,7 +251,7 @@ def standardize(concepts: Sequence["ConceptEntry"]) -> list["ConceptEntry"]:
     return out
 
 
-def segment_score(entry: "ConceptEntry | None", max_act: float) -> float | None:
+def segment_score(entry: ConceptEntry | None, max_act: float) -> float | None:
     """A segment's score: the calibrated probability that a residue with the segment's peak activation carries
     the concept, read off the entry's ``score_curve`` (a non-decreasing step function of activation fitted on
     validation residues, docs/CALLS.md). None when the concept has no curve."""
@@ -269,7 +269,7 @@ def segment_score(entry: "ConceptEntry | None", max_act: float) -> float | None:
     return float(p) if math.isfinite(p) else None
 
 
-def log_calling(sel: CallSelection, log: "logging.Logger") -> None:
+def log_calling(sel: CallSelection, log: logging.Logger) -> None:
     """Say what annotate withholds and why, in one line per run (a warning: -qq silences it, --log-file keeps it;
     the same list is in every output's provenance, `concepts_withheld`)."""
     if sel.withheld:

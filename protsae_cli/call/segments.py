@@ -432,7 +432,7 @@ class SegmentDecoder:
         return out
 
     def segments(self, idx: np.ndarray, val: np.ndarray,
-                 entries: Mapping[str, "ConceptEntry"]) -> list[Segment]:
+                 entries: Mapping[str, ConceptEntry]) -> list[Segment]:
         """Decoded segments of one protein for the called role concepts (``entries``: role -> entry)."""
         acts = role_activations(idx, val, self.input_latents)
         # A span or signal class whose concept is not reported (withheld) is not decoded either: otherwise a
@@ -458,9 +458,9 @@ class SegmentDecoder:
         return out
 
 
-def decoder_entries(decoder: SegmentDecoder, concepts: Sequence["ConceptEntry"]) -> dict[str, "ConceptEntry"]:
+def decoder_entries(decoder: SegmentDecoder, concepts: Sequence[ConceptEntry]) -> dict[str, ConceptEntry]:
     """Role -> the called entry the decoder reports it as (same concept id and latent as fitted)."""
-    out: dict[str, "ConceptEntry"] = {}
+    out: dict[str, ConceptEntry] = {}
     for role, spec in decoder.roles.items():
         for c in concepts:
             if c.concept_id == spec["concept_id"] and int(c.latent) == int(spec["latent"]):
@@ -474,13 +474,13 @@ class RegionCaller:
     ``decode="none"`` (or an SAE without a fitted decoder) is exactly ``call_segments`` over all concepts.
     """
 
-    def __init__(self, concepts: Sequence["ConceptEntry"], params: Mapping[str, Any] | None,
+    def __init__(self, concepts: Sequence[ConceptEntry], params: Mapping[str, Any] | None,
                  decode: str = "viterbi", where: str = "segment_decoder") -> None:
         if decode not in DECODE_MODES:
             raise InputError(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.concepts = list(concepts)
         self.decoder = SegmentDecoder(params, where) if (decode == "viterbi" and params) else None
-        self.entries: dict[str, "ConceptEntry"] = {}
+        self.entries: dict[str, ConceptEntry] = {}
         decoded_ids: set[int] = set()
         if self.decoder is not None:
             self.entries = decoder_entries(self.decoder, self.concepts)
@@ -549,7 +549,7 @@ def _fit_logistic(X: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3
     return W.detach().numpy(), b.detach().numpy()
 
 
-def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles: Mapping[str, "ConceptEntry"],
+def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles: Mapping[str, ConceptEntry],
                 role_order: Sequence[str], fitted_on: str = "", max_residues: int = 400_000,
                 seed: int = 0, context: Sequence[int] = (), duration_q: tuple[float, float] = (1.0, 99.0),
                 penalties: Mapping[str, float] | None = None,
@@ -668,9 +668,9 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
     return params
 
 
-def role_entries(concepts: Sequence["ConceptEntry"]) -> tuple[dict[str, "ConceptEntry"], list[str]]:
+def role_entries(concepts: Sequence[ConceptEntry]) -> tuple[dict[str, ConceptEntry], list[str]]:
     """Role -> first concept entry with the role's shipped concept id, and the role order used for features."""
-    roles: dict[str, "ConceptEntry"] = {}
+    roles: dict[str, ConceptEntry] = {}
     for role, cid in ROLE_CONCEPTS.items():
         for c in concepts:
             if c.concept_id == cid:

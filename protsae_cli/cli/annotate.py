@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import typer
 
@@ -16,7 +15,7 @@ from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DecodeMod
 IO_PANEL, CALL_PANEL = "Input/Output", "Concept calling"
 
 
-def parse_shard(value: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
@@ -73,7 +72,7 @@ def command(
     toks_per_batch: int = typer.Option(A.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens); halved on GPU OOM."),
     threads: ThreadsOpt = None,
-    shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
+    shard: str | None = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
                                         metavar="I/N",
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
     progress: bool = typer.Option(A.progress, "--progress/--no-progress", rich_help_panel=IO_PANEL,
@@ -81,12 +80,12 @@ def command(
     resume: bool = typer.Option(A.resume, "--resume", rich_help_panel=IO_PANEL,
                                 help="Checkpoint finished chunks in PREFIX.parts/ and, when rerun after a crash or "
                                      "kill, skip the chunks already done. Settings must match the first attempt."),
-    chunk_residues: Optional[int] = typer.Option(None, "--chunk-residues", min=1, rich_help_panel=IO_PANEL,
+    chunk_residues: int | None = typer.Option(None, "--chunk-residues", min=1, rich_help_panel=IO_PANEL,
                                                  help="Residues per chunk, the unit of --resume checkpoints (a kill "
                                                       "loses at most the chunk in flight). Default "
                                                       f"{DEFAULT_CHUNK_RESIDUES}, or "
                                                       "$PROTSAE_CHUNK_RESIDUES.", show_default=False),
-    devices: Optional[str] = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL, callback=devices_callback,
+    devices: str | None = typer.Option(None, "--devices", rich_help_panel=PERF_PANEL, callback=devices_callback,
                                           metavar="DEVICES",
                                           help="Run one worker process per device over shards of the input and "
                                                "merge at the end: GPU ordinals '0,1,2,3', 'all' visible GPUs, or "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import typer
 
@@ -18,9 +17,9 @@ def command(
     fasta: str = typer.Argument(..., metavar="FASTA", show_default=False,
                                 help="Labelled proteins (FASTA, .gz or -) the SAE was not trained on; ids must be "
                                      "unique and match the labels."),
-    sae: Optional[str] = typer.Option(None, "--sae", metavar="DIR", rich_help_panel="Models",
+    sae: str | None = typer.Option(None, "--sae", metavar="DIR", rich_help_panel="Models",
                                       help="SAE to calibrate. Default: the bundled demo SAE."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="DIR", rich_help_panel=IO_PANEL,
+    output: str | None = typer.Option(None, "--output", "-o", metavar="DIR", rich_help_panel=IO_PANEL,
                                          help="Write the recalibrated SAE here (its weights, byte for byte, and a "
                                               "new concept table). Required unless --measure-only."),
     annotations: AnnotationsOpt = [],
@@ -29,7 +28,7 @@ def command(
     measure_only: bool = typer.Option(C.measure_only, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
                                       help="Keep the thresholds and only measure them on these proteins "
                                            "(a held-out check); writes no SAE."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
+    json_out: str | None = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (before/after) as JSON."),
     ontology: OntologyOpt = [],
     propagate: PropagateOpt = C.propagate,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePath
-from typing import Any, Optional, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -58,7 +58,7 @@ def _scalar_metavar(annotation: Any) -> str:
     return "TEXT"
 
 
-def metavar_for(param: Any) -> Optional[str]:
+def metavar_for(param: Any) -> str | None:
     """The conventional metavar for a parameter Typer built, or None to leave Typer's own display.
 
     Reads the type Typer recorded for the parameter (`type_descriptor`); a Typer without it (older releases,
@@ -88,7 +88,7 @@ def metavar_for(param: Any) -> Optional[str]:
     return _scalar_metavar(annotation)
 
 
-def _click_type_metavar(param: Any) -> Optional[str]:
+def _click_type_metavar(param: Any) -> str | None:
     """The same words from a Click parameter type (Typer releases that keep Click's types, before 0.29)."""
     t = getattr(param, "type", None)
     name = str(getattr(t, "name", "")).lower()
@@ -105,7 +105,7 @@ def _click_type_metavar(param: Any) -> Optional[str]:
 class _Argument(TyperArgument):
     """A positional argument shown by its name alone (the name is its metavar, e.g. FASTA)."""
 
-    def display_type_rich(self, ctx: Any) -> Optional[str]:  # no `<str>` column beside FASTA
+    def display_type_rich(self, ctx: Any) -> str | None:  # no `<str>` column beside FASTA
         return None
 
     def _usage_display_name(self) -> str:  # `FASTA`, `[FASTA]`, `SHARD...`: Click's usage, not `{fasta}`
@@ -178,7 +178,7 @@ def root_callback(
 class ProtsaeCommand(TyperCommand):
     """A subcommand: conventional metavars, and the global logging options accepted after its name."""
 
-    def __init__(self, *args: Any, params: Optional[list[Any]] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, params: list[Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, params=[*(params or []), *_logging_params()], **kwargs)
 
     def get_params(self, ctx: Any) -> list[Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
 
 import typer
 
@@ -16,21 +15,21 @@ DATA, CONCEPTS, LM, OUT = "Data", CONCEPTS_PANEL, "Language-model fidelity", "Ou
 def command(
     fasta: str = typer.Argument(..., help="Held-out proteins (FASTA, .gz or -); ids must be unique.",
                                 show_default=False),
-    sae: List[str] = typer.Option(..., "--sae", "-s", metavar="DIR", show_default=False,
+    sae: list[str] = typer.Option(..., "--sae", "-s", metavar="DIR", show_default=False,
                                   help="SAE directory; repeat to compare SAEs at the same hook (e.g. TopK vs ProtSAE)."),
     json_out: str = typer.Option(..., "--json", metavar="PATH",
                                  help="Write the results here (JSON; keys documented in "
                                       "protsae_cli/evaluate/pipeline.py).", rich_help_panel=OUT, show_default=False),
-    markdown_out: Optional[str] = typer.Option(None, "--markdown", metavar="PATH", rich_help_panel=OUT,
+    markdown_out: str | None = typer.Option(None, "--markdown", metavar="PATH", rich_help_panel=OUT,
                                                help="Also write a Markdown summary."),
-    plots: Optional[str] = typer.Option(None, "--plots", metavar="DIR", rich_help_panel=OUT,
+    plots: str | None = typer.Option(None, "--plots", metavar="DIR", rich_help_panel=OUT,
                                         help="Directory for PNG plots (firing frequency, concept F1, CE)."),
     model: PlmOpt = None,
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
     ontology: OntologyOpt = [],
     propagate: PropagateOpt = E.propagate,
-    split_by_id: Optional[Tuple[str, str]] = typer.Option(None, "--split-by-id", rich_help_panel=DATA,
+    split_by_id: tuple[str, str] | None = typer.Option(None, "--split-by-id", rich_help_panel=DATA,
                                                           metavar="VALID_IDS TEST_IDS",
                                                           help="Two id-list files: selection proteins, report proteins."),
     valid_fraction: float = typer.Option(E.valid_fraction, "--valid-fraction", rich_help_panel=DATA,

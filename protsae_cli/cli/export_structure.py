@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,19 +12,19 @@ IO_PANEL, SEL_PANEL, MAP_PANEL = "Input/Output", "What to export", "Residue mapp
 
 
 def command(
-    h5: Optional[Path] = typer.Argument(None, metavar="H5", show_default=False,
+    h5: Path | None = typer.Argument(None, metavar="H5", show_default=False,
                                         help="Annotation file written by `protsae annotate` (PREFIX.h5), as "
                                              "`protsae report H5` takes it."),
-    h5_option: Optional[Path] = typer.Option(None, "--h5", rich_help_panel=IO_PANEL, show_default=False,
+    h5_option: Path | None = typer.Option(None, "--h5", rich_help_panel=IO_PANEL, show_default=False,
                                              metavar="H5", help="The same, as an option (older scripts)."),
     pdb: Path = typer.Option(..., "--pdb", rich_help_panel=IO_PANEL, show_default=False,
                              help="Structure to colour: .pdb/.ent or .cif/.mmcif (optionally .gz), e.g. an "
                                   "AlphaFold model."),
     output: Path = typer.Option(..., "--output", "-o", rich_help_panel=IO_PANEL, show_default=False,
                                 help="Structure to write; .cif/.mmcif writes mmCIF, anything else PDB."),
-    protein: Optional[str] = typer.Option(None, "--protein", rich_help_panel=SEL_PANEL, metavar="ID",
+    protein: str | None = typer.Option(None, "--protein", rich_help_panel=SEL_PANEL, metavar="ID",
                                           help="Protein id as in the FASTA header (verbatim)."),
-    index: Optional[int] = typer.Option(None, "--index", rich_help_panel=SEL_PANEL, min=0,
+    index: int | None = typer.Option(None, "--index", rich_help_panel=SEL_PANEL, min=0,
                                         help="0-based input ordinal of the protein; needed when ids repeat."),
     concept: str = typer.Option(..., "--concept", "-c", rich_help_panel=SEL_PANEL, show_default=False,
                                 metavar="CONCEPT",
@@ -34,17 +33,17 @@ def command(
     scale: StructureScale = typer.Option(StructureScale.MAX, "--scale", rich_help_panel=SEL_PANEL,
                               help="max: 100 x activation / this protein's maximum (0-100, like pLDDT); "
                                    "raw: the activation itself (comparable across proteins)."),
-    chain: Optional[str] = typer.Option(None, "--chain", rich_help_panel=MAP_PANEL, metavar="ID",
+    chain: str | None = typer.Option(None, "--chain", rich_help_panel=MAP_PANEL, metavar="ID",
                                         help="Chain to map the protein onto. Default: the best-matching chain."),
     min_identity: float = typer.Option(0.9, "--min-identity", rich_help_panel=MAP_PANEL, min=0, max=1,
                                        help="Refuse when the chain's aligned residues are less identical "
                                             "than this to the protein."),
     force: bool = typer.Option(False, "--force", rich_help_panel=MAP_PANEL,
                                help="Write even below --min-identity."),
-    defattr: Optional[Path] = typer.Option(None, "--defattr", rich_help_panel=IO_PANEL,
+    defattr: Path | None = typer.Option(None, "--defattr", rich_help_panel=IO_PANEL,
                                            help="Also write a ChimeraX attribute file (open it, then "
                                                 "`color byattribute`)."),
-    pml: Optional[Path] = typer.Option(None, "--pml", rich_help_panel=IO_PANEL,
+    pml: Path | None = typer.Option(None, "--pml", rich_help_panel=IO_PANEL,
                                        help="Also write a PyMOL script that loads the output and colours it."),
 ) -> None:
     """Write a concept's per-residue activation into a structure's B-factor column.

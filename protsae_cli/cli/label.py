@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 
 import typer
 
@@ -39,7 +38,7 @@ def command(
                                    help="Latents per concept, ranked by association F1, that the validation part "
                                         "chooses among; 1 keeps the association's best (docs/LABEL.md: more did "
                                         "worse on held-out proteins)."),
-    json_out: Optional[str] = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
+    json_out: str | None = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (candidates, choices) here."),
     ontology: OntologyOpt = [],
     propagate: PropagateOpt = L.propagate,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import List, Optional
 
 import typer
 
@@ -13,10 +12,10 @@ from protsae_cli.cli.options import Compression, formats_callback
 def command(
     output: str = typer.Argument(..., metavar="PREFIX", show_default=False,
                                  help="Output prefix: writes PREFIX.h5/.tsv/.gff3 ('-' sends TSV to stdout)."),
-    inputs: List[str] = typer.Argument(..., metavar="SHARD...", show_default=False,
+    inputs: list[str] = typer.Argument(..., metavar="SHARD...", show_default=False,
                                        help="Shard outputs, all of one kind: .h5 files (preferred: TSV and GFF3 "
                                             "are regenerated from them), or .tsv[.gz], or .gff3[.gz] files."),
-    formats: Optional[str] = typer.Option(None, "--formats", callback=formats_callback, metavar="FORMATS",
+    formats: str | None = typer.Option(None, "--formats", callback=formats_callback, metavar="FORMATS",
                                           help="Comma-separated subset of h5,tsv,gff3,jsonl to write. Default: "
                                                "h5,tsv,gff3 for HDF5 shards; the input kind for TSV/GFF3 shards."),
     renumber: bool = typer.Option(False, "--renumber",

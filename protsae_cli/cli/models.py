@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def command(
-    models_dir: Optional[Path] = typer.Option(None, "--dir", metavar="DIR", show_default=False,
+    models_dir: Path | None = typer.Option(None, "--dir", metavar="DIR", show_default=False,
                                               help="Also list the models under DIR (protsae PLM/SAE folders, HF "
                                                    "ESM-2 folders, fair-esm .pt files, published SAEs). "
                                                    "Default: $PROTSAE_MODELS when set."),

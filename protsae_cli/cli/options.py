@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Callable, List, Optional, Type
+from typing import Annotated
+from collections.abc import Callable
 
 import typer
 
@@ -33,7 +34,7 @@ class Choice(str, enum.Enum):
         return self.value
 
 
-def values(choice: Type[Choice]) -> tuple[str, ...]:
+def values(choice: type[Choice]) -> tuple[str, ...]:
     return tuple(c.value for c in choice)
 
 
@@ -184,11 +185,11 @@ class StructureScale(Choice):
 
 # -- callbacks for values Click cannot type: comma lists and device specs -------------------------------------
 
-def _listing(choice: Type[Choice]) -> str:
+def _listing(choice: type[Choice]) -> str:
     return ", ".join(values(choice))
 
 
-def split_choices(value: str, choice: Type[Choice]) -> list[str]:
+def split_choices(value: str, choice: type[Choice]) -> list[str]:
     """'h5, tsv' -> ['h5', 'tsv'] (empty items dropped); raises BadParameter naming the first bad item."""
     items = [x.strip() for x in value.split(",") if x.strip()]
     allowed = values(choice)
@@ -200,12 +201,12 @@ def split_choices(value: str, choice: Type[Choice]) -> list[str]:
     return items
 
 
-def formats_callback(value: Optional[str]) -> Optional[str]:
+def formats_callback(value: str | None) -> str | None:
     """`--formats h5,tsv`: checked item by item, returned as a canonical comma list for the command to split."""
     return None if value is None else ",".join(split_choices(value, OutputFormat))
 
 
-def controls_callback(value: Optional[List[str]]) -> Optional[List[str]]:
+def controls_callback(value: list[str] | None) -> list[str] | None:
     """`--control` may be repeated and each value may be a comma list; returns the flat list of kinds."""
     if value is None:
         return None
@@ -230,7 +231,7 @@ def device_callback(value: str) -> str:
     raise typer.BadParameter(f"{value!r} is not a device; choose auto, cpu, cuda or cuda:N{_gpu_hint(v)}")
 
 
-def devices_callback(value: Optional[str]) -> Optional[str]:
+def devices_callback(value: str | None) -> str | None:
     """`--devices`: 'all', or a comma list of GPU ordinals, cuda:N and cpu (as multigpu.parse_devices reads)."""
     if value is None or value.strip() == "all":
         return value
@@ -243,14 +244,14 @@ def devices_callback(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def open_ends(low: Optional[float] = None,
-              high: Optional[float] = None) -> Callable[[Optional[float]], Optional[float]]:
+def open_ends(low: float | None = None,
+              high: float | None = None) -> Callable[[float | None], float | None]:
     """Callback for a range with open ends, e.g. a fraction in [0, 1): ``min=0, callback=open_ends(high=1)``.
 
     Why a callback: Typer's min/max are closed bounds and it does not expose Click's open-interval flags.
     """
 
-    def check(value: Optional[float]) -> Optional[float]:
+    def check(value: float | None) -> float | None:
         if value is not None and low is not None and value <= low:
             raise typer.BadParameter(f"must be greater than {low:g}, got {value:g}")
         if value is not None and high is not None and value >= high:
@@ -267,16 +268,16 @@ _MODEL_HELP = ("ESM-2 by fair-esm name (e.g. esm2_t33_650M_UR50D; looked up in t
                "hub id in the local HF cache (facebook/esm2_t33_650M_UR50D; never downloaded).")
 
 # annotate, steer: the PLM defaults to the one the SAE was trained on.
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", rich_help_panel=MODELS_PANEL, metavar="NAME|PATH",
     help=_MODEL_HELP + " Default: the SAE's own PLM, or the bundled stand-in.")]
 
 # train, eval: no SAE to take the PLM from (train makes one; eval compares several at one PLM).
-PlmOpt = Annotated[Optional[str], typer.Option(
+PlmOpt = Annotated[str | None, typer.Option(
     "--model", "-m", rich_help_panel=MODELS_PANEL, metavar="NAME|PATH",
     help=_MODEL_HELP + " Default: the bundled stand-in.")]
 
-SaeOpt = Annotated[Optional[str], typer.Option(
+SaeOpt = Annotated[str | None, typer.Option(
     "--sae", rich_help_panel=MODELS_PANEL, metavar="DIR",
     help="SAE checkpoint directory (config.json + sae.safetensors). Default: the bundled demo SAE.")]
 
@@ -289,10 +290,10 @@ DeviceOpt = Annotated[str, typer.Option(
     "--device", callback=device_callback, rich_help_panel=PERF_PANEL, metavar="DEVICE",
     help="auto (CUDA if present), cpu, cuda or cuda:N.")]
 
-ThreadsOpt = Annotated[Optional[int], typer.Option(
+ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, rich_help_panel=PERF_PANEL, help="CPU threads for torch (default: torch's choice).")]
 
-AnnotationsOpt = Annotated[List[str], typer.Option(
+AnnotationsOpt = Annotated[list[str], typer.Option(
     "--annotations", "-a", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
     help="Concept annotation file (repeat for several sources): Swiss-Prot, UniProt XML/TSV, TMbed, binding "
          "lists, GAF, GO TSV, generic TSV. Comma-join files that form one source (bindPredict "
@@ -303,7 +304,7 @@ CallingOpt = Annotated[str, typer.Option(
     help="Operating point each concept's threshold is chosen for on the validation proteins: f1 (best F1), "
          "precision:P (most recall with precision >= P, e.g. precision:0.9) or recall:R (docs/CALLS.md).")]
 
-OntologyOpt = Annotated[List[str], typer.Option(
+OntologyOpt = Annotated[list[str], typer.Option(
     "--ontology", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
     help="OBO ontology (repeatable): GO (go.obo) for GAF / GO TSV files; for residue files the first other one "
          "\\[default: the shipped residue-concept ontology]. Labels are propagated to ancestor concepts.")]
@@ -312,7 +313,7 @@ PropagateOpt = Annotated[bool, typer.Option(
     "--propagate/--no-propagate", rich_help_panel=CONCEPTS_PANEL,
     help="Add ancestor concepts to the labels (zinc binding is metal binding).")]
 
-AnnotationFormatOpt = Annotated[List[AnnotationFormat], typer.Option(
+AnnotationFormatOpt = Annotated[list[AnnotationFormat], typer.Option(
     "--annotation-format", rich_help_panel=CONCEPTS_PANEL,
     help="Format of each --annotations source, in order (one value applies to all); auto guesses it from the "
          "file name and first lines \\[default: auto].")]
@@ -328,23 +329,23 @@ QuietOpt = Annotated[int, typer.Option(
     "--quiet", "-q", count=True, show_default=False,
     help="Less on stderr: -q warnings and errors only, -qq errors only.")]
 
-LogFileOpt = Annotated[Optional[str], typer.Option(
+LogFileOpt = Annotated[str | None, typer.Option(
     "--log-file", metavar="PATH", help="Also append the log (INFO and above) to this file.")]
 
 
 # -- published SAE formats (protsae_cli/sae/foreign.py, docs/FOREIGN_SAES.md): what a checkpoint does not record --
 
-SaeLayerOpt = Annotated[Optional[int], typer.Option(
+SaeLayerOpt = Annotated[int | None, typer.Option(
     "--sae-layer", min=1, rich_help_panel=MODELS_PANEL, metavar="L",
     help="Layer a published SAE (InterPLM, InterProt, SAELens, sparsify) reads: protsae's 1-based ESM-2 block. "
          "Only for files that do not record it; picks the layer of a multi-layer sparsify folder.")]
 
-SaePlmOpt = Annotated[Optional[str], typer.Option(
+SaePlmOpt = Annotated[str | None, typer.Option(
     "--sae-plm", rich_help_panel=MODELS_PANEL, metavar="NAME",
     help="ESM-2 a published SAE was trained on (e.g. esm2_t33_650M_UR50D), for files that do not record it. "
          "Default with --model: that model.")]
 
-SaeKOpt = Annotated[Optional[int], typer.Option(
+SaeKOpt = Annotated[int | None, typer.Option(
     "--sae-k", min=1, rich_help_panel=MODELS_PANEL, metavar="N",
     help="Code slots per residue for a published ReLU/JumpReLU SAE (no k of its own): the N largest "
          "activations are kept; N = d_sae keeps all.")]

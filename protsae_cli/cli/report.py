@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,12 +14,12 @@ IO_PANEL, SEL_PANEL, FIG_PANEL = "Input/Output", "Which proteins", "Figures"
 def command(
     h5: Path = typer.Argument(..., help="Annotation file written by `protsae annotate` (PREFIX.h5).",
                               show_default=False),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", rich_help_panel=IO_PANEL,
+    output: Path | None = typer.Option(None, "--output", "-o", rich_help_panel=IO_PANEL,
                                           help="HTML file to write. Default: PREFIX.report.html next to the h5."),
-    png_dir: Optional[Path] = typer.Option(None, "--png-dir", rich_help_panel=IO_PANEL,
+    png_dir: Path | None = typer.Option(None, "--png-dir", rich_help_panel=IO_PANEL,
                                            help="Also write matplotlib PNGs (tracks, heatmaps, top concepts, "
                                                 "histograms) into this directory."),
-    proteins: Optional[list[str]] = typer.Option(None, "--proteins", "-p", metavar="IDS", rich_help_panel=SEL_PANEL,
+    proteins: list[str] | None = typer.Option(None, "--proteins", "-p", metavar="IDS", rich_help_panel=SEL_PANEL,
                                                  help="Draw these protein ids (comma-separated, or repeat the "
                                                       "option; an id containing a comma is matched whole "
                                                       "first). Every protein with a matching id is drawn."),
@@ -37,7 +36,7 @@ def command(
     table_limit: int = typer.Option(200_000, "--table-limit", rich_help_panel=SEL_PANEL, min=0,
                                     help="Most proteins listed in the searchable table (bounds the page size; "
                                          "~70 bytes per protein)."),
-    title: Optional[str] = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
+    title: str | None = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
     progress: bool = typer.Option(True, "--progress/--no-progress",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
 
 import typer
 
@@ -34,11 +33,11 @@ def command(
                                      "latent index (latent:123 or 123)."),
     output: str = typer.Option(..., "--output", "-o", metavar="FASTA", rich_help_panel=IO_PANEL, show_default=False,
                                help="Output FASTA; the per-sequence report is written beside it as OUT.tsv."),
-    input: Optional[str] = typer.Option(None, "--input", "-i", metavar="FASTA", rich_help_panel=IO_PANEL,
+    input: str | None = typer.Option(None, "--input", "-i", metavar="FASTA", rich_help_panel=IO_PANEL,
                                         help="Proteins to redesign (FASTA, .gz or - for stdin; <= 1022 residues)."),
-    length: Optional[int] = typer.Option(None, "--length", rich_help_panel=IO_PANEL, min=1, max=1022,
+    length: int | None = typer.Option(None, "--length", rich_help_panel=IO_PANEL, min=1, max=1022,
                                          help="Generate from scratch: sequence length (with --num)."),
-    num: Optional[int] = typer.Option(None, "--num", rich_help_panel=IO_PANEL, min=1,
+    num: int | None = typer.Option(None, "--num", rich_help_panel=IO_PANEL, min=1,
                                       help="Generate from scratch: number of sequences (with --length)."),
     init: SteerInit = typer.Option(SteerInit(S.init), "--init", rich_help_panel=IO_PANEL,
                              help="From-scratch start: mask (all positions masked; use --decode iterative or "
@@ -49,7 +48,7 @@ def command(
     with_ancestors: bool = typer.Option(S.with_ancestors, "--with-ancestors", rich_help_panel=EDIT_PANEL,
                                         help="Also steer the SAE's concepts that are ontology ancestors of the "
                                              "target (is_a, part_of), as the ProtSAE release does for GO ids."),
-    ontology: Optional[str] = typer.Option(None, "--ontology", metavar="PATH", rich_help_panel=EDIT_PANEL,
+    ontology: str | None = typer.Option(None, "--ontology", metavar="PATH", rich_help_panel=EDIT_PANEL,
                                            help="OBO file for --with-ancestors and id lookup (default: the "
                                                 "shipped residue concept ontology)."),
     mode: SteerMode = typer.Option(SteerMode(S.mode), "--mode", rich_help_panel=EDIT_PANEL,
@@ -82,7 +81,7 @@ def command(
                                       help="Softmax temperature for sample and gibbs (> 0)."),
     seed: int = typer.Option(S.seed, "--seed", rich_help_panel=DEC_PANEL,
                              help="Seed for masks, sampling and controls; same seed, same output (CPU)."),
-    control: Optional[List[str]] = typer.Option(None, "--control", metavar="LIST", rich_help_panel=CTRL_PANEL,
+    control: list[str] | None = typer.Option(None, "--control", metavar="LIST", rich_help_panel=CTRL_PANEL,
                                                 callback=controls_callback,
                                                 help="Null conditions with the same settings: random-latent and/or "
                                                      "activity-matched (repeat the option, or separate by commas)."),
@@ -92,7 +91,7 @@ def command(
                               help="Compute pseudo-perplexity (one forward row per scored position)."),
     pppl_positions: PpplPositions = typer.Option(PpplPositions(S.pppl_positions), "--pppl-positions", rich_help_panel=CTRL_PANEL,
                                        help="Positions scored for pseudo-perplexity: all or designed."),
-    pppl_max_positions: Optional[int] = typer.Option(
+    pppl_max_positions: int | None = typer.Option(
         None, "--pppl-max-positions", rich_help_panel=CTRL_PANEL, min=0, show_default=False,
         help="Score a seeded random subset of at most this many positions per sequence (same subset for every "
              "condition); 0 = all \\[default: all on a GPU, 32 on CPU, where each position is one forward pass]."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import typer
 
@@ -32,7 +31,7 @@ def command(
     k: int = typer.Option(T.k, "--k", rich_help_panel=SAE, min=1, help="Active latents per residue (TopK)."),
     tokens_per_protein: int = typer.Option(T.tokens_per_protein, "--tokens-per-protein", rich_help_panel=DATA, min=0,
                                            help="Residues sampled per protein (0 = all; ProtSAE's code: 100)."),
-    max_proteins: Optional[int] = typer.Option(None, "--max-proteins", rich_help_panel=DATA, min=1,
+    max_proteins: int | None = typer.Option(None, "--max-proteins", rich_help_panel=DATA, min=1,
                                                help="Use a seeded random subset of this many proteins."),
     val_fraction: float = typer.Option(T.val_fraction, "--valid-fraction", "--val-fraction", rich_help_panel=DATA, min=0,
                                        callback=open_ends(high=1),
@@ -40,9 +39,9 @@ def command(
                                             "selection, in [0, 1)."),
     max_val_tokens: int = typer.Option(T.max_val_tokens, "--max-val-tokens", rich_help_panel=DATA, min=1,
                                        help="Cap on validation rows (whole proteins, seeded)."),
-    activation_cache: Optional[str] = typer.Option(None, "--activation-cache", metavar="DIR", rich_help_panel=DATA,
+    activation_cache: str | None = typer.Option(None, "--activation-cache", metavar="DIR", rich_help_panel=DATA,
                                                    help="Directory to save activation shards to, or reuse them from."),
-    stream: Optional[bool] = typer.Option(None, "--stream/--in-memory", rich_help_panel=DATA, show_default=False,
+    stream: bool | None = typer.Option(None, "--stream/--in-memory", rich_help_panel=DATA, show_default=False,
                                           help="Stream the activation cache through a shuffle buffer, or load it "
                                                "whole \\[default: stream when it exceeds a quarter of RAM]."),
     shuffle_buffer: int = typer.Option(T.shuffle_buffer, "--shuffle-buffer", rich_help_panel=DATA, min=1,
@@ -52,13 +51,13 @@ def command(
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
     ontology: OntologyOpt = [],
-    concepts: Optional[str] = typer.Option(None, "--concepts", metavar="LIST", rich_help_panel=LABELS,
+    concepts: str | None = typer.Option(None, "--concepts", metavar="LIST", rich_help_panel=LABELS,
                                            help="Comma-separated concept ids or names, in latent order "
                                                 "\\[default: all with --min-concept-residues positives]."),
     min_concept_residues: int = typer.Option(T.min_concept_residues, "--min-concept-residues", rich_help_panel=LABELS, min=1,
                                              help="Least positive residues (proteins, at protein granularity) "
                                                   "among training proteins for a concept to get a latent."),
-    label_granularity: Optional[LabelGranularity] = typer.Option(
+    label_granularity: LabelGranularity | None = typer.Option(
         None, "--label-granularity", rich_help_panel=LABELS,
         help="residue (per-residue BCE) or protein (BCE on pooled probabilities) \\[default: residue when any "
              "source is residue-level]."),
@@ -80,7 +79,7 @@ def command(
              "graded above it; none: a graded score wherever W x > 0, called above a threshold calibrated at "
              "the end (the library default, docs/METHOD.md §1.10); pred: includes the predictor's bias, positive "
              "where p > 0.5. auto: calibrated with residue labels (and validation proteins), none otherwise."),
-    predictor_lr: Optional[float] = typer.Option(
+    predictor_lr: float | None = typer.Option(
         None, "--predictor-lr", rich_help_panel=CONCEPTS, callback=open_ends(low=0),
         help="Peak learning rate of the concept predictor (a logistic regression under the stop-gradient, "
              "which converges at a far larger step than the dictionary); same schedule as --lr. Default: 0.03 "
@@ -96,9 +95,9 @@ def command(
     no_axiom: bool = typer.Option(not P.use_axiom, "--no-axiom", rich_help_panel=CONCEPTS,
                                   help="Ablation: no ontology axiom loss."),
     epochs: int = typer.Option(C.epochs, "--epochs", rich_help_panel=OPT, min=1),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", rich_help_panel=OPT, min=1,
+    max_steps: int | None = typer.Option(None, "--max-steps", rich_help_panel=OPT, min=1,
                                             help="Stop after this many steps (the schedule spans them)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", rich_help_panel=OPT, min=1, show_default=False,
+    batch_size: int | None = typer.Option(None, "--batch-size", rich_help_panel=OPT, min=1, show_default=False,
                                              help=f"Tokens per step, over all processes \\[default: "
                                                   f"{C.batch_size}, or all training tokens when there are fewer]."),
     lr: float = typer.Option(C.lr, "--lr", rich_help_panel=OPT, callback=open_ends(low=0),
@@ -113,17 +112,17 @@ def command(
     seed: int = typer.Option(C.seed, "--seed", rich_help_panel=OPT,
                              help="Seeds residue sampling, the train/validation split, initialisation and order."),
     device: DeviceOpt = T.device,
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", rich_help_panel=RUN, min=1,
+    eval_every: int | None = typer.Option(None, "--eval-every", rich_help_panel=RUN, min=1,
                                              help="Validate every N steps \\[default: once per epoch]."),
-    save_after: Optional[float] = typer.Option(
+    save_after: float | None = typer.Option(
         None, "--save-after", rich_help_panel=RUN, min=0, max=1,
         help="Fraction of the run before which checkpoints cannot be selected \\[default: 0.6 for protsae, as the "
              "released code's epoch 30 of 50; 0 for topk]."),
     state_every: int = typer.Option(C.state_every, "--state-every", rich_help_panel=RUN, min=1,
                                     help="Write the resumable training state every N steps (and at the end)."),
-    resume: Optional[str] = typer.Option(None, "--resume", metavar="PATH", rich_help_panel=RUN,
+    resume: str | None = typer.Option(None, "--resume", metavar="PATH", rich_help_panel=RUN,
                                          help="Continue from an output directory's train_state.pt (or that file)."),
-    stop_at_step: Optional[int] = typer.Option(None, "--stop-at-step", rich_help_panel=RUN, min=1,
+    stop_at_step: int | None = typer.Option(None, "--stop-at-step", rich_help_panel=RUN, min=1,
                                                help="Stop resumably after this step (e.g. before a job time limit)."),
     ddp: bool = typer.Option(T.ddp, "--ddp", rich_help_panel=RUN,
                              help="Require a torchrun launch (DDP is used whenever torchrun starts >1 process)."),

@@ -52,7 +52,7 @@ class ConceptEntry:
     score_curve: list[list[float]] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ConceptEntry":
+    def from_dict(cls, d: dict[str, Any]) -> ConceptEntry:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -138,7 +138,7 @@ class SAEConfig:
         }
 
     @classmethod
-    def from_json_dict(cls, d: dict[str, Any], where: str = "config") -> "SAEConfig":
+    def from_json_dict(cls, d: dict[str, Any], where: str = "config") -> SAEConfig:
         """Parse and bound a config read from a file; every message starts with `where` (the file).
 
         A config is data from wherever the user got the SAE, so values are checked, not coerced: `int()` would

@@ -132,7 +132,7 @@ class GFF3Writer(OutputWriter):
     """Streaming GFF3 (``*.gz`` for gzip, ``-`` for stdout); see the module docstring for the conventions."""
 
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, str | int | float],
-                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int, *, source: str = "protsae"):
+                 concepts: Sequence[ConceptEntry], d_sae: int, k: int, *, source: str = "protsae"):
         super().__init__()
         self.path = path
         self.d_sae, self.k = int(d_sae), int(k)

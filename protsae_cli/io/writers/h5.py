@@ -70,7 +70,7 @@ _STR = h5py.string_dtype("utf-8")
 CONCEPT_TEXT_COLUMNS = ("kind", "label_source", "operating_point", "validation")
 
 
-def read_concept_reliability(g: "h5py.Group") -> list[dict[str, Any]]:
+def read_concept_reliability(g: h5py.Group) -> list[dict[str, Any]]:
     """Per concept row, the reliability fields of a /concepts group as ConceptEntry values (None for NaN);
     empty dicts for files written before the columns existed."""
     n = int(g["latent"].shape[0])
@@ -114,7 +114,7 @@ class H5Writer(OutputWriter):
     """
 
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, str | int | float],
-                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int, *, dtype: str = "float32",
+                 concepts: Sequence[ConceptEntry], d_sae: int, k: int, *, dtype: str = "float32",
                  compression: str | None = "gzip", compression_level: int = 4, shuffle: bool = True,
                  chunk_elems: int = 1 << 18, flush_rows: int = 1 << 18, flush_proteins: int = 1 << 14):
         super().__init__()
@@ -164,7 +164,7 @@ class H5Writer(OutputWriter):
         return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,),
                                     shuffle=self._shuffle and numeric, **self._filters)
 
-    def _create_layout(self, provenance: Mapping[str, Any], concepts: Sequence["ConceptEntry"]) -> None:
+    def _create_layout(self, provenance: Mapping[str, Any], concepts: Sequence[ConceptEntry]) -> None:
         f = self.f
         attrs = {"protsae_version": __version__, "shard": ""}
         attrs.update({str(k): _attr_value(v) for k, v in provenance.items()})
@@ -568,7 +568,7 @@ class H5Annotations:
     def close(self) -> None:
         self.f.close()
 
-    def __enter__(self) -> "H5Annotations":
+    def __enter__(self) -> H5Annotations:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -617,7 +617,7 @@ class H5Annotations:
         return out
 
     @property
-    def concepts(self) -> list["ConceptEntry"]:
+    def concepts(self) -> list[ConceptEntry]:
         from protsae_cli.sae.config import ConceptEntry
 
         g = self.f["concepts"]
@@ -673,7 +673,7 @@ class H5Annotations:
         indices = self.f["codes/indices"][a:b].astype(np.int64)
         return data, indices, indptr - a
 
-    def codes(self, i: int) -> "scipy.sparse.csr_matrix":
+    def codes(self, i: int) -> scipy.sparse.csr_matrix:
         """Codes of protein ``i`` as CSR [rows_i, d_sae] float32, where rows_i = encoded residues.
 
         rows_i (not the full length) because a truncated protein's tail was never encoded: zero rows there would

@@ -43,14 +43,14 @@ def _number(x: float | None) -> float | None:
     """Four significant digits, like the TSV; JSON has no NaN/inf, so those become null."""
     if x is None or not math.isfinite(float(x)):
         return None
-    return float("%.4g" % float(x))
+    return float(f"{float(x):.4g}")
 
 
 class JSONLWriter(OutputWriter):
     """Streaming JSON Lines (``*.gz`` for gzip); constructor shape shared with the other writers."""
 
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, Any],
-                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int):
+                 concepts: Sequence[ConceptEntry], d_sae: int, k: int):
         super().__init__()
         self.path = path
         self.lookup = ConceptLookup(concepts)

@@ -37,7 +37,7 @@ def format_float(x: float | None) -> str:
     """``%.4g``: four significant digits are plenty for activations and keep files small and diff-able."""
     if x is None:
         return MISSING
-    return "%.4g" % float(x)
+    return f"{float(x):.4g}"
 
 
 def cell(value: object) -> str:
@@ -52,10 +52,10 @@ def cell(value: object) -> str:
 
 def format_metric(x: float | None) -> str:
     """Precision/recall/F1/score cells: three decimals (``-`` when not measured)."""
-    return MISSING if x is None else "%.3f" % float(x)
+    return MISSING if x is None else f"{float(x):.3f}"
 
 
-def reliability_cells(entry: "ConceptEntry | None", max_act: float) -> tuple[str, str, str, str]:
+def reliability_cells(entry: ConceptEntry | None, max_act: float) -> tuple[str, str, str, str]:
     """(precision, recall, F1, score) cells of one segment of `entry`."""
     if entry is None:
         return (MISSING,) * 4
@@ -78,7 +78,7 @@ class TSVWriter(OutputWriter):
     """
 
     def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, str | int | float],
-                 concepts: Sequence["ConceptEntry"], d_sae: int, k: int, *, header: bool = True):
+                 concepts: Sequence[ConceptEntry], d_sae: int, k: int, *, header: bool = True):
         super().__init__()
         self.path = path
         self.d_sae, self.k = int(d_sae), int(k)
