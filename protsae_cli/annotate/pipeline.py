@@ -117,8 +117,8 @@ class Annotator:
                 tokens = tokens.pin_memory()  # lets the host-to-device copy run asynchronously
             acts = self.runner.hook_activations(tokens, self.hook)
             rows = torch.cat([acts[b, 1:len(s) + 1] for b, s in enumerate(seqs)])
-            idx, val = self.encoder.encode(rows)
-            idx, val = idx.cpu().numpy(), val.cpu().numpy()
+            idx_t, val_t = self.encoder.encode(rows)
+            idx, val = idx_t.cpu().numpy(), val_t.cpu().numpy()
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(items) == 1:
@@ -163,19 +163,22 @@ class Annotator:
                 raise _Cancelled  # the consumer left (error, signal): stop at a batch boundary
             self._encode_items([items[i] for i in batch])
         empty_i, empty_v = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        for w in works:
-            if isinstance(w, InvalidRecord):
-                yield ProteinResult(index=w.index, id=w.id, description=w.description, sequence="",
-                                    status="invalid", status_detail=w.error, idx=empty_i, val=empty_v, segments=[])
+        for item in works:
+            if isinstance(item, InvalidRecord):
+                yield ProteinResult(index=item.index, id=item.id, description=item.description, sequence="",
+                                    status="invalid", status_detail=item.error, idx=empty_i, val=empty_v,
+                                    segments=[])
                 continue
+            w = item
             rec = w.record
-            if w.failed or any(p is None for p in w.parts):
+            parts = [p for p in w.parts if p is not None]
+            if w.failed or len(parts) != len(w.parts):
                 yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
                                     status="failed_oom", status_detail=w.failed or "not encoded",
                                     idx=empty_i, val=empty_v, segments=[])
                 continue
-            idx = np.concatenate([p[0] for p in w.parts])
-            val = np.concatenate([p[1] for p in w.parts])
+            idx = np.concatenate([p[0] for p in parts])
+            val = np.concatenate([p[1] for p in parts])
             segs = call_segments(idx, val, min_segment_len=opts.min_segment_len, merge_gap=opts.merge_gap)
             yield ProteinResult(index=rec.index, id=rec.id, description=rec.description, sequence=rec.sequence,
                                 status=w.status, status_detail="", idx=idx, val=val, segments=segs)

@@ -127,7 +127,7 @@ def _fingerprint(opts: AnnotateOptions) -> dict[str, Any]:
 
 def _prepare_workdir(work: Path, opts: AnnotateOptions, devices: Sequence[str]) -> None:
     """Create or (with --resume) reuse the worker directory, refusing reuse under other settings."""
-    fp = {"options": _fingerprint(opts), "workers": len(devices)}
+    fp: dict[str, Any] = {"options": _fingerprint(opts), "workers": len(devices)}
     manifest = work / "manifest.json"
     if work.exists() and not opts.resume:
         shutil.rmtree(work)  # leftovers of an interrupted run without --resume: nothing to reuse

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import cast
 
 import typer
 
@@ -113,7 +114,8 @@ def command(
         toks_per_batch=toks_per_batch, long_policy=long_policy.value, window_overlap=window_overlap,
         min_segment_len=min_segment_len, merge_gap=merge_gap, decode=decode.value, call_withheld=call_withheld,
         skip_invalid=skip_invalid, check_plm=check_plm,
-        h5_dtype=h5_dtype.value, shard=shard, progress=progress and not is_quiet(), threads=threads, resume=resume,
+        h5_dtype=h5_dtype.value, shard=cast("tuple[int, int] | None", shard),  # parse_shard converted it
+        progress=progress and not is_quiet(), threads=threads, resume=resume,
     )
     if chunk_residues is not None:  # else the env var / built-in default of AnnotateOptions applies
         opts.chunk_residues = chunk_residues

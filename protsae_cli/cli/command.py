@@ -220,5 +220,5 @@ class ProtsaeGroup(TyperGroup):
             return super().resolve_command(ctx, args)
         except Exception as e:
             if hasattr(e, "message") and args and args[0].isdigit():
-                e.message = f"{e.message.rstrip('.')}; {_COUNT_HINT}"  # type: ignore[attr-defined]
+                e.message = f"{e.message.rstrip('.')}; {_COUNT_HINT}"
             raise

@@ -12,6 +12,10 @@ from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationForma
 DATA, CONCEPTS, LM, OUT = "Data", CONCEPTS_PANEL, "Language-model fidelity", "Outputs"
 
 
+#: --thresholds as the command line writes it, from the EvalOptions default.
+_DEFAULT_THRESHOLDS = ",".join(f"{t:g}" for t in E.thresholds)
+
+
 def command(
     fasta: str = typer.Argument(..., help="Held-out proteins (FASTA, .gz or -); ids must be unique.",
                                 show_default=False),
@@ -39,7 +43,7 @@ def command(
     seed: int = typer.Option(E.seed, "--seed", rich_help_panel=DATA, help="Seed of the split and of the LM masks."),
     max_residues: int = typer.Option(E.max_residues, "--max-residues", rich_help_panel=DATA, min=1,
                                      help="Longer proteins are evaluated on their first residues only."),
-    thresholds: str = typer.Option(",".join(f"{t:g}" for t in E.thresholds), "--thresholds", metavar="LIST",
+    thresholds: str = typer.Option(_DEFAULT_THRESHOLDS, "--thresholds", metavar="LIST",
                                    rich_help_panel=CONCEPTS,
                                    help="Comma-separated threshold grid on max-normalised activations."),
     lm_proteins: int = typer.Option(E.lm_proteins, "--lm-proteins", rich_help_panel=LM, min=0,
@@ -75,7 +79,7 @@ def command(
         grid = tuple(float(t) for t in thresholds.split(",") if t.strip())
     except ValueError as e:
         raise InputError(f"--thresholds: {e}") from e
-    split_ids = tuple(split_by_id) if split_by_id and all(split_by_id) else None
+    split_ids = (split_by_id[0], split_by_id[1]) if split_by_id and all(split_by_id) else None
     opts = EvalOptions(sae=list(sae), fasta=fasta, model=model, annotations=specs, ontologies=list(ontology),
                        propagate=propagate, split_ids=split_ids, valid_fraction=valid_fraction, seed=seed,
                        thresholds=grid, lm_proteins=lm_proteins, lm_max_len=lm_max_len, mask_fraction=mask_fraction,

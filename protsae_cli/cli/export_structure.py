@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from pathlib import Path
 
 import typer
@@ -61,9 +63,9 @@ def command(
     if (h5 is None) == (h5_option is None):
         raise typer.BadParameter("give the annotation file once: as H5 (e.g. `protsae export-structure run.h5 "
                                  "...`) or as --h5", param_hint="H5")
-    h5 = h5 if h5 is not None else h5_option
+    h5_path: Path = h5 if h5 is not None else cast(Path, h5_option)  # exactly one is given (checked above)
 
-    summary = export_structure(h5, pdb, output, concept, protein_id=protein, index=index, chain=chain,
+    summary = export_structure(h5_path, pdb, output, concept, protein_id=protein, index=index, chain=chain,
                                scale=scale.value, force=force, min_identity=min_identity, defattr=defattr, pml=pml)
     for line in describe(summary):
         print(line, file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import cast
 
 import typer
 
@@ -13,6 +14,10 @@ from protsae_cli.cli.options import (CheckPlmOpt, Decode, DeviceOpt, EditScope, 
 
 IO_PANEL, EDIT_PANEL, POS_PANEL, DEC_PANEL, CTRL_PANEL = (
     "Input/Output", "Edit", "Positions", "Decoding", "Controls and readouts")
+
+
+#: --strength as the command line writes it, from the SteerSpec default.
+_DEFAULT_STRENGTHS = ",".join(f"{s:g}" for s in S.strengths)
 
 
 def parse_strengths(value: str) -> tuple[float, ...]:
@@ -54,7 +59,7 @@ def command(
     mode: SteerMode = typer.Option(SteerMode(S.mode), "--mode", rich_help_panel=EDIT_PANEL,
                              help="add: z += s*S; clamp: z = s*S; multiply: z *= 1+s. S is the latent's recorded "
                                   "max activation, else the token's largest latent value; results floored at 0."),
-    strength: str = typer.Option(",".join(f"{s:g}" for s in S.strengths), "--strength", "-s", metavar="LIST",
+    strength: str = typer.Option(_DEFAULT_STRENGTHS, "--strength", "-s", metavar="LIST",
                                  rich_help_panel=EDIT_PANEL, callback=parse_strengths,
                                  help="Strength s; a comma-separated list runs a sweep (e.g. 0,0.5,1,2)."),
     replace_with_reconstruction: bool = typer.Option(
@@ -116,7 +121,8 @@ def command(
 
     controls = tuple(dict.fromkeys(control or ()))
     spec = S(
-        concept=concept, strengths=strength, mode=mode.value, with_ancestors=with_ancestors,
+        concept=concept, strengths=cast("tuple[float, ...]", strength),  # parse_strengths (the callback) converted it
+         mode=mode.value, with_ancestors=with_ancestors,
         keep_error=not replace_with_reconstruction, positions=positions.value, mask_ratio=mask_ratio,
         mask_strategy=mask_strategy.value, edit_scope=edit_scope.value, decode=decode.value, iterations=iterations,
         temperature=temperature, seed=seed, controls=controls, n_controls=n_controls, init=init.value, pppl=pppl,

@@ -51,7 +51,7 @@ class EvalOptions:
 
 @dataclass
 class CalibrateOptions:
-    sae: str
+    sae: str | None                        # None: the bundled default SAE
     fasta: str
     annotations: list[Any]                 # labels.sources.AnnotationSpec
     output: str | None = None              # new SAE directory; None with measure_only

@@ -96,7 +96,7 @@ def prefix_for_directory(directory: str, input_path: str | None) -> str:
     """
     name = Path(input_path).name if input_path and input_path != "-" else ""
     regular = False
-    if name:
+    if name and input_path:
         try:
             regular = stat.S_ISREG(os.stat(input_path).st_mode)
         except OSError:

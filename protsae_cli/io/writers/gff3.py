@@ -156,7 +156,7 @@ class GFF3Writer(OutputWriter):
             lines.append(f"##sequence-region {seqid} 1 {result.length}\n")
         n = 0
         for seg in sorted_segments(result.segments):
-            entries = self.lookup.entries(seg) or [None]
+            entries: list[ConceptEntry | None] = list(self.lookup.entries(seg)) or [None]
             for c in entries:
                 n += 1
                 ontology = c.ontology_id.strip() if c else ""
@@ -164,7 +164,7 @@ class GFF3Writer(OutputWriter):
                 name = name or f"latent_{seg.latent}"
                 attrs = [f"ID=p{result.index}.{n}", f"Name={escape_attr(name)}"]
                 std = concept_terms(c.concept_id, ontology) if c else None
-                if c:
+                if c is not None and std is not None:
                     own = [t.strip() for t in ontology.split(",") if t.strip()]
                     terms = list(dict.fromkeys([*std.ontology_terms, *own]))
                     if terms:

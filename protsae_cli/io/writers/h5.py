@@ -113,7 +113,7 @@ class H5Writer(OutputWriter):
     ``format``, ``format_version``, ``coordinate_system``, ``d_sae`` and ``k`` are always set by the writer.
     """
 
-    def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, str | int | float],
+    def __init__(self, path: str | os.PathLike[str], provenance: Mapping[str, Any],
                  concepts: Sequence[ConceptEntry], d_sae: int, k: int, *, dtype: str = "float32",
                  compression: str | None = "gzip", compression_level: int = 4, shuffle: bool = True,
                  chunk_elems: int = 1 << 18, flush_rows: int = 1 << 18, flush_proteins: int = 1 << 14):
@@ -166,7 +166,7 @@ class H5Writer(OutputWriter):
 
     def _create_layout(self, provenance: Mapping[str, Any], concepts: Sequence[ConceptEntry]) -> None:
         f = self.f
-        attrs = {"protsae_version": __version__, "shard": ""}
+        attrs: dict[str, Any] = {"protsae_version": __version__, "shard": ""}
         attrs.update({str(k): _attr_value(v) for k, v in provenance.items()})
         attrs.update(format=FORMAT, format_version=FORMAT_VERSION, coordinate_system=COORDINATE_SYSTEM,
                      d_sae=self.d_sae, k=self.k)
@@ -784,7 +784,7 @@ class H5Annotations:
             block = self._segments_rows(slice(a, b)) if b > a else []
             cuts = np.searchsorted(pidx[a:b], index, "left").tolist() + [b - a]
             return [block[cuts[j]:cuts[j + 1]] for j in range(index.size)]
-        out = []
+        out: list[list[Segment]] = []
         for target in index.tolist():
             a = int(np.searchsorted(pidx, target, "left"))
             b = int(np.searchsorted(pidx, target, "right"))

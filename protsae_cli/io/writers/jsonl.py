@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from protsae_cli.call.concepts import ConceptLookup, segment_score
-from protsae_cli.io.results import ProteinResult
+from protsae_cli.io.results import ProteinResult, Segment
 from protsae_cli.io.atomic import OutputWriter, TextOutput
 from protsae_cli.io.writers.tsv import sorted_segments
 
@@ -75,9 +75,13 @@ class JSONLWriter(OutputWriter):
             rec["score"] = _number(score)
         return rec
 
+    def _entries_or_none(self, seg: Segment) -> list[ConceptEntry | None]:
+        """The segment's concepts, or [None]: a segment of an unnamed latent is still written."""
+        return list(self.lookup.entries(seg)) or [None]
+
     def _write(self, result: ProteinResult) -> None:
         segments = [self._segment(seg, c) for seg in sorted_segments(result.segments)
-                    for c in (self.lookup.entries(seg) or [None])]
+                    for c in self._entries_or_none(seg)]
         record = {"protein_id": result.id, "protein_index": result.index, "length": result.length,
                   "seq_md5": result.seq_md5 or None, "status": result.status,
                   "status_detail": result.status_detail or "", "segments": segments}

@@ -97,7 +97,7 @@ class TSVWriter(OutputWriter):
         head = (cell(result.id), str(result.index), str(result.length), cell(result.seq_md5))
         lines = []
         for seg in sorted_segments(result.segments):
-            entries = self.lookup.entries(seg) or [None]
+            entries: list[ConceptEntry | None] = list(self.lookup.entries(seg)) or [None]
             for c in entries:
                 lines.append("\t".join((
                     *head, str(seg.latent),
