@@ -222,7 +222,8 @@ class SegmentDecoder:
                                  f"match {len(self.classes)} classes x {nf} features")
             if not (np.isfinite(self.W).all() and np.isfinite(self.b).all() and np.isfinite(self.log_prior).all()):
                 raise InputError("emission parameters must be finite")
-            self.durations = {c: Duration(**params["durations"][c]) for c in ("S", "H", "B") if c in self.classes}
+            self.durations: dict[str, Duration] = {c: Duration(**params["durations"][c])
+                                                   for c in ("S", "H", "B") if c in self.classes}
             for c, d in self.durations.items():
                 d.check(f"duration {c}")
             self.trans = {k: float(v) for k, v in params["transitions"].items()}
@@ -326,8 +327,8 @@ class SegmentDecoder:
         P = max(len(p) for p in preds)
         self.pred = np.zeros((n, P), dtype=np.int64)
         self.logT = np.full((n, P), _NEG, dtype=np.float64)
-        for s, ps in enumerate(preds):
-            for j, (src, lp) in enumerate(ps):
+        for s, state_preds in enumerate(preds):
+            for j, (src, lp) in enumerate(state_preds):
                 self.pred[s, j] = src
                 self.logT[s, j] = lp
         self.state_class = np.array([self.classes.index(c) for c in states], dtype=np.int64)
@@ -448,9 +449,9 @@ class SegmentDecoder:
         for s, e, c in zip(starts.tolist(), ends.tolist(), letters):
             role = CLASS_ROLE.get(c)
             entry = entries.get(role) if role else None
-            if entry is None or (c in ("I", "O") and not span_shown):
+            if role is None or entry is None or (c in ("I", "O") and not span_shown):
                 continue
-            a = acts[s:e, self.role_order.index(role)]  # type: ignore[arg-type]
+            a = acts[s:e, self.role_order.index(role)]
             on = a[(a > 0) & (a >= np.float32(entry.threshold))]
             out.append(Segment(latent=int(entry.latent), start=s + 1, end=e, threshold=entry.threshold,
                                max_act=float(on.max()) if on.size else 0.0,
@@ -510,6 +511,7 @@ class RegionCaller:
         segs = call_segments(idx, val, self.per_residue, min_segment_len=min_segment_len, merge_gap=merge_gap) \
             if self.per_residue else []
         if np.asarray(idx).shape[0]:
+            assert self.decoder is not None  # self.active implies a decoder
             segs = segs + self.decoder.segments(idx, val, self.entries)
             segs.sort(key=lambda s: (s.start, s.latent, np.float32(s.threshold)))
         return segs
@@ -565,7 +567,7 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
     present = set(role_order)
     classes = ["G"]
     counts: dict[str, list[int]] = {"S": [], "H": [], "B": []}
-    loop = {"I": [], "O": []}
+    loop: dict[str, list[int]] = {"I": [], "O": []}
     glob_len: list[int] = []
     first: dict[str, int] = {"G": 0, "S": 0, "I": 0, "O": 0}
     after_s: dict[str, int] = {"G": 0, "I": 0, "O": 0}

@@ -137,6 +137,13 @@ class Choice:
     note: str = ""
 
 
+def _target(point: OperatingPoint) -> float:
+    """The precision or recall target of `point`; `OperatingPoint.parse` always sets one for those kinds."""
+    if point.target is None:
+        raise ValueError(f"operating point {point.kind} needs a target in (0, 1], e.g. {point.kind}:0.9")
+    return point.target
+
+
 def choose_threshold(c: ConceptCounts, point: OperatingPoint) -> Choice | None:
     """The threshold for `point`, or None when the latent never fired on a labelled residue or there is no
     positive (nothing to measure). Candidate j calls bins j.. ; j = 0 is "any activation" (threshold 0)."""
@@ -151,7 +158,8 @@ def choose_threshold(c: ConceptCounts, point: OperatingPoint) -> Choice | None:
     if point.kind == "f1":
         j = int(np.argmax(f1))
     elif point.kind == "precision":
-        ok = np.flatnonzero((precision >= point.target) & (calls >= MIN_CALLS))
+        target = _target(point)
+        ok = np.flatnonzero((precision >= target) & (calls >= MIN_CALLS))
         if ok.size:
             j = int(ok[0])
         else:
@@ -159,15 +167,16 @@ def choose_threshold(c: ConceptCounts, point: OperatingPoint) -> Choice | None:
             pool = big if big.size else np.arange(c.lo.size)
             j = int(pool[np.argmax(precision[pool])])
             reached = False
-            note = (f"precision {point.target:g} not reached on >= {MIN_CALLS} calls; highest precision "
+            note = (f"precision {target:g} not reached on >= {MIN_CALLS} calls; highest precision "
                     f"{precision[j]:.3g} chosen")
     elif point.kind == "recall":
-        ok = np.flatnonzero(recall >= point.target)
+        target = _target(point)
+        ok = np.flatnonzero(recall >= target)
         if ok.size:
             j = int(ok[-1])
         else:
             j, reached = 0, False
-            note = f"recall {point.target:g} not reached even at any activation ({recall[0]:.3g})"
+            note = f"recall {target:g} not reached even at any activation ({recall[0]:.3g})"
     else:
         raise ValueError(f"unknown operating point {point}")
     m = _metrics(float(tp[j]), float(calls[j]), c.n_pos)
@@ -325,6 +334,7 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
                                           "labels": [s.name for s in sources], "operating_point": str(point),
                                           "method": "protsae calibrate: residue precision/recall/F1 of activation "
                                                     ">= threshold on these proteins (docs/CALLS.md)"}})
+        assert opts.output is not None  # checked at the top: -o is required unless --measure-only
         write_sae_copy(ann.sae_path, new_cfg, opts.output)
         report["output"] = str(opts.output)
     if opts.json_out:

@@ -255,9 +255,9 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
                     y, _, keep = _source_rows(src, ids[p], rows_of[p], len(seqs[ids[p]]))
                     idx, val, _ = spill.read(p)
                     ys.append(y[keep]); idxs.append(idx[keep]); vals.append(val[keep])
-                c = concept_counts(np.concatenate(idxs), np.concatenate(vals), np.concatenate(ys), scales,
-                                   thresholds, alive=alive)
-                counts = c if counts is None else counts + c
+                cc = concept_counts(np.concatenate(idxs), np.concatenate(vals), np.concatenate(ys), scales,
+                                    thresholds, alive=alive)
+                counts = cc if counts is None else counts + cc
             if counts is None:
                 for b in bs:
                     b.why_none = f"no association protein is labelled by {src.name}"
@@ -290,8 +290,8 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
                 idx, val, _ = spill.read(p)
                 dense = np.zeros((idx.shape[0], len(union)), np.float32)
                 cols = np.where(idx >= 0, col_of[np.clip(idx, 0, d_sae - 1)], -1)
-                r, j = np.nonzero(cols >= 0)
-                np.maximum.at(dense, (r, cols[r, j]), val[r, j])
+                r, k = np.nonzero(cols >= 0)
+                np.maximum.at(dense, (r, cols[r, k]), val[r, k])
                 for b in live:
                     yc = y[:, b.col].astype(bool)
                     b.n_pos += int(yc[keep].sum())
@@ -318,11 +318,11 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
         for rank, l in enumerate(b.candidates):
             act = np.concatenate(b.act[l]) if b.act[l] else np.zeros(0, np.float32)
             lab = np.concatenate(b.lab[l]) if b.lab[l] else np.zeros(0, bool)
-            counts = ValueCounts.from_values(act, lab, b.n_pos, b.n_res)
-            choice = choose_threshold(counts, point)
+            vcounts = ValueCounts.from_values(act, lab, b.n_pos, b.n_res)
+            choice = choose_threshold(vcounts, point)
             row["candidates"][rank]["validation_f1"] = None if choice is None else _r(choice.f1)
             if choice is not None and (best is None or _objective(choice, point) > _objective(best[1], point)):
-                best = (l, choice, counts)
+                best = (l, choice, vcounts)
         if best is None:
             row["skipped"] = (b.why_none if not b.candidates
                               else "no validation positive" if b.n_pos == 0
@@ -330,11 +330,11 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
             log.warning("concept %s (%s): %s; not labelled", b.concept, b.name, row["skipped"])
             rows.append(row)
             continue
-        l, _, counts = best
+        l, _, vcounts = best
         entry = standardize([ConceptEntry(latent=l, concept_id=b.concept, name=b.name, source="protsae label")])[0]
         validation = (f"{Path(opts.fasta).name}: {b.proteins} validation proteins (label split seed {opts.seed}), "
                       f"{b.n_res} labelled residues")
-        rec = apply_choice(entry, counts, point, b.source.name, validation)
+        rec = apply_choice(entry, vcounts, point, b.source.name, validation)
         why = below_floor(entry, policy)
         row.update(latent=l, threshold=entry.threshold, precision=entry.precision, recall=entry.recall,
                    f1=entry.f1, positives=entry.positives, kind=entry.kind, operating_point=entry.operating_point,

@@ -133,6 +133,8 @@ class ReconstructionStats:
         residual first (1 - Σ_j Var(x_j - x_hat_j) / Σ_j Var(x_j)), so a constant offset costs nothing there."""
         if self.n == 0:
             raise ValueError("no tokens were evaluated")
+        # update() sets these before it counts any token, so n > 0 means they are arrays.
+        assert self.sse_dim is not None and self.x_m2 is not None and self.r_m2 is not None
         n, d = self.n, self.sse_dim.size
         sst = float(self.x_m2.sum())
         fvu = self.sse / sst if sst > 0 else math.nan
@@ -273,6 +275,8 @@ class ConceptCounts:
             raise ValueError("ConceptCounts with different thresholds or shapes cannot be added")
         inst = None
         if self.inst_hits is not None and other.inst_hits is not None:
+            # concept_counts sets inst_hits and n_instances together.
+            assert self.n_instances is not None and other.n_instances is not None
             inst = (self.inst_hits + other.inst_hits, self.n_instances + other.n_instances)
         return ConceptCounts(self.thresholds, self.tp + other.tp, self.fired + other.fired,
                              self.positives + other.positives, self.alive & other.alive,
@@ -292,7 +296,7 @@ class ConceptCounts:
         if kind == "residue":
             num, den = self.tp, self.positives
         elif kind == "instance":
-            if self.inst_hits is None:
+            if self.inst_hits is None or self.n_instances is None:
                 raise ValueError("instance recall needs instance_ids when counting")
             num, den = self.inst_hits, self.n_instances
         else:
@@ -308,7 +312,11 @@ class ConceptCounts:
 
     def n_positive(self, kind: str = "residue") -> np.ndarray:
         """Per-concept positives behind the recall denominator (tokens, or instances)."""
-        return self.positives if kind == "residue" else self.n_instances
+        if kind == "residue":
+            return self.positives
+        if self.n_instances is None:
+            raise ValueError("instance recall needs instance_ids when counting")
+        return self.n_instances
 
 
 def _binary_csr(mask: np.ndarray, cols: np.ndarray, n_cols: int) -> sp.csr_matrix:
@@ -321,7 +329,7 @@ def _binary_csr(mask: np.ndarray, cols: np.ndarray, n_cols: int) -> sp.csr_matri
 
 
 def concept_counts(idx: Any, val: Any, labels: Any, scales: np.ndarray,
-                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, instance_ids: Any = None,
+                   thresholds: Sequence[float] | np.ndarray = DEFAULT_THRESHOLDS, instance_ids: Any = None,
                    alive: np.ndarray | None = None) -> ConceptCounts:
     """Confusion counts of (a > tau) against concept labels for every (threshold, latent, concept).
 
@@ -376,6 +384,7 @@ def concept_counts(idx: Any, val: Any, labels: Any, scales: np.ndarray,
             A_pos = _binary_csr(act[pos_rows], safe[pos_rows], n_lat)
             tp[j] = np.rint((A_pos.T @ y_pos).toarray()).astype(np.int64)
         if inst_cols is not None:
+            assert hits is not None  # allocated above exactly when inst_cols is set
             membership, inst_concept = inst_cols
             A = _binary_csr(act, safe, n_lat)
             H = (A.T @ membership).tocoo()

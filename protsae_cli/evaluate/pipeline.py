@@ -80,7 +80,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,7 @@ def assign_splits(ids: Sequence[str], split_ids: tuple[str, str] | None, valid_f
             raise InputError(f"{len(both)} protein ids are in both {vp} and {tp} (e.g. {sorted(both)[0]}); "
                              "validation and test proteins must be disjoint")
         out = [VALID if i in valid else TEST if i in test else None for i in ids]
-        info = {"method": "ids", "valid_ids": vp, "test_ids": tp}
+        info: dict[str, Any] = {"method": "ids", "valid_ids": vp, "test_ids": tp}
     elif valid_fraction > 0:
         if not 0 < valid_fraction < 1:
             raise InputError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
@@ -218,7 +218,7 @@ class _CodeSpill:
         self.f_pi = open(directory / "pi.bin", "wb") if n_pi else None
         self.offsets: dict[int, tuple[int, int]] = {}
         self.rows = 0
-        self._mm: tuple[np.ndarray, ...] | None = None
+        self._mm: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
     def write(self, protein: int, idx: np.ndarray, val: np.ndarray, pi: np.ndarray | None) -> None:
         n = idx.shape[0]
@@ -249,6 +249,8 @@ class _CodeSpill:
 
     def read(self, protein: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         start, n = self.offsets[protein]
+        if self._mm is None:
+            raise RuntimeError("code spill read before finish() (or after close(), or with no rows written)")
         idx, val, pi = self._mm
         return (np.asarray(idx[start:start + n]), np.asarray(val[start:start + n]),
                 None if pi is None else np.asarray(pi[start:start + n]))
@@ -457,6 +459,8 @@ def _concept_results(states: Sequence[_SAEState], sources: Sequence[LabelSource]
             part_acc = np.zeros((4, len(src.concepts)), np.int64)    # pred&kept, pred, pos&kept, pos (test)
             for sp in (VALID, TEST):
                 for chunk in _chunks(members[sp], lengths, CHUNK_ROWS):
+                    # Members are residue-labelled proteins in a split: spill_mask gave this SAE a spill.
+                    assert st.spill is not None
                     ys, insts, idxs, vals, pis = [], [], [], [], []
                     base = 0
                     for p in chunk:
@@ -470,16 +474,18 @@ def _concept_results(states: Sequence[_SAEState], sources: Sequence[LabelSource]
                     y, inst = np.concatenate(ys), np.concatenate(insts)
                     idx, val = np.concatenate(idxs), np.concatenate(vals)
                     c = concept_counts(idx, val, y, scales, thresholds, instance_ids=inst, alive=alive)
-                    counts[sp] = c if counts[sp] is None else counts[sp] + c
+                    prev = counts[sp]
+                    counts[sp] = c if prev is None else prev + c
                     if st is states[0]:
                         pos_counts[sp] += y.sum(0)
                         tok_counts[sp] += y.shape[0]
                     if sp == TEST and (dl >= 0).any():
                         pi = np.concatenate(pis) if pis else None
                         _accumulate_defined(dl, y, idx, val, pi, pi_acc, part_acc)
-            if counts[VALID] is None or counts[TEST] is None:
+            c_valid, c_test = counts[VALID], counts[TEST]
+            if c_valid is None or c_test is None:
                 continue
-            rows, summ = _source_tables(src, st, counts[VALID], counts[TEST], dl, pi_acc, part_acc)
+            rows, summ = _source_tables(src, st, c_valid, c_test, dl, pi_acc, part_acc)
             per_sae[st.name]["sources"][src.name] = summ
             per_sae[st.name]["per_concept"].extend(rows)
         info.update(n_valid_tokens=tok_counts[VALID], n_test_tokens=tok_counts[TEST],
@@ -492,7 +498,7 @@ def _concept_results(states: Sequence[_SAEState], sources: Sequence[LabelSource]
             "per_sae": per_sae}
 
 
-def _chunks(members: Sequence[int], lengths: Sequence[int], max_rows: int) -> Iterator[list[int]]:
+def _chunks(members: Sequence[int], lengths: Sequence[int] | Mapping[int, int], max_rows: int) -> Iterator[list[int]]:
     cur: list[int] = []
     rows = 0
     for p in members:
@@ -647,11 +653,11 @@ def fit_logistic_probe(X: np.ndarray, Y: np.ndarray, l2: float = 1e-3, iters: in
     A fixed, documented regulariser rather than tuning on valid: the probe is fitted *on* the validation
     proteins and scored on the test proteins, so there is no third split left to tune on.
     """
-    X = torch.as_tensor(X, dtype=torch.float32)
+    Xt = torch.as_tensor(X, dtype=torch.float32)
     Yt = torch.as_tensor(Y, dtype=torch.float32)
-    mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
-    Xs = (X - mu) / sd
-    W = torch.zeros(X.shape[1], Y.shape[1], requires_grad=True)
+    mu, sd = Xt.mean(0), Xt.std(0).clamp_min(1e-6)
+    Xs = (Xt - mu) / sd
+    W = torch.zeros(Xt.shape[1], Y.shape[1], requires_grad=True)
     prior = Yt.mean(0).clamp(1e-4, 1 - 1e-4)
     b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
@@ -709,6 +715,14 @@ def _splice(mask: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> C
     return edit
 
 
+def _reconstruction(sae: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rows -> the SAE's reconstruction decode(encode(rows)), bound to this `sae`."""
+    def fn(r: torch.Tensor) -> torch.Tensor:
+        return sae.decode_sparse(*sae.encode(r))
+
+    return fn
+
+
 class _CEAcc:
     """Float64 sums of CE, KL to the original and argmax agreement over scored positions."""
 
@@ -764,9 +778,9 @@ def lm_fidelity(runner: Any, hook: Any, saes: Sequence[Any], names: Sequence[str
     batches = plan_batches(lengths, toks_per_batch)
     # Masks are drawn in input order, so they do not depend on the batching.
     masks = []
-    for n in lengths:
-        k = max(1, int(round(mask_fraction * n)))
-        masks.append(np.sort(rng.choice(n, k, replace=False)) + 1)
+    for length in lengths:
+        k = max(1, int(round(mask_fraction * length)))
+        masks.append(np.sort(rng.choice(length, k, replace=False)) + 1)
     for batch in batches:
         seqs = [sequences[i] for i in batch]
         tokens = tok.batch(seqs)
@@ -782,22 +796,22 @@ def lm_fidelity(runner: Any, hook: Any, saes: Sequence[Any], names: Sequence[str
             a["orig"].add(orig, tokens, pos, None)
             if identity is None and mode == "unmasked":
                 ident = runner.logits(inp, hook, edit=lambda x: x).cpu()
-                ce_i = _CEAcc()
-                ce_i.add(ident, tokens, pos, None)
-                ce_o = _CEAcc()
-                ce_o.add(orig, tokens, pos, None)
-                identity = {"scope": "first batch, unmasked", "n_tokens": ce_o.n,
+                acc_i = _CEAcc()
+                acc_i.add(ident, tokens, pos, None)
+                acc_o = _CEAcc()
+                acc_o.add(orig, tokens, pos, None)
+                identity = {"scope": "first batch, unmasked", "n_tokens": acc_o.n,
                             "max_abs_logit_diff": float((ident - orig).abs().max()),
-                            "ce_orig": ce_o.mean("ce"), "ce_identity": ce_i.mean("ce")}
+                            "ce_orig": acc_o.mean("ce"), "ce_identity": acc_i.mean("ce")}
                 identity["exact"] = identity["max_abs_logit_diff"] == 0.0
             for v in variants[1:]:
+                fn: Callable[[torch.Tensor], torch.Tensor]
                 if v == "zero":
                     fn = torch.zeros_like
                 elif v == "mean":
                     fn = lambda r: mu.to(r.device).expand_as(r)  # noqa: E731
                 else:
-                    sae = saes[names.index(v[4:])]
-                    fn = lambda r, sae=sae: sae.decode_sparse(*sae.encode(r))  # noqa: E731
+                    fn = _reconstruction(saes[names.index(v[4:])])
                 lg = runner.logits(inp, hook, edit=_splice(res, fn)).cpu()
                 a[v].add(lg, tokens, pos, orig)
         if progress is not None:

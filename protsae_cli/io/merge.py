@@ -373,8 +373,8 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     scanned = [_scan_h5(p) for p in paths]
     infos = [s[0] for s in scanned]
     ref_concepts = scanned[0][1]
-    for info, (_, concepts) in zip(infos[1:], scanned[1:]):
-        if concepts != ref_concepts:
+    for info, (_, table) in zip(infos[1:], scanned[1:]):
+        if table != ref_concepts:
             raise InputError(f"{info.path}: its concept table differs from {infos[0].path}'s (same SAE weights "
                              "but edited concepts?); shards must use the same SAE checkpoint")
     names = [str(i.path) for i in infos]
@@ -422,6 +422,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
         rebuilt = InputIdentity() if renumber and provenance is None else None
         for res in stream:
             if rebuilt is not None:
+                assert res.seq_md5 is not None  # ProteinResult.__post_init__ fills it from the sequence
                 rebuilt.add_fields(res.index, res.id, res.seq_md5)
             for w in writers:
                 w.write(res)
@@ -625,11 +626,11 @@ def _gff3_parse(path: Path) -> tuple[list[str], list[tuple[float, list[str]]], i
     if cur is not None:
         blocks.append((cur_key, cur))
     prev = -1
-    for key, _ in blocks:
-        if key is not None:
-            if key < prev:
-                raise InputError(f"{path}: features are not in ordinal order ({prev} then {key})")
-            prev = key
+    for block_key, _ in blocks:
+        if block_key is not None:
+            if block_key < prev:
+                raise InputError(f"{path}: features are not in ordinal order ({prev} then {block_key})")
+            prev = block_key
     residues, n = _shard_classes(_gff3_provenance(header).get("shard", ""))
     keyed, approximate = _place_featureless(blocks, residues, n)
     return header, keyed, approximate, read_identity_trailer(trailer)
@@ -681,6 +682,7 @@ def _place_featureless(blocks: Sequence[tuple[int | None, list[str]]], residues:
         if len(cands) == len(run):
             out.extend((float(x), lines) for x, (_, lines) in zip(cands, run))
         else:
+            assert nxt is not None  # trailing blocks (nxt None) always get exactly len(run) candidates above
             out.extend((nxt - 0.5, lines) for _, lines in run)
             approximate += len(run)
         i = j
@@ -705,9 +707,10 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
     parsed = [_gff3_parse(p) for p in paths]
     provs = [_gff3_provenance(h) for h, _, _, _ in parsed]
     for p, prov in zip(paths[1:], provs[1:]):
-        for key in STRICT_KEYS:
-            if prov.get(key) != provs[0].get(key):
-                raise InputError(f"{p}: {key} is {prov.get(key)!r} but {paths[0]} has {provs[0].get(key)!r}; "
+        for strict_key in STRICT_KEYS:
+            if prov.get(strict_key) != provs[0].get(strict_key):
+                raise InputError(f"{p}: {strict_key} is {prov.get(strict_key)!r} but {paths[0]} has "
+                                 f"{provs[0].get(strict_key)!r}; "
                                  "shards must come from the same models and settings")
     identity = check_input_identity([t for _, _, _, t in parsed], [str(p) for p in paths])
     if not identity:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from collections.abc import Mapping, Sequence
 
 from protsae_cli.errors import InputError
@@ -108,7 +108,7 @@ def load_label_sources(specs: Sequence[AnnotationSpec], sequences: Mapping[str, 
     """Read each source against `sequences` (id -> sequence; None: no matching, as `report` overlays do) with
     the module's rules; `propagate=False` keeps direct labels only (eval/calibrate `--no-propagate`)."""
     from protsae_cli.labels.formats import PROTEIN_LEVEL_FORMATS, concept_ontology, infer_format, load_annotations
-    from protsae_cli.labels.sets import ProteinLabels
+    from protsae_cli.labels.sets import ProteinLabels, ResidueLabels
 
     ontos = load_ontologies(ontologies)
     go = next((o for o in ontos if is_go(o)), None)
@@ -126,7 +126,7 @@ def load_label_sources(specs: Sequence[AnnotationSpec], sequences: Mapping[str, 
         if protein_level and go is None:
             log.warning("%s: GO annotations without a GO ontology (--ontology go.obo) are not propagated to "
                         "ancestor terms and no roots are excluded", spec.name)
-        merged = None
+        merged: ResidueLabels | ProteinLabels | None = None
         for p in spec.paths:
             # Residue files are read direct (the ontology names their concepts), propagated below, so that the
             # concepts they state themselves are known; GO loaders propagate as they resolve alt ids.
@@ -135,17 +135,23 @@ def load_label_sources(specs: Sequence[AnnotationSpec], sequences: Mapping[str, 
             if merged is not None and type(lab) is not type(merged):
                 raise InputError(f"{spec.name}: files joined with ',' form one source and must all be residue-level "
                                  "or all protein-level")
-            merged = lab if merged is None else merged.merge(lab)
+            if merged is None:
+                merged = lab
+            elif isinstance(merged, ProteinLabels):
+                merged = merged.merge(cast(ProteinLabels, lab))  # same type as merged: checked just above
+            else:
+                merged = merged.merge(cast(ResidueLabels, lab))  # same type as merged: checked just above
         assert merged is not None  # annotation_specs refuses a source without files
         direct = set(merged.concepts)
         if propagate:
-            for o in ([] if protein_level else [onto]) + extra:
+            for o in ([] if protein_level else [residue_onto]) + extra:  # residue sources: onto is residue_onto
                 merged = merged.propagate(o)
         if protein_level:
             keep = [c for c in merged.concepts if not _is_root(onto, c)]
         else:  # roots reached only by propagation label every annotated residue: nothing to learn from them
             keep = [c for c in merged.concepts if c in direct or not _is_root(onto, c)]
-        counts = merged.counts() if protein_level else merged.residue_counts()
+        # GO formats (protein_level) load as ProteinLabels, all others as ResidueLabels (load_annotations).
+        counts = merged.counts() if isinstance(merged, ProteinLabels) else merged.residue_counts()
         concepts = [c for c in keep if counts.get(c, 0) > 0]
         n_prot = len(merged.labels) if isinstance(merged, ProteinLabels) else len(merged.positions)
         if sequences is not None and n_prot == 0:

@@ -147,10 +147,10 @@ class OrdinalMap:
         o = np.asarray(ordinals, dtype=np.int64)
         if self.ordinals.size == 0:
             return np.full(o.shape, -1, np.int64)
-        keys = self.ordinals if self.sorted else self.ordinals[self.order]
+        keys = self.ordinals if self.order is None else self.ordinals[self.order]  # order is None iff sorted
         at = np.clip(np.searchsorted(keys, o), 0, keys.size - 1)
         found = keys[at] == o
-        pos = at if self.sorted else self.order[at]
+        pos = at if self.order is None else self.order[at]
         return np.where(found, pos, -1)
 
 
@@ -197,9 +197,9 @@ def scan_segments(ann: H5Annotations, concepts: Sequence[ConceptRow], omap: Ordi
         seg_per_protein += np.bincount(pos[ok_pos], minlength=n_prot)[:n_prot]
         if nk == 0:
             continue
-        code = _key_code(lat, thr)
-        at = np.clip(np.searchsorted(codes_sorted, code), 0, nk - 1)
-        bound = codes_sorted[at] == code
+        seg_codes = _key_code(lat, thr)
+        at = np.clip(np.searchsorted(codes_sorted, seg_codes), 0, nk - 1)
+        bound = codes_sorted[at] == seg_codes
         k = at[bound]
         seg_count += np.bincount(k, minlength=nk)
         res_count += np.bincount(k, weights=span[bound], minlength=nk).astype(np.int64)

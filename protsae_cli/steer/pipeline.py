@@ -65,8 +65,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-from collections.abc import Callable, Sequence
+from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -801,8 +801,9 @@ def summarize_effects(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         pp, upp = mean("pseudo_perplexity"), mean("unsteered_pseudo_perplexity")
         out.append({
             "condition": kind, "strength": s, "n": len(rs),
-            "delta_activation": None if act is None else act - uact,
-            "delta_probability": None if prob is None else prob - uprob,
+            # Rows without unsteered values (None) have nothing to compare with: no delta, not a TypeError.
+            "delta_activation": None if (act is None or uact is None) else act - uact,
+            "delta_probability": None if (prob is None or uprob is None) else prob - uprob,
             "pppl_ratio": None if (pp is None or not upp) else pp / upp,
             "identity_to_unsteered": mean("identity_to_unsteered"),
         })
@@ -893,12 +894,14 @@ def load_ontology(path: str | None) -> Any:
 
 
 def read_inputs(opts: SteerOptions) -> list[SteerInput]:
-    from protsae_cli.io.fasta import read_fasta
+    from protsae_cli.io.fasta import ProteinRecord, read_fasta
 
     if (opts.input is None) == (opts.length is None and opts.num is None):
         raise InputError("give either --input FASTA or --length N --num N (generation from scratch)")
     if opts.input is not None:
-        recs = [SteerInput(r.index, r.id, r.sequence) for r in read_fasta(opts.input)]
+        # Without skip_invalid, read_fasta raises on an invalid record instead of yielding an InvalidRecord.
+        records = cast("Iterator[ProteinRecord]", read_fasta(opts.input))
+        recs = [SteerInput(r.index, r.id, r.sequence) for r in records]
         if not recs:
             raise InputError(f"{opts.input}: no proteins")
         for r in recs:  # before the models load, not after steering the proteins before it

@@ -517,6 +517,9 @@ class ShuffleBufferStream:
                 return
             pick = rng.choice(n, bs, replace=False)
             if not replaying:
+                # Rows reach the buffer only through the fill above (which allocates `acts` when not replaying)
+                # or the end-of-replay materialisation, so with n >= bs rows buffered `acts` exists.
+                assert acts is not None
                 mine = torch.from_numpy(pick[loc])
                 yield Batch(acts[mine].clone(), torch.from_numpy(prot[pick[loc]].copy()),
                             torch.from_numpy(pos[pick[loc]].copy()))

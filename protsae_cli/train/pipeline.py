@@ -258,6 +258,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
     runner.check_hook(hook)
     src = prepare_activations(opts, runner, hook, env)
     if opts.cache_only:
+        assert opts.activation_cache is not None  # prepare_activations refuses --cache-only without it
         log.info("activation cache written to %s", opts.activation_cache)
         return Path(opts.activation_cache)
     cfg = SAEConfig(d_model=plm.d_model, d_sae=opts.d_sae, k=opts.k, hook_point=hook.point, layer=hook.layer,

@@ -140,8 +140,8 @@ class ProtSAEObjective(nn.Module):
         extra = {"bce": z64(), "n_obs": z64(), "called": z64(), "kept": z64(),
                  "tp_d": z64(m), "fp_d": z64(m), "fn_d": z64(m), "tp_p": z64(m), "fp_p": z64(m), "fn_p": z64(m)}
         protein_level = self.labels.granularity == "protein"
-        uniq = torch.unique(val.protein) if protein_level else None
-        if protein_level:
+        uniq = torch.unique(val.protein) if protein_level else None  # None exactly when not protein_level
+        if uniq is not None:
             P = len(uniq)
             pool_sum, pool_max, pool_n = z64(P, m), torch.full((P, m), -torch.inf, device=device), z64(P)
         for s in range(0, len(val), batch_size):
@@ -153,7 +153,7 @@ class ProtSAEObjective(nn.Module):
             called = sae.concept_calls(sae.defined_pre(x_n), logits)
             extra["called"] += called.sum()
             extra["kept"] += (called & defined).sum()
-            if protein_level:
+            if uniq is not None:
                 loc = torch.searchsorted(uniq, val.protein[s:s + batch_size]).to(device)
                 pool_sum.index_add_(0, loc, torch.sigmoid(logits).double())
                 pool_max.scatter_reduce_(0, loc[:, None].expand_as(logits), logits, reduce="amax")
@@ -171,7 +171,7 @@ class ProtSAEObjective(nn.Module):
                 extra[f"tp_{tag}"] += (pred & pos).sum(0)
                 extra[f"fp_{tag}"] += (pred & neg).sum(0)
                 extra[f"fn_{tag}"] += (~pred & pos).sum(0)
-        if protein_level and len(uniq):
+        if uniq is not None and len(uniq):
             y = self.labels.proteins(uniq).to(device).double()
             obs = ~torch.isnan(y)
             yy = torch.nan_to_num(y)

@@ -35,7 +35,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from collections.abc import Callable
 
 import numpy as np
@@ -165,6 +165,7 @@ class Objective(Protocol):
     """What an architecture contributes to the shared loop."""
 
     arch: str
+    env: DistEnv  # set by fit before training (the loss reads it, e.g. for the dead-latent rescale)
 
     @property
     def sae(self) -> SAE: ...  # read-only in the protocol, so an objective may hold a TopKSAE or a ProtSAE
@@ -200,7 +201,9 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def _rng_state() -> dict:
-    np_state = np.random.get_state()
+    # numpy's stubs pick the legacy=False (dict) overload for a bare call; the default legacy=True returns the
+    # tuple for the global (MT19937) state, which is what _set_rng_state reads back.
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {"torch": torch.get_rng_state(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]]}
 
@@ -321,7 +324,7 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
         # syncing them every forward would be wasted traffic.
         import inspect
 
-        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else {"broadcast_buffers": False})
         model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=getattr(objective, "unused_params", False), **sync)

@@ -537,3 +537,13 @@ def test_long_protein_refused_before_the_models_load(tmp_path):
                            sae=str(tmp_path / "no_such_sae"))  # loading it would fail differently
     with pytest.raises(InputError, match=r"protein 'huge' has 1023 residues"):
         st.run_steer(opts)
+
+
+def test_effects_without_unsteered_values_have_no_delta():
+    """A group whose unsteered readouts are missing (None) gets no delta, not a TypeError (found by mypy)."""
+    row = {"condition": "steered", "strength": 1.0, "target_activation": 2.0, "unsteered_activation": None,
+           "target_probability": None, "unsteered_probability": None, "pseudo_perplexity": 5.0,
+           "unsteered_pseudo_perplexity": 4.0, "identity_to_unsteered": 0.9}
+    (eff,) = st.summarize_effects([row])
+    assert eff["delta_activation"] is None and eff["delta_probability"] is None
+    assert eff["pppl_ratio"] == pytest.approx(1.25)
