@@ -33,6 +33,7 @@ import numpy as np
 from protsae_cli.errors import InputError
 from protsae_cli.io.fasta import InputIdentity
 from protsae_cli.io.results import ProteinResult, Segment
+from protsae_cli.sae.config import ConceptEntry  # torch-free: merge stays fast on CPU-only nodes
 from protsae_cli.io.writers import (DEFAULT_FORMATS, INPUT_IDENTITY_KEYS, identity_trailer, open_writers,
                                  output_paths, prepare_output_prefix, read_identity_trailer)
 
@@ -263,26 +264,6 @@ def detect_kind(path: str | Path) -> str:
     raise InputError(f"{p}: not a protsae HDF5, TSV or GFF3 output (unrecognised start {text[:20]!r})")
 
 
-@dataclass(frozen=True)
-class _Concept:
-    """The concept fields the writers read, rebuilt from an HDF5 concept table without importing torch
-    (``H5Annotations.concepts`` builds ``protsae_cli.sae.config.ConceptEntry``, whose module needs torch)."""
-
-    latent: int
-    concept_id: str
-    name: str
-    ontology_id: str
-    threshold: float
-    # reliability (docs/CALLS.md), as `writers.h5.read_concept_reliability` returns it
-    kind: str = ""
-    precision: float | None = None
-    recall: float | None = None
-    f1: float | None = None
-    positives: int = 0
-    label_source: str = ""
-    operating_point: str = ""
-    validation: str = ""
-    score_curve: tuple = ()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +388,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
             if Path(p).resolve() in {x.resolve() for x in paths}:
                 raise InputError(f"{p}: the output would overwrite one of the inputs")
 
-    concepts = [_Concept(int(lat), cid, name, ont, float(thr), **dict(rel))
+    concepts = [ConceptEntry(int(lat), cid, name, ont, float(thr), **dict(rel))
                 for lat, cid, name, ont, thr, rel in ref_concepts]
     with H5Annotations(paths[0]) as h5:
         d_sae, k = h5.d_sae, h5.k
