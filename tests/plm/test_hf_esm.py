@@ -361,12 +361,11 @@ def test_annotate_on_hf_standin_gives_the_fair_esm_codes(tmp_path, small_fasta, 
     assert rows(tmp_path / "fair.tsv") == rows(tmp_path / "hf.tsv")
 
 
-def test_transformers_model_saved_with_save_pretrained(tmp_path):
-    """Optional: a real transformers EsmForMaskedLM (tiny, random) saved by save_pretrained loads through
-    protsae, and its hidden_states[L] equal protsae's resid_post@L at every layer."""
-    transformers = pytest.importorskip("transformers")
+def save_transformers_esm(transformers, path: Path, layers: int, dim: int = 32, heads: int = 4):
+    """A tiny random transformers EsmForMaskedLM (layer norms perturbed, so they matter) saved with
+    save_pretrained as safetensors at `path`; returns the model in eval mode."""
     torch.manual_seed(0)
-    cfg = transformers.EsmConfig(**{k: v for k, v in hf_config(3, 32, 4, "x").items()
+    cfg = transformers.EsmConfig(**{k: v for k, v in hf_config(layers, dim, heads, "x").items()
                                     if k not in ("_name_or_path", "architectures", "torch_dtype",
                                                  "transformers_version", "esmfold_config")})
     model = transformers.EsmForMaskedLM(cfg).eval()
@@ -374,7 +373,15 @@ def test_transformers_model_saved_with_save_pretrained(tmp_path):
         for n, p in model.named_parameters():
             if "LayerNorm" in n or "layer_norm" in n:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path / "tf"), safe_serialization=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+def test_transformers_model_saved_with_save_pretrained(tmp_path):
+    """Optional: a real transformers EsmForMaskedLM (tiny, random) saved by save_pretrained loads through
+    protsae, and its hidden_states[L] equal protsae's resid_post@L at every layer."""
+    transformers = pytest.importorskip("transformers")
+    model = save_transformers_esm(transformers, tmp_path / "tf", layers=3)
     plm = load_plm(str(tmp_path / "tf"))
     runner = EsmRunner(plm, "cpu", attention="reference")
     tokens = runner.tokenizer.batch(SEQS)

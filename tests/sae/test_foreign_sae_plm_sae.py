@@ -154,7 +154,7 @@ def test_real_mixin_save_and_the_readme_hook(tmp_path):
     from protsae_cli.plm.esm_forward import EsmRunner, HookPoint
     from protsae_cli.plm.loading import load_plm
     from protsae_cli.sae.checkpoint import load_sae
-    from tests.plm.test_hf_esm import SEQS, hf_config
+    from tests.plm.test_hf_esm import SEQS, save_transformers_esm
 
     class AutoEncoder(nn.Module, hub.PyTorchModelHubMixin):
         def __init__(self, cfg):
@@ -170,16 +170,7 @@ def test_real_mixin_save_and_the_readme_hook(tmp_path):
     assert (sae.cfg.layer, sae.cfg.d_sae) == (2, N)
     assert torch.equal(sae.W_enc, ae.W_enc.detach().T) and torch.equal(sae.b_dec, ae.b_dec.detach())
 
-    torch.manual_seed(0)
-    cfg = transformers.EsmConfig(**{k: v for k, v in hf_config(4, 32, 4, "x").items()
-                                    if k not in ("_name_or_path", "architectures", "torch_dtype",
-                                                 "transformers_version", "esmfold_config")})
-    model = transformers.EsmForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "LayerNorm" in n or "layer_norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(str(tmp_path / "esm"), safe_serialization=True)
+    model = save_transformers_esm(transformers, tmp_path / "esm", layers=4)
     runner = EsmRunner(load_plm(str(tmp_path / "esm")), "cpu", attention="reference")
     tokens = runner.tokenizer.batch(SEQS[:1])
     for i in range(4):
