@@ -397,13 +397,12 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
 def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:
     """`out`/config.json from `cfg` and the weights of `src_dir` byte for byte (same sha256: same model, new
     concept table); the config is written last, by rename, so a half-written directory has no config."""
+    from protsae_cli.io.atomic import atomic_output, atomic_write_text
     from protsae_cli.models import default_sae_dir
     from protsae_cli.sae.config import CONFIG_NAME, WEIGHTS_NAME
 
     src = Path(src_dir) if src_dir else default_sae_dir()
     dst = Path(out)
-    from protsae_cli.io.atomic import atomic_output, atomic_write_text
-
     try:
         dst.mkdir(parents=True, exist_ok=True)
         if (src / WEIGHTS_NAME).resolve() != (dst / WEIGHTS_NAME).resolve():

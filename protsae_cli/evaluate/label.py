@@ -42,13 +42,7 @@ from protsae_cli.evaluate.options import LabelOptions  # noqa: F401 (public here
 
 log = logging.getLogger("protsae.label")
 
-#: Latents per concept carried from the association part to the validation part (1: the InterPLM-best latent;
-#: choosing among more on the validation part did worse on held-out proteins, docs/LABEL.md).
-#: Rows per InterPLM counting chunk (bounded memory, as eval's CHUNK_ROWS).
-CHUNK_ROWS = 65_536
 REPORT_NAME = "label_report.json"
-
-
 
 
 # ===================================================================================================== output
@@ -159,7 +153,8 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
     from protsae_cli.evaluate.calibrate import ConceptCounts as ValueCounts
     from protsae_cli.evaluate.calibrate import OperatingPoint, _records, apply_choice, choose_threshold
     from protsae_cli.call.concepts import CallPolicy, below_floor, standardize
-    from protsae_cli.evaluate.pipeline import TEST, VALID, _chunks, _CodeSpill, _source_rows, assign_splits
+    from protsae_cli.evaluate.pipeline import (CHUNK_ROWS, TEST, VALID, _chunks, _CodeSpill, _source_rows,
+                                               assign_splits)
     from protsae_cli.labels.sources import load_label_sources
     from protsae_cli.evaluate.metrics import concept_counts, latent_max, normalisation_scales, top_relevance_f1
     from protsae_cli.progress import Progress
