@@ -123,7 +123,7 @@ def load_label_sources(specs: Sequence[AnnotationSpec], sequences: Mapping[str, 
         fmt = fmts.pop()
         protein_level = fmt in PROTEIN_LEVEL_FORMATS
         onto = go if protein_level else residue_onto
-        if protein_level and go is None:
+        if protein_level and go is None and propagate:  # with propagate=False nothing was asked of an ontology
             log.warning("%s: GO annotations without a GO ontology (--ontology go.obo) are not propagated to "
                         "ancestor terms and no roots are excluded", spec.name)
         merged: ResidueLabels | ProteinLabels | None = None

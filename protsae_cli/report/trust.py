@@ -224,15 +224,6 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     return [(int(idx[a]) + 1, int(idx[b - 1]) + 1) for a, b in zip(starts, ends)]
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def load_references(specs: Sequence[AnnotationSpec], ann: H5Annotations) -> list[ReferenceSource]:
     """Load each source with eval's loader and match its proteins to the annotation file's ids.
 
@@ -245,14 +236,8 @@ def load_references(specs: Sequence[AnnotationSpec], ann: H5Annotations) -> list
 
     if not specs:
         return []
-    # eval's advice to pass --ontology for GO propagation does not apply: the report lists GO terms as given.
-    eval_log = logging.getLogger("protsae.labels")
-    quiet = _DropMessage("without a GO ontology")
-    eval_log.addFilter(quiet)
-    try:
-        sources = load_label_sources(specs, None, None, propagate=False)
-    finally:
-        eval_log.removeFilter(quiet)
+    # The report lists GO terms as given: no propagation, so no advice to pass --ontology either.
+    sources = load_label_sources(specs, None, None, propagate=False)
     ids = [str(x) for x in ann.proteins["id"]]
     out = []
     for spec, src in zip(specs, sources):
