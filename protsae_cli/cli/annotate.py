@@ -103,11 +103,10 @@ def command(
 
     if devices is not None and device != "auto":
         raise typer.BadParameter("give either --device or --devices, not both", param_hint="--devices")
-    if sae and (sae_layer or sae_plm or sae_k or model):
-        from protsae_cli.sae import foreign as foreign_sae
+    if sae and (sae_layer or sae_plm or sae_k or model):  # published formats: docs/FOREIGN_SAES.md
+        from protsae_cli.sae.foreign import from_flags
 
-        if sae_layer or sae_plm or sae_k or foreign_sae.detect(sae):  # published formats: docs/FOREIGN_SAES.md
-            sae = foreign_sae.with_options(sae, sae_layer, sae_plm, sae_k, model=model)
+        sae = from_flags(sae, sae_layer, sae_plm, sae_k, model)
     opts = AnnotateOptions(
         input=fasta, output_prefix=output, model=model, sae=str(sae) if sae else None,
         formats=tuple(formats.split(",")), device=device, backend=backend.value,

@@ -67,14 +67,14 @@ def command(
     """
     import logging
 
-    from protsae_cli.sae import foreign as foreign_sae
     from protsae_cli.evaluate.label import LabelOptions, label_sae
     from protsae_cli.labels.sources import annotation_specs
     from protsae_cli.logging_setup import is_quiet
 
     specs = annotation_specs(annotations, [f.value for f in annotation_format])
-    if sae_layer or sae_plm or sae_k or (model and foreign_sae.detect(sae)):  # as annotate passes them
-        sae = foreign_sae.with_options(sae, sae_layer, sae_plm, sae_k, model=model)
+    from protsae_cli.sae.foreign import from_flags
+
+    sae = from_flags(sae, sae_layer, sae_plm, sae_k, model)
     report = label_sae(LabelOptions(sae=sae, fasta=fasta, annotations=specs, output=output, model=model,
                                     device=device, calling=calling, valid_fraction=valid_fraction, seed=seed,
                                     candidates=candidates, ontologies=list(ontology), propagate=propagate,

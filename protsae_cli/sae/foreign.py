@@ -85,6 +85,16 @@ def with_options(sae: str, layer: int | None = None, plm: str | None = None, k: 
     return f"{sae}{OPTION_SEP}{','.join(parts)}" if parts else sae
 
 
+def from_flags(sae: str, layer: int | None = None, plm: str | None = None, k: int | None = None,
+               model: str | None = None) -> str:
+    """The `--sae` value a command should load: with the foreign flags folded in (`with_options`) when any is
+    given, or when --model is given and `sae` is a published format (its PLM fallback); else `sae` as it is.
+    One rule for every command that takes --sae-layer/--sae-plm/--sae-k."""
+    if layer or plm or k or (model and detect(sae)):
+        return with_options(sae, layer, plm, k, model=model)
+    return sae
+
+
 def split_options(spec: str | os.PathLike[str]) -> tuple[Path, ForeignOptions]:
     """Split ``PATH#layer=L,plm=NAME,k=K`` into the path and its options; a path that exists is taken whole."""
     s = str(spec)
