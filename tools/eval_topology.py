@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from protsae_cli.errors import InputError
+from protsae_cli.evaluate.topology import match_segments
 from protsae_cli.call.segments import (RegionCaller, SegmentDecoder, fit_decoder, gate_features, role_entries,
                                        tmbed_classes, write_decoder)
 
@@ -161,33 +162,11 @@ def load_full(path: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
 
 
 def screen_latents(full, ids, labels, subset: set[str], exclude: list[int], n: int) -> list[int]:
-    """Extra emission latents: per residue class, the latents whose firing rate differs most between that
-    class and the rest (on the fitting proteins); n in all, shared out over the classes, role latents left out."""
-    from protsae_cli.call.segments import CLASSES
+    """``segments.screen_latents`` on the cached proteins in ``subset`` that have labels."""
+    from protsae_cli.call.segments import screen_latents as screen
 
-    d = 1 + max(int(f[0].max(initial=0)) for f in full)
-    fire = np.zeros((len(CLASSES), d))
-    count = np.zeros(len(CLASSES))
-    for pid, (fi, _) in zip(ids, full):
-        if pid not in labels or pid not in subset:
-            continue
-        y = tmbed_classes(labels[pid][1])
-        ok = y >= 0
-        count += np.bincount(y[ok], minlength=len(CLASSES))
-        rows = np.repeat(y[ok], fi.shape[1])
-        cols = fi[ok].ravel()
-        good = cols >= 0
-        np.add.at(fire, (rows[good], cols[good]), 1.0)
-    present = count > 0
-    rate = fire[present] / count[present][:, None]
-    rest = (fire.sum(0) - fire[present]) / (count.sum() - count[present])[:, None]
-    diff = np.abs(rate - rest)
-    diff[:, exclude] = -1
-    chosen: list[int] = []
-    per = max(1, n // int(present.sum()))
-    for c in range(diff.shape[0]):
-        chosen += [int(j) for j in np.argsort(-diff[c])[:per] if diff[c, j] > 0]
-    return sorted(set(chosen))[:n] if len(set(chosen)) > n else sorted(set(chosen))
+    keep = [i for i, pid in enumerate(ids) if pid in labels and pid in subset]
+    return screen([full[i] for i in keep], [tmbed_classes(labels[ids[i]][1]) for i in keep], exclude, n)
 
 
 def with_extra(acts: list[np.ndarray], full, extra: list[int]) -> list[np.ndarray]:
@@ -260,17 +239,7 @@ def _runs_of(lab: str, chars: str) -> list[tuple[int, int]]:
     return [(int(s) + 1, int(e)) for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
 
 
-def _match(obs: list[tuple[int, int]], pred: list[tuple[int, int]], tol: int = 5) -> int:
-    """One-to-one matches with both ends within tol (greedy in sequence order; spans do not overlap)."""
-    used = [False] * len(pred)
-    n = 0
-    for s, e in obs:
-        for j, (ps, pe) in enumerate(pred):
-            if not used[j] and abs(ps - s) <= tol and abs(pe - e) <= tol:
-                used[j] = True
-                n += 1
-                break
-    return n
+_match = match_segments  # TMbed's one-to-one match, both ends within 5 (protsae_cli/evaluate/topology.py)
 
 
 #: TMbed label letters of each role's residues.

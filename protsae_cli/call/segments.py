@@ -78,6 +78,32 @@ def tmbed_classes(labels: str) -> np.ndarray:
     return out
 
 
+def classes_from_roles(roles: Mapping[str, np.ndarray], known: np.ndarray) -> np.ndarray:
+    """Residue classes (indices into CLASSES, -1 unknown) from per-role boolean label tracks, for labels of any
+    format that names the role concepts (TMbed, UniProt topology features ...).
+
+    The rule of ``tmbed_classes``: a protein with a labelled span (helix or strand) is a membrane protein whose
+    inside / outside residues are loops ``I`` / ``O``; a protein without one is globular (``G``), whatever its
+    side labels say (TMbed marks soluble proteins "inside"). Residues outside ``known`` and residues of a
+    membrane protein that no role labels are unknown (-1); a signal peptide is ``S`` either way.
+    """
+    known = np.asarray(known, dtype=bool)
+    n = known.shape[0]
+    track = {r: np.asarray(roles[r], dtype=bool) if r in roles else np.zeros(n, bool) for r in ROLE_CONCEPTS}
+    membrane = bool((track["helix"] | track["strand"])[known].any())
+    out = np.full(n, -1, dtype=np.int64)
+    if membrane:
+        out[track["inside"]] = CLASSES.index("I")
+        out[track["outside"]] = CLASSES.index("O")
+    else:
+        out[:] = CLASSES.index("G")
+    out[track["signal"]] = CLASSES.index("S")
+    out[track["helix"]] = CLASSES.index("H")
+    out[track["strand"]] = CLASSES.index("B")
+    out[~known] = -1
+    return out
+
+
 def _runs(cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end exclusive, class) of maximal runs."""
     if cls.size == 0:
@@ -667,6 +693,84 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
             params["durations"][c] = dataclasses.asdict(d) | {"log_p": [round(x, 6) for x in d.log_p]}
     params["transitions"] = {k: round(v, 6) for k, v in params["transitions"].items()}
     SegmentDecoder(params)  # refuse to return something annotate could not load
+    return params
+
+
+#: How many further SAE latents the emission reads by default, and the membrane gate's default cut: the values
+#: chosen for the bundled SAE on its validation proteins (docs/SEGMENTS.md, ``selection`` in its decoder block).
+DEFAULT_EXTRA_LATENTS = 192
+DEFAULT_MIN_SPAN_CONFIDENCE = 0.4
+
+
+def screen_latents(codes: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[np.ndarray],
+                   exclude: Sequence[int], n: int) -> list[int]:
+    """Further emission latents: per residue class, the latents whose firing rate differs most between that
+    class and the rest of the labelled residues; ``n`` in all, shared out over the classes present.
+
+    Why: the role concepts alone miss what other latents know about a span's ends (the bundled SAE's
+    unsupervised latents raise per-helix recall on validation proteins, docs/SEGMENTS.md); screening by firing
+    rate needs no model fit and sees every latent once.
+    """
+    if n <= 0:
+        return []
+    d = 1 + max((int(np.asarray(i).max(initial=0)) for i, _ in codes), default=0)
+    fire = np.zeros((len(CLASSES), d))
+    count = np.zeros(len(CLASSES))
+    for (idx, _), y in zip(codes, labels, strict=True):
+        y = np.asarray(y)
+        ok = y >= 0
+        count += np.bincount(y[ok], minlength=len(CLASSES))
+        rows = np.repeat(y[ok], np.asarray(idx).shape[1])
+        cols = np.asarray(idx)[ok].ravel()
+        good = cols >= 0
+        np.add.at(fire, (rows[good], cols[good]), 1.0)
+    present = count > 0
+    if present.sum() < 2:
+        return []
+    rate = fire[present] / count[present][:, None]
+    rest = (fire.sum(0) - fire[present]) / (count.sum() - count[present])[:, None]
+    diff = np.abs(rate - rest)
+    diff[:, [int(x) for x in exclude if 0 <= int(x) < d]] = -1
+    chosen: list[int] = []
+    per = max(1, n // int(present.sum()))
+    for c in range(diff.shape[0]):
+        chosen += [int(j) for j in np.argsort(-diff[c])[:per] if diff[c, j] > 0]
+    return sorted(set(chosen))[:n]
+
+
+def fit_decoder_from_codes(codes: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[np.ndarray],
+                           concepts: Sequence[ConceptEntry], fitted_on: str = "",
+                           extra_latents: int = DEFAULT_EXTRA_LATENTS,
+                           min_span_confidence: float = DEFAULT_MIN_SPAN_CONFIDENCE, prior_weight: float = 1.0,
+                           signal_gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A decoder for an SAE from its top-k codes (``(idx, val)`` per protein, as annotate encodes them) and
+    residue classes per protein (``classes_from_roles`` / ``tmbed_classes``): what ``protsae calibrate
+    --segment-decoder fit`` stores, so a user's own SAE gets its own fit.
+
+    The emission reads the role concepts' latents plus ``extra_latents`` screened latents; the membrane gate
+    and prior weight default to the values chosen for the bundled SAE on validation proteins. ``signal_gate``
+    (a fitted ``SignalGate`` spec) is stored as given: it needs transit-peptide negatives that topology labels
+    do not have, so it is only carried over from an earlier fit of the same SAE.
+    """
+    roles, order = role_entries(concepts)
+    if "helix" not in roles and "strand" not in roles and "signal" not in roles:
+        raise InputError("the SAE's concept table has none of the region concepts the decoder reports "
+                         f"({', '.join(ROLE_CONCEPTS.values())})")
+    role_lat = [int(roles[r].latent) for r in order]
+    extra = screen_latents(codes, labels, role_lat, extra_latents)
+    acts = [role_activations(i, v, role_lat + extra) for i, v in codes]
+    params = fit_decoder(acts, list(labels), roles, order, fitted_on=fitted_on or f"{len(labels)} proteins",
+                         extra_latents=extra, max_residues=200_000 if extra else 400_000)
+    if params["classes"] == ["G"]:
+        c = params["counts"]
+        raise InputError(f"too few labelled segments to fit a decoder ({c['helices']} TM helices, {c['strands']} "
+                         f"TM strands, {c['signal_peptides']} N-terminal signal peptides; at least 10 of one kind "
+                         "whose concept the SAE has)")
+    params["emission"]["prior_weight"] = float(prior_weight)
+    params["membrane_gate"] = {"min_span_confidence": float(min_span_confidence)}
+    if signal_gate:
+        params["signal_gate"] = dict(signal_gate)
+    SegmentDecoder(params, where="fitted decoder")  # refuse to return something annotate could not load
     return params
 
 
