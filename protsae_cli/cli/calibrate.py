@@ -7,8 +7,8 @@ import typer
 
 from protsae_cli.evaluate.options import CalibrateOptions as C  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CallingOpt,
-                                     CheckPlmOpt,
-                                     DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, ThreadsOpt)
+                                     CheckPlmOpt, DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, SegmentDecoderMode,
+                                     ThreadsOpt)
 
 IO_PANEL = "Input/Output"
 
@@ -28,6 +28,11 @@ def command(
     measure_only: bool = typer.Option(C.measure_only, "--measure-only", rich_help_panel=CONCEPTS_PANEL,
                                       help="Keep the thresholds and only measure them on these proteins "
                                            "(a held-out check); writes no SAE."),
+    segment_decoder: SegmentDecoderMode = typer.Option(
+        SegmentDecoderMode(C.segment_decoder), "--segment-decoder", rich_help_panel=CONCEPTS_PANEL,
+        help="The topology decoder of region concepts (docs/SEGMENTS.md): fit refits it on these proteins' "
+             "membrane-span labels (scored on the odd-numbered half after fitting on the even, beside the old "
+             "one), keep leaves it; auto fits when some -a source has span labels. Measured either way."),
     json_out: str | None = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (before/after) as JSON."),
     ontology: OntologyOpt = [],
@@ -56,7 +61,8 @@ def command(
     report = calibrate(CalibrateOptions(sae=sae, fasta=fasta, annotations=specs, output=output, model=model,
                                         device=device, calling=calling, measure_only=measure_only,
                                         ontologies=list(ontology), propagate=propagate, toks_per_batch=toks_per_batch,
-                                        check_plm=check_plm, threads=threads, json_out=json_out))
+                                        check_plm=check_plm, threads=threads, json_out=json_out,
+                                        segment_decoder=segment_decoder.value))
     log = logging.getLogger("protsae.calibrate")
     n = sum(1 for r in report["per_concept"] if "skipped" not in r)
     log.info(f"{'measured' if measure_only else 'calibrated'} {n} of {len(report['per_concept'])} labelled "

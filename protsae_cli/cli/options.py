@@ -356,3 +356,11 @@ class DecodeMode(Choice):
 
     VITERBI = "viterbi"
     NONE = "none"
+
+
+class SegmentDecoderMode(Choice):
+    """What calibrate does with the SAE's topology decoder (evaluate.options.SEGMENT_DECODER_MODES)."""
+
+    AUTO = "auto"
+    FIT = "fit"
+    KEEP = "keep"

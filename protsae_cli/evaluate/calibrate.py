@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from protsae_cli.errors import InputError
-from protsae_cli.evaluate.options import CalibrateOptions  # noqa: F401 (public here too; defaults live there)
+from protsae_cli.evaluate.options import CalibrateOptions, SEGMENT_DECODER_MODES  # noqa: F401 (defaults live there)
 
 log = logging.getLogger("protsae.calibrate")
 
@@ -296,6 +296,17 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     for s in sources:
         if s.kind != "residue":
             raise InputError(f"{s.name}: {s.fmt} labels are protein-level; concept thresholds need residue labels")
+    from protsae_cli.call.segments import ROLE_CONCEPTS
+
+    topo_src = topology_source(sources)
+    mode = opts.segment_decoder
+    if mode not in SEGMENT_DECODER_MODES:
+        raise InputError(f"--segment-decoder must be one of {', '.join(SEGMENT_DECODER_MODES)}, got {mode!r}")
+    if mode == "fit" and opts.measure_only:
+        raise InputError("--measure-only writes no SAE, so it fits no decoder; drop --segment-decoder fit")
+    if mode == "fit" and topo_src is None:
+        raise InputError("--segment-decoder fit needs membrane-span labels (TMbed, or a residue file naming "
+                         f"{ROLE_CONCEPTS['helix']} / {ROLE_CONCEPTS['strand']}); none of the -a sources has them")
     ann = Annotator(opts.model, opts.sae, opts.device, "auto", opts.check_plm, opts.threads)
     cfg = ann.sae.cfg
     entries = standardize(cfg.concepts)
@@ -314,7 +325,9 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     if not bound:
         raise InputError("none of the SAE's concepts (" + ", ".join(e.concept_id for e in entries[:8])
                          + ") is labelled by the given annotations")
-    counts, proteins = collect_counts(ann, records, bound, entries, opts)
+    want_topology = topo_src is not None and (mode != "keep" or bool(cfg.segment_decoder))
+    counts, proteins, topology = collect_counts(ann, records, bound, entries, opts,
+                                                topo_src if want_topology else None)
     rows_out = []
     for i, src in bound:
         e = entries[i]
@@ -327,8 +340,13 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
               "fasta": opts.fasta, "operating_point": "kept" if opts.measure_only else str(point),
               "measure_only": opts.measure_only, "per_concept": rows_out}
     _log_table(rows_out, opts.measure_only)
+    decoder = cfg.segment_decoder
+    if topology:
+        assert topo_src is not None
+        decoder, report["segment_decoder"] = decoder_step(cfg.segment_decoder, entries, topology, topo_src.name,
+                                                          opts, fit=mode != "keep" and not opts.measure_only)
     if not opts.measure_only:
-        new_cfg = dataclasses.replace(cfg, concepts=entries,
+        new_cfg = dataclasses.replace(cfg, concepts=entries, segment_decoder=decoder,
                                       training={**cfg.training, "calibration": {
                                           "command": opts.command, "fasta": opts.fasta,
                                           "labels": [s.name for s in sources], "operating_point": str(point),
@@ -342,15 +360,41 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     return report
 
 
+def topology_source(sources: Sequence[Any]) -> Any | None:
+    """The first residue label source with membrane-span labels (what the topology decoder is fitted and
+    measured on), or None."""
+    from protsae_cli.call.segments import ROLE_CONCEPTS
+
+    spans = {ROLE_CONCEPTS["helix"], ROLE_CONCEPTS["strand"]}
+    return next((s for s in sources if s.kind == "residue" and spans & set(s.labels.concepts)), None)
+
+
+@dataclass
+class TopologyProtein:
+    """One labelled protein's codes as annotate encodes them, and its residue classes (``segments.CLASSES``)."""
+
+    id: str
+    idx: np.ndarray
+    val: np.ndarray
+    classes: np.ndarray
+
 
 def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, Any]], entries: Sequence[Any],
-                   opts: CalibrateOptions) -> tuple[dict[int, ConceptCounts], dict[int, int]]:
+                   opts: CalibrateOptions, topology: Any | None = None
+                   ) -> tuple[dict[int, ConceptCounts], dict[int, int], list[TopologyProtein]]:
     """Encode the labelled proteins as annotate does and bin, per bound concept (entry index -> its label
     source), the activations of its latent on labelled residues. Returns (counts, proteins measured) by entry
-    index. Memory: one float32 + one bool per active labelled residue and concept."""
+    index, and with a ``topology`` source the codes and residue classes of its proteins (for the decoder).
+    Memory: one float32 + one bool per active labelled residue and concept; with ``topology``, 8 k bytes per
+    residue of its proteins (the top-k codes)."""
     from protsae_cli.annotate.pipeline import AnnotateOptions
+    from protsae_cli.call.segments import ROLE_CONCEPTS, classes_from_roles
 
     wanted = {pid for _, s in bound for pid in s.labels.protein_ids}
+    if topology is not None:
+        wanted |= set(topology.labels.protein_ids)
+    topo: list[TopologyProtein] = []
+    role_ids = list(ROLE_CONCEPTS.values())
     chosen = [r for r in records if r.id in wanted]
     act: dict[int, list[np.ndarray]] = {i: [] for i, _ in bound}
     lab: dict[int, list[np.ndarray]] = {i: [] for i, _ in bound}
@@ -368,6 +412,13 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
         rows = res.idx.shape[0]
         if rows == 0:
             continue
+        if topology is not None and res.id in topology.labels.positions:
+            full = len(res.sequence)
+            y = topology.labels.dense(res.id, full, role_ids)[:rows]
+            cls = classes_from_roles({r: y[:, j] for j, r in enumerate(ROLE_CONCEPTS)},
+                                     topology.labels.mask(res.id, full)[:rows])
+            topo.append(TopologyProtein(res.id, np.asarray(res.idx, np.int64), np.asarray(res.val, np.float32),
+                                        cls))
         for name, idxs in by_source.items():
             src = src_of[name]
             if res.id not in src.labels.positions:  # not annotated by this source: unknown, not negative
@@ -391,7 +442,95 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
     counts = {i: ConceptCounts.from_values(np.concatenate(act[i]) if act[i] else np.zeros(0, np.float32),
                                            np.concatenate(lab[i]) if lab[i] else np.zeros(0, bool), n_pos[i],
                                            n_res[i]) for i, _ in bound}
-    return counts, proteins
+    return counts, proteins, topo
+
+
+def measure_topology(params: Mapping[str, Any] | None, entries: Sequence[Any],
+                     proteins: Sequence[TopologyProtein]) -> dict[str, Any]:
+    """TMbed-protocol numbers of the region calls annotate would make with this decoder and concept table
+    (the concepts the default reliability floors call; ``params`` None: per-residue calls)."""
+    from protsae_cli.call.concepts import CallPolicy, select_calls, standardize
+    from protsae_cli.call.segments import RegionCaller, role_entries
+    from protsae_cli.evaluate.topology import tmbed_protocol
+
+    called = select_calls(standardize(list(entries)), CallPolicy()).called
+    caller = RegionCaller(called, params, "viterbi" if params else "none")
+    roles, _ = role_entries(called)
+    by_latent = {int(e.latent): r for r, e in roles.items()}
+
+    def calls(p: TopologyProtein) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for seg in caller(p.idx, p.val):
+            role = by_latent.get(int(seg.latent))
+            if role is not None:
+                out.setdefault(role, []).append((seg.start, seg.end))
+        return out
+
+    return tmbed_protocol((p.classes, calls(p)) for p in proteins) | {"proteins": len(proteins)}
+
+
+def decoder_step(old: Mapping[str, Any] | None, entries: Sequence[Any], proteins: Sequence[TopologyProtein],
+                 source: str, opts: CalibrateOptions, fit: bool) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Measure the SAE's decoder on the labelled proteins, and with ``fit`` refit it: fitted on the
+    even-numbered proteins and scored on the odd-numbered ones beside the old decoder (a validation the user
+    can read), then refitted on all of them. Returns (the decoder to store, the report block)."""
+    from protsae_cli.call.segments import fit_decoder_from_codes
+
+    block: dict[str, Any] = {"source": source, "protocol": "TMbed (docs/SEGMENTS.md): per-helix recall/precision "
+                             "with both ends within 5 residues, Qok, false TM calls on globular proteins"}
+    if not fit:
+        return _kept(old, entries, proteins, block)
+    gate = (old or {}).get("signal_gate")  # same weights (calibrate copies them), so the same latents
+    even, odd = list(proteins[0::2]), list(proteins[1::2])
+    try:
+        half = fit_decoder_from_codes([(p.idx, p.val) for p in even], [p.classes for p in even], entries,
+                                      fitted_on=f"{source}: {len(even)} even-numbered proteins", signal_gate=gate)
+        new = fit_decoder_from_codes([(p.idx, p.val) for p in proteins], [p.classes for p in proteins], entries,
+                                     fitted_on=f"{Path(opts.fasta).name} labelled by {source}: {len(proteins)} "
+                                               f"proteins (protsae calibrate)", signal_gate=gate)
+    except InputError as e:
+        if opts.segment_decoder == "fit":
+            raise
+        log.warning("topology decoder kept as it was: %s", e)
+        return _kept(old, entries, proteins, block)
+    block["validation"] = {"rule": "fitted on the even-numbered labelled proteins, scored on the odd-numbered ones",
+                           "new": measure_topology(half, entries, odd),
+                           "old": measure_topology(old, entries, odd) if old else None}
+    v = block["validation"]
+    new["selection"] = {"rule": "protsae calibrate: the bundled SAE's chosen variant (extra latents, prior "
+                                "weight, membrane gate) refitted on these proteins", "validation": v}
+    log.info("topology decoder fitted; on the odd-numbered half (fitted on the even): per-helix recall %.3f, Qok "
+             "%.3f, false TM calls on globular proteins %.3f%s", v["new"]["helix_recall_5"], v["new"]["qok"],
+             v["new"]["globular_with_tm_call"],
+             "" if not old else f"; the SAE's decoder on the same proteins: {v['old']['helix_recall_5']:.3f}, "
+                                f"{v['old']['qok']:.3f}, {v['old']['globular_with_tm_call']:.3f}")
+    if old and opts.segment_decoder == "auto" and decoder_rank(v["old"]) > decoder_rank(v["new"]):
+        log.info("kept the SAE's decoder: it scores better on those proteins (--segment-decoder fit stores the "
+                 "new one anyway)")
+        block["action"] = "kept (scored better than the refit)"
+        return dict(old), block
+    if not gate:
+        log.info("the fitted decoder has no signal gate (it needs transit-peptide negatives; docs/SEGMENTS.md)")
+    block["action"] = "fitted"
+    return new, block
+
+
+def decoder_rank(m: Mapping[str, Any]) -> tuple[bool, float, float, float]:
+    """How two decoders are compared on the same proteins, the rule used to choose the bundled SAE's variant
+    (docs/SEGMENTS.md): at most 2 % false TM calls on globular proteins first, then Qok, then per-helix recall,
+    then fewer false TM calls."""
+    return (m["globular_with_tm_call"] <= 0.02, m["qok"], m["helix_recall_5"], -m["globular_with_tm_call"])
+
+
+def _kept(old: Mapping[str, Any] | None, entries: Sequence[Any], proteins: Sequence[TopologyProtein],
+          block: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The decoder as it was, measured on all the labelled proteins."""
+    block["action"] = "kept"
+    m = block["measured"] = measure_topology(old, entries, proteins)
+    log.info("topology (%s) on %d labelled proteins: per-helix recall %.3f, precision %.3f, Qok %.3f, false TM "
+             "calls on globular proteins %.3f", "decoder" if old else "per-residue calls", len(proteins),
+             m["helix_recall_5"], m["helix_precision_5"], m["qok"], m["globular_with_tm_call"])
+    return (dict(old) if old else None), block
 
 
 def write_sae_copy(src_dir: str, cfg: Any, out: str | os.PathLike) -> Path:

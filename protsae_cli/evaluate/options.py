@@ -66,7 +66,13 @@ class CalibrateOptions:
     check_plm: bool = True
     threads: int | None = None
     json_out: str | None = None
+    segment_decoder: str = "auto"          # auto | fit | keep (SEGMENT_DECODER_MODES; docs/SEGMENTS.md)
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
+
+
+#: What calibrate does with the SAE's topology decoder: ``fit`` it on the labelled proteins (they must carry
+#: membrane-span labels), ``keep`` it as it is, or ``auto``: fit when some label source has spans, else keep.
+SEGMENT_DECODER_MODES = ("auto", "fit", "keep")
 
 
 @dataclass
