@@ -132,7 +132,7 @@ class Annotator:
             self._encode_items(items[half:])
             return
         off = 0
-        for (w, wi), s in zip(items, seqs):
+        for (w, wi), s in zip(items, seqs, strict=True):
             n = len(s)
             win = w.windows[wi]
             a, b = off + (win.keep_start - win.start), off + (win.keep_end - win.start)

@@ -300,8 +300,11 @@ class PartStore:
         want_ids = [r.id for r in chunk]
         want_md5 = [seq_md5(r.sequence) if isinstance(r, ProteinRecord) else "" for r in chunk]
         if index != want_index or ids != want_ids or md5s != want_md5:
-            j = next((i for i, (a, b, c, d, e, f) in enumerate(zip(index, want_index, ids, want_ids, md5s, want_md5))
-                      if a != b or c != d or e != f), min(len(index), len(want_index)))
+            # strict=False: part and input may hold different numbers of records; past the shorter one the
+            # default names the first record that only one of them has.
+            pairs = zip(index, want_index, ids, want_ids, md5s, want_md5, strict=False)
+            j = next((i for i, (a, b, c, d, e, f) in enumerate(pairs) if a != b or c != d or e != f),
+                     min(len(index), len(want_index)))
             have = f"record {index[j] + 1} {ids[j]!r}" if j < len(index) else "no record"
             want = f"record {want_index[j] + 1} {want_ids[j]!r}" if j < len(want_index) else "no record"
             raise InputError(f"{p} does not match the input ({have} saved, {want} in the input, or its sequence "

@@ -184,7 +184,7 @@ def annotate_multi(opts: AnnotateOptions, devices: Sequence[str]) -> AnnotateSum
     procs: list[tuple[int, str, subprocess.Popen, threading.Thread]] = []
     outputs = [work / f"worker_{j + 1}.h5" for j in range(m)]
     try:
-        for j, (device, shard) in enumerate(zip(devices, shards)):
+        for j, (device, shard) in enumerate(zip(devices, shards, strict=True)):
             if opts.resume and outputs[j].exists():
                 log.info("worker %d/%d (%s) finished in an earlier attempt: reusing %s", j + 1, m, device, outputs[j])
                 continue

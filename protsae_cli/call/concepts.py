@@ -137,7 +137,7 @@ def call_segments(idx: np.ndarray, val: np.ndarray, concepts: Sequence[ConceptEn
         Segment(latent=int(key_lat[kk]), start=int(s) + 1, end=int(e) + 1, max_act=float(mx),
                 mean_act=float(mn), threshold=key_thr_orig[kk])
         for kk, s, e, mx, mn in zip(seg_key[order].tolist(), seg_start[order], seg_end[order], seg_max[order],
-                                    seg_mean[order])
+                                    seg_mean[order], strict=True)
     ]
 
 

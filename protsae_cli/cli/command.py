@@ -135,7 +135,7 @@ def _finish(params: list[Any]) -> None:
 
 def _count_hint(exc: Exception, args: list[str]) -> None:
     """Append the -vv hint to a usage error when a number follows -v/-q on the command line."""
-    if any(_COUNT_FLAG.fullmatch(a) and b.isdigit() for a, b in zip(args, args[1:])):
+    if any(_COUNT_FLAG.fullmatch(a) and b.isdigit() for a, b in zip(args, args[1:], strict=False)):
         exc.message = f"{exc.message.rstrip('.')}; {_COUNT_HINT}"  # type: ignore[attr-defined]
 
 

@@ -189,7 +189,7 @@ def pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     vals: list[float] = []
     wts: list[float] = []
     sizes: list[int] = []
-    for yi, wi in zip(np.asarray(y, np.float64), np.asarray(w, np.float64)):
+    for yi, wi in zip(np.asarray(y, np.float64), np.asarray(w, np.float64), strict=True):
         vals.append(float(yi)); wts.append(float(wi)); sizes.append(1)
         while len(vals) > 1 and vals[-2] > vals[-1]:
             wsum = wts[-2] + wts[-1]
@@ -210,11 +210,11 @@ def score_curve(c: ConceptCounts, knots: int = SCORE_KNOTS) -> list[list[float]]
     ends = np.unique(np.searchsorted(cum, n * np.arange(1, knots + 1) / knots - 1e-9))
     ends = ends[ends < c.lo.size]
     starts = np.concatenate([[0], ends[:-1] + 1])
-    g_pos = np.array([c.pos[s:e + 1].sum() for s, e in zip(starts, ends)])
-    g_n = np.array([total[s:e + 1].sum() for s, e in zip(starts, ends)])
+    g_pos = np.array([c.pos[s:e + 1].sum() for s, e in zip(starts, ends, strict=True)])
+    g_n = np.array([total[s:e + 1].sum() for s, e in zip(starts, ends, strict=True)])
     p = pav(g_pos / np.maximum(g_n, 1), g_n)
     out: list[list[float]] = []
-    for s, prob in zip(starts, p):
+    for s, prob in zip(starts, p, strict=True):
         prob = round(float(prob), 4)
         if out and out[-1][1] == prob:
             continue

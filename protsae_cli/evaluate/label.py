@@ -200,7 +200,7 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
     split, split_info = assign_splits(ids, None, 1.0 - opts.valid_fraction, opts.seed)
     if split.count(VALID) == 0 or split.count(TEST) == 0:
         split[0], split[-1] = VALID, TEST
-    part = {pid: ("association" if s == VALID else "validation") for pid, s in zip(ids, split)}
+    part = {pid: ("association" if s == VALID else "validation") for pid, s in zip(ids, split, strict=True)}
 
     ann = Annotator(opts.model, opts.sae, opts.device, "auto", opts.check_plm, opts.threads)
     cfg = ann.sae.cfg
@@ -308,7 +308,7 @@ def label_sae(opts: LabelOptions) -> dict[str, Any]:
     for b in bound:
         row: dict[str, Any] = {"concept": b.concept, "name": b.name, "source": b.source.name,
                                "candidates": [{"latent": l, "association_f1": round(f, 4)}
-                                              for l, f in zip(b.candidates, b.assoc_f1)]}
+                                              for l, f in zip(b.candidates, b.assoc_f1, strict=True)]}
         best = None
         for rank, l in enumerate(b.candidates):
             act = np.concatenate(b.act[l]) if b.act[l] else np.zeros(0, np.float32)

@@ -119,7 +119,7 @@ class ReconstructionStats:
             uniq, inv = np.unique(pidx, return_inverse=True)
             sums = np.bincount(inv, weights=l0)
             cnts = np.bincount(inv)
-            for p, s, c in zip(uniq.tolist(), sums.tolist(), cnts.tolist()):
+            for p, s, c in zip(uniq.tolist(), sums.tolist(), cnts.tolist(), strict=True):
                 acc = self.protein_l0.setdefault(p, [0, 0])
                 acc[0] += int(s)
                 acc[1] += int(c)
@@ -557,7 +557,7 @@ def _descendant_lists(ancestors: Any, n_terms: int) -> list[np.ndarray]:
         if A.shape != (n_terms, n_terms):
             raise ValueError(f"ancestor matrix must be [{n_terms}, {n_terms}], got {A.shape}")
         fs, gs = np.nonzero(A)
-        for f, g in zip(fs.tolist(), gs.tolist()):
+        for f, g in zip(fs.tolist(), gs.tolist(), strict=True):
             if f != g:
                 desc[g].append(f)
     else:

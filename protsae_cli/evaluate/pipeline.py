@@ -342,7 +342,7 @@ def evaluate_activations(saes: Sequence[Any], names: Sequence[str], protein_ids:
     spill_mask = in_res & assigned
     tmp = tempfile.TemporaryDirectory(prefix="protsae-eval-", dir=workdir)
     states: list[_SAEState] = []
-    for i, (name, sae) in enumerate(zip(names, saes)):
+    for i, (name, sae) in enumerate(zip(names, saes, strict=True)):
         sae.eval()
         width = sae.code_width
         n_pi = sae.n_concepts
@@ -873,7 +873,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     seqs = [r.sequence.upper() for r in prots]
     lengths = [min(len(s), opts.max_residues) for s in seqs]
     split, split_info = assign_splits(ids, opts.split_ids, opts.valid_fraction, opts.seed)
-    sources = load_label_sources(opts.annotations, dict(zip(ids, seqs)), opts.ontologies, opts.propagate,
+    sources = load_label_sources(opts.annotations, dict(zip(ids, seqs, strict=True)), opts.ontologies, opts.propagate,
                                  against=f"{opts.fasta}")
 
     result: dict[str, Any] = {
@@ -883,7 +883,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         "data": {"fasta": str(opts.fasta), "n_proteins": len(prots), "n_invalid": n_invalid,
                  "n_cropped": sum(len(s) > opts.max_residues for s in seqs), "max_residues": opts.max_residues,
                  "n_tokens": int(sum(lengths)), "split": split_info},
-        "saes": [sae_summary(n, p, sha, s) for n, p, (s, sha) in zip(names, opts.sae, ((s, sha) for s, sha, _ in loaded))],
+        "saes": [sae_summary(n, p, sha, s)
+                 for n, p, (s, sha) in zip(names, opts.sae, ((s, sha) for s, sha, _ in loaded), strict=True)],
     }
     log.info("evaluating %d SAE(s) on %d proteins (%d residues)", len(saes), len(prots), sum(lengths))
     with Progress("encoding", len(prots), unit="proteins", enabled=opts.progress) as bar:
@@ -1120,13 +1121,13 @@ def write_plots(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     fid = result.get("lm_fidelity")
     if fid:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-        for ax, mode in zip(axes, ("unmasked", "masked")):
+        for ax, mode in zip(axes, ("unmasked", "masked"), strict=True):
             b = fid[mode]
             labels = ["original", *names, "mean-ablation", "zero-ablation"]
             vals = [b["ce_orig"], *[b["per_sae"][n]["ce"] for n in names], b["ce_mean"], b["ce_zero"]]
             cols = ["#444444", *[colours[i % len(colours)] for i in range(len(names))], "#BBBBBB", "#DDDDDD"]
             bars = ax.bar(range(len(vals)), vals, color=cols)
-            for j, (bar, v) in enumerate(zip(bars, vals)):
+            for j, (bar, v) in enumerate(zip(bars, vals, strict=True)):
                 txt = f"{v:.2f}"
                 if 0 < j <= len(names):
                     lr = b["per_sae"][names[j - 1]]["loss_recovered_zero"]

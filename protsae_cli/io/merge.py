@@ -130,7 +130,7 @@ def check_input_identity(identities: Sequence[dict[str, Any]], names: Sequence[s
     Returns the shared identity entries, or ``{}`` when some input does not record one (written by a protsae
     before identities existed, or a resume part): those are merged with a warning, as before.
     """
-    present = [(i, n) for i, n in zip(identities, names) if all(k in i for k in INPUT_IDENTITY_KEYS)]
+    present = [(i, n) for i, n in zip(identities, names, strict=True) if all(k in i for k in INPUT_IDENTITY_KEYS)]
     for ident, name in present[1:]:
         ref, ref_name = present[0]
         if any(str(_norm(ident[k])) != str(_norm(ref[k])) for k in INPUT_IDENTITY_KEYS):
@@ -175,7 +175,7 @@ def refuse_missing_shards(values: Sequence[str], names: Sequence[str]) -> None:
     """A shard set with a shard given twice or shards missing is an error naming them (`--allow-partial` skips
     the missing-shard part)."""
     seen: dict[str, str] = {}
-    for v, name in zip(values, names):
+    for v, name in zip(values, names, strict=True):
         v = (v or "").strip()
         if v and v in seen:
             raise InputError(f"{name} and {seen[v]} are both shard {v}: the same shard given twice?")
@@ -195,7 +195,7 @@ def merged_provenance(attrs_list: Sequence[dict[str, Any]], names: Sequence[str]
     first = attrs_list[0]
     for key in STRICT_KEYS:
         ref = _norm(first.get(key, ""))
-        for attrs, name in zip(attrs_list[1:], names[1:]):
+        for attrs, name in zip(attrs_list[1:], names[1:], strict=True):
             if _norm(attrs.get(key, "")) != ref:
                 raise InputError(f"{name}: {key} is {attrs.get(key, '')!r} but {names[0]} has {first.get(key, '')!r}; "
                                  "shards must come from the same models and settings")
@@ -323,7 +323,7 @@ def _scan_h5(path: Path) -> tuple[_H5Input, list[tuple]]:
                for r in read_concept_reliability(g)]
         concepts = list(zip(g["latent"][()].tolist(), g["concept_id"].asstr()[()].tolist(),
                             g["name"].asstr()[()].tolist(), g["ontology_id"].asstr()[()].tolist(),
-                            g["threshold"][()].tolist(), rel))
+                            g["threshold"][()].tolist(), rel, strict=True))
     if index.size > 1:
         bad = np.flatnonzero(index[1:] <= index[:-1])
         if bad.size:
@@ -354,7 +354,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
     scanned = [_scan_h5(p) for p in paths]
     infos = [s[0] for s in scanned]
     ref_concepts = scanned[0][1]
-    for info, (_, table) in zip(infos[1:], scanned[1:]):
+    for info, (_, table) in zip(infos[1:], scanned[1:], strict=True):
         if table != ref_concepts:
             raise InputError(f"{info.path}: its concept table differs from {infos[0].path}'s (same SAE weights "
                              "but edited concepts?); shards must use the same SAE checkpoint")
@@ -373,7 +373,7 @@ def merge_h5(inputs: Sequence[str | Path], output_prefix: str, formats: Sequence
 
     nonempty = [i for i in infos if i.n]
     ranges = sorted(nonempty, key=lambda i: i.first + i.offset)
-    sequential = all(a.last + a.offset < b.first + b.offset for a, b in zip(ranges, ranges[1:]))
+    sequential = all(a.last + a.offset < b.first + b.offset for a, b in zip(ranges, ranges[1:], strict=False))
     if not sequential:
         _check_no_shared_ordinals(nonempty)
     if provenance is None and not renumber and not any(k in merged for k in INPUT_IDENTITY_KEYS):
@@ -441,7 +441,7 @@ def _interleaved(infos: Sequence[_H5Input]) -> Iterator[ProteinResult]:
 
     files = [H5Annotations(i.path) for i in infos]
     try:
-        streams = [_results(info, h5) for info, h5 in zip(infos, files)]
+        streams = [_results(info, h5) for info, h5 in zip(infos, files, strict=True)]
         yield from heapq.merge(*streams, key=lambda r: r.index)
     finally:
         for h5 in files:
@@ -661,7 +661,7 @@ def _place_featureless(blocks: Sequence[tuple[int | None, list[str]]], residues:
         else:
             cands = [x for x in range(prev + 1, nxt) if x % n in residues]
         if len(cands) == len(run):
-            out.extend((float(x), lines) for x, (_, lines) in zip(cands, run))
+            out.extend((float(x), lines) for x, (_, lines) in zip(cands, run, strict=True))
         else:
             assert nxt is not None  # trailing blocks (nxt None) always get exactly len(run) candidates above
             out.extend((nxt - 0.5, lines) for _, lines in run)
@@ -687,7 +687,7 @@ def merge_gff3(inputs: Sequence[str | Path], output_prefix: str, command: str | 
     paths = [Path(p) for p in inputs]
     parsed = [_gff3_parse(p) for p in paths]
     provs = [_gff3_provenance(h) for h, _, _, _ in parsed]
-    for p, prov in zip(paths[1:], provs[1:]):
+    for p, prov in zip(paths[1:], provs[1:], strict=True):
         for strict_key in STRICT_KEYS:
             if prov.get(strict_key) != provs[0].get(strict_key):
                 raise InputError(f"{p}: {strict_key} is {prov.get(strict_key)!r} but {paths[0]} has "

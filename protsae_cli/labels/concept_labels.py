@@ -347,7 +347,7 @@ def check_unique_sequences(protein_ids: Sequence[str], sequences: Sequence[str])
     """id -> sequence for the annotation loaders; an id used for two different sequences is refused, because
     its residue labels could only be right for one of them."""
     out: dict[str, str] = {}
-    for pid, seq in zip(protein_ids, sequences):
+    for pid, seq in zip(protein_ids, sequences, strict=True):
         if pid in out and out[pid] != seq:
             raise InputError(f"protein id {pid!r} appears more than once in the FASTA with different sequences; "
                              "annotations cannot be attached to it unambiguously (rename one)")

@@ -56,8 +56,8 @@ def annotation_specs(annotations: Sequence[str], formats: Sequence[str] = ()) ->
         raise InputError(f"{len(annotations)} --annotations values but {len(given)} --annotation-format values; "
                          "give one format for all, or one per --annotations in the same order")
     fmts = given * len(annotations) if len(given) == 1 else given or ["auto"] * len(annotations)
-    specs = [AnnotationSpec([p for p in str(a).split(",") if p], f) for a, f in zip(annotations, fmts)]
-    for a, s in zip(annotations, specs):
+    specs = [AnnotationSpec([p for p in str(a).split(",") if p], f) for a, f in zip(annotations, fmts, strict=True)]
+    for a, s in zip(annotations, specs, strict=True):
         if not s.paths:
             raise InputError(f"--annotations {a!r} names no file")
     return specs

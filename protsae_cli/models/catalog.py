@@ -322,9 +322,9 @@ def to_table(entries: list[ModelEntry]) -> str:
         flag = "--model" if e.kind == "plm" else "--sae"
         rows.append((e.kind, e.name, e.format, e.location, human_size(e.size_bytes), sha, shape, f"{flag} {e.spec}"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths)).rstrip()]
-    for e, r in zip(entries, rows):
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
+    for e, r in zip(entries, rows, strict=True):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
         if e.kind == "sae" and e.plm:
             rec = f"    trained on {e.plm}" + (f" (sha256 {e.plm_sha256[:12]})" if e.plm_sha256 else "")
             lines.append(rec + "; pairs with: " + ("; ".join(e.pairs_with) if e.pairs_with else "no PLM listed here"))

@@ -258,7 +258,9 @@ def check_vocab(d: Path, cfg: dict[str, Any]) -> str:
     else:
         return "no vocab.txt or vocab_list: ESM-2's alphabet assumed from vocab_size 33 and the pad/mask ids"
     if tuple(toks) != ESM_ALPHABET:
-        first = next((i for i, (a, b) in enumerate(zip(toks, ESM_ALPHABET)) if a != b), min(len(toks), 33))
+        # strict=False: the vocab may be shorter or longer; then the first id past the shorter one differs.
+        first = next((i for i, (a, b) in enumerate(zip(toks, ESM_ALPHABET, strict=False)) if a != b),
+                     min(len(toks), 33))
         got = toks[first] if first < len(toks) else "(end)"
         want = ESM_ALPHABET[first] if first < len(ESM_ALPHABET) else "(end)"
         raise InputError(f"{source}: token order differs from fair-esm's ESM-2 alphabet at id {first} ({got!r}, "
@@ -388,7 +390,7 @@ def hf_to_fair_esm(state: dict[str, Any], num_layers: int, where: str) -> tuple[
     has_lm = [k in out for k in lm_keys]
     if any(has_lm) and not all(has_lm):
         raise InputError(f"{where}: an incomplete LM head (missing "
-                         f"{', '.join(k for k, h in zip(lm_keys, has_lm) if not h)})")
+                         f"{', '.join(k for k, h in zip(lm_keys, has_lm, strict=True) if not h)})")
     emb = out.get("embed_tokens.weight")
     if emb is None:
         raise InputError(f"{where}: no embeddings.word_embeddings.weight (not an ESM-2 checkpoint)")

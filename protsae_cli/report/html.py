@@ -92,7 +92,7 @@ def read_concepts(ann: H5Annotations) -> list[ConceptRow]:
     rel = [{k: v for k, v in r.items() if k in known} for r in read_concept_reliability(g)]
     return [ConceptRow(int(lat), str(cid), str(nm), str(ont), float(thr), **extra)
             for lat, cid, nm, ont, thr, extra in zip(latents, cols["concept_id"], cols["name"],
-                                                    cols["ontology_id"], thresholds, rel)]
+                                                    cols["ontology_id"], thresholds, rel, strict=True)]
 
 
 def _key_code(latent: np.ndarray, threshold: np.ndarray) -> np.ndarray:
@@ -227,7 +227,7 @@ def scan_segments(ann: H5Annotations, concepts: Sequence[ConceptRow], omap: Ordi
             sel = kk == key_i
             cand = np.argsort(-mm[sel], kind="stable")[:top_n]
             best = top[int(key_i)]
-            for p_, m_ in zip(pp[sel][cand], mm[sel][cand]):
+            for p_, m_ in zip(pp[sel][cand], mm[sel][cand], strict=True):
                 best[int(p_)] = max(best.get(int(p_), 0.0), float(m_))
             if len(best) > 4 * top_n:
                 keep = sorted(best.items(), key=lambda t: (-t[1], t[0]))[:top_n]
@@ -694,7 +694,8 @@ def _summary_section(run: _Run, h5_name: str) -> str:
     ann, a = run.ann, run.attrs
     status = ann.proteins["status"]
     names = ann.status_names
-    counts = {names[c]: int(n) for c, n in zip(*np.unique(status, return_counts=True))} if status.size else {}
+    counts = ({names[c]: int(n) for c, n in zip(*np.unique(status, return_counts=True), strict=True)}
+              if status.size else {})
     lengths = ann.proteins["length"].astype(np.int64)
     encoded = ann.n_rows
     fired = sum(1 for s in run.stats if s.segments > 0)

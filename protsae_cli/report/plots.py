@@ -329,7 +329,7 @@ def protein_figure(sequence: str, total_length: int, lanes: Sequence[Lane], heat
         rows_right.append(f'<image x="0" y="{y}" width="{hw:.1f}" height="{h}" preserveAspectRatio="none" '
                           f'class="pix" href="{data_uri(png_bytes(img))}"/>'
                           f'<rect x="0" y="{y}" width="{hw:.1f}" height="{h}" fill="none" class="frame"/>')
-        for r, (lab, tip) in enumerate(zip(heat.labels, heat.titles)):
+        for r, (lab, tip) in enumerate(zip(heat.labels, heat.titles, strict=True)):
             ry = y + r * HEAT_ROW_H
             rows_left.append(f'<text x="10" y="{ry + HEAT_ROW_H - 3}" class="hrow"><title>{esc(tip)}</title>'
                              f'{esc(_clip_label(lab, 40))}</text>')
@@ -371,7 +371,7 @@ def _step_path(values: np.ndarray, colw: float, base: float, inner: float, vmax:
     starts = np.concatenate(([0], change))
     ends = np.concatenate((change, [h.size]))
     out = [f"M0,{base:g}"]
-    for a, b in zip(starts.tolist(), ends.tolist()):
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         out.append(f"V{base - h[a]:.1f}H{b * colw:.1f}")
     out.append(f"V{base:g}Z")
     return "".join(out)
@@ -407,7 +407,7 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, color: str, title: str,
     top = float(logc.max()) if logc.size and logc.max() > 0 else 1.0
     bw = pw / max(1, counts.size)
     bars = []
-    for i, (c, lc) in enumerate(zip(counts, logc)):
+    for i, (c, lc) in enumerate(zip(counts, logc, strict=True)):
         if c <= 0:
             continue
         h = lc / top * ph
@@ -468,7 +468,7 @@ def tracks_png(path: Path, title: str, sequence: str, total_length: int, lanes: 
     names += [_clip_label("ref: " + ref.label, 40) for ref in refs]
     ax.set_yticks([rows - 1 - r + 0.4 for r in range(len(lanes) + len(refs))])
     ax.set_yticklabels(names, fontsize=8)
-    for tick, color in zip(ax.get_yticklabels(), [l.color for l in lanes] + [ref.color for ref in refs]):
+    for tick, color in zip(ax.get_yticklabels(), [l.color for l in lanes] + [ref.color for ref in refs], strict=True):
         tick.set_color(color)
     if not lanes and not refs:
         ax.text(L / 2, rows / 2, "no concept segments on this protein", ha="center", va="center", color="0.4")
@@ -547,7 +547,8 @@ def histograms_png(path: Path, panels: Sequence[tuple[str, np.ndarray, np.ndarra
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.9 * ncol, 2.1 * nrow), squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
-    for ax, (ptitle, counts, edges, color) in zip(axes.flat, panels):
+    # strict=False: the last grid row may have more axes than panels are left; those stay hidden.
+    for ax, (ptitle, counts, edges, color) in zip(axes.flat, panels, strict=False):
         ax.set_visible(True)
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=color, linewidth=0)
         ax.set_yscale("log")

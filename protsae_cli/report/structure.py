@@ -357,8 +357,8 @@ def align_chain(chain_seq: str, protein_seq: str, open_end: bool = False) -> Ali
     alignment = aligner.align(chain_seq, protein_seq)[0]
     positions = [-1] * len(chain_seq)
     aligned = identical = 0
-    for (t0, t1), (q0, q1) in zip(*alignment.aligned):
-        for t, q in zip(range(t0, t1), range(q0, q1)):
+    for (t0, t1), (q0, q1) in zip(*alignment.aligned, strict=True):
+        for t, q in zip(range(t0, t1), range(q0, q1), strict=True):
             positions[t] = q
             aligned += 1
             identical += chain_seq[t] == protein_seq[q]
@@ -437,8 +437,13 @@ def rewrite_mmcif(text: str, values: dict[ResidueKey, float], handle: IO[str]) -
     icodes = d.get("_atom_site.pdbx_PDB_ins_code", ["?"] * len(chains))
     if not isinstance(chains, list):  # a single-atom file stores scalars
         chains, numbers, names, icodes = [chains], [numbers], [names], [icodes]
+    lengths = {len(col) for col in (chains, numbers, names, icodes)}
+    if len(lengths) > 1:  # a loop whose value count is not a multiple of its columns
+        raise InputError(f"mmCIF _atom_site columns have different lengths (auth_asym_id {len(chains)}, "
+                         f"auth_seq_id {len(numbers)}, label_comp_id {len(names)}, pdbx_PDB_ins_code {len(icodes)}); "
+                         "the file is malformed")
     new_b = []
-    for c, n, name, ic in zip(chains, numbers, names, icodes):
+    for c, n, name, ic in zip(chains, numbers, names, icodes, strict=True):
         try:
             key = (c, int(n), "" if ic in ("?", ".") else ic, name)
         except ValueError:
@@ -609,7 +614,7 @@ def export_structure(h5: str | os.PathLike[str], structure_path: str | os.PathLi
     max_act = float(act.max()) if act.size else 0.0
     residues: list[ResidueValue] = []
     values: dict[ResidueKey, float] = {}
-    for (res, letter), p in zip(chain_res, aln.positions):
+    for (res, letter), p in zip(chain_res, aln.positions, strict=True):
         a = float(act[p]) if 0 <= p < act.size else None
         if a is None:
             b = 0.0

@@ -221,7 +221,7 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [idx.size]))
-    return [(int(idx[a]) + 1, int(idx[b - 1]) + 1) for a, b in zip(starts, ends)]
+    return [(int(idx[a]) + 1, int(idx[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
 
 
 def load_references(specs: Sequence[AnnotationSpec], ann: H5Annotations) -> list[ReferenceSource]:
@@ -240,7 +240,7 @@ def load_references(specs: Sequence[AnnotationSpec], ann: H5Annotations) -> list
     sources = load_label_sources(specs, None, None, propagate=False)
     ids = [str(x) for x in ann.proteins["id"]]
     out = []
-    for spec, src in zip(specs, sources):
+    for spec, src in zip(specs, sources, strict=True):
         matcher = _IdMatcher(spec.name, ids, "skip")
         label_ids = src.labels.protein_ids
         label_id: dict[str, str] = {}

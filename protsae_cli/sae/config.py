@@ -77,7 +77,7 @@ class ConceptEntry:
                 isinstance(p, (list, tuple)) and len(p) == 2 and _is_number(p[0]) and _is_number(p[1])
                 and 0.0 <= p[1] <= 1.0 for p in curve):
             raise InputError(f"{where}: score_curve must be a list of [activation, probability in 0..1] pairs")
-        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:])):
+        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:], strict=False)):
             raise InputError(f"{where}: score_curve activations must be strictly ascending")
 
 

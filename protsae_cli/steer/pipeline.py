@@ -578,7 +578,7 @@ def steer_sequences(runner: EsmRunner, sae: Any, hook: HookPoint, inputs: Sequen
         if spec.pppl_max_positions and len(score_pos) > spec.pppl_max_positions:
             score_pos = score_pos[torch.randperm(len(score_pos), generator=pppl_gen)[:spec.pppl_max_positions]]
         score_t = tuple(int(p) for p in score_pos.sort().values)
-        for row, s in zip(rows, seqs):
+        for row, s in zip(rows, seqs, strict=True):
             out.append(Generated(
                 id=f"{inp.id}__{row.tag}", source_index=inp.index, source_id=inp.id, condition=row.condition,
                 latents=row.latents, strength=row.strength, sequence=s,
@@ -632,7 +632,7 @@ def pseudo_perplexity(runner: EsmRunner, seqs: Sequence[str], positions: Sequenc
         if probe_rows > 0 and 0 < probe_rows < rows_per and len(items) > probe_rows:
             starts = [0] + list(range(probe_rows, len(items), rows_per))
             probe_rows = 0
-        for start, end in zip(starts, starts[1:] + [len(items)]):
+        for start, end in zip(starts, starts[1:] + [len(items)], strict=True):
             chunk = items[start:end]
             tok = runner.tokenizer.batch([seqs[i] for i, _ in chunk])
             r = torch.arange(len(chunk))
@@ -641,12 +641,12 @@ def pseudo_perplexity(runner: EsmRunner, seqs: Sequence[str], positions: Sequenc
             tok[r, p] = mask_id
             logp = torch.log_softmax(runner.logits(tok).float(), -1).cpu()
             lp = logp[r, p, true].double().numpy()
-            for (i, _), v in zip(chunk, lp):
+            for (i, _), v in zip(chunk, lp, strict=True):
                 total[i] += v
                 count[i] += 1
             if progress is not None:
                 progress(len(chunk), len(chunk) * (L + 2))
-    return [float(math.exp(-t / c)) if c else float("nan") for t, c in zip(total, count)]
+    return [float(math.exp(-t / c)) if c else float("nan") for t, c in zip(total, count, strict=True)]
 
 
 class Scorer:
@@ -684,13 +684,13 @@ class Scorer:
 
     def pppl(self, seqs: Sequence[str], positions: Sequence[tuple[int, ...]], show_progress: bool = False
              ) -> list[float]:
-        keys = [(s, tuple(p)) for s, p in zip(seqs, positions)]
+        keys = [(s, tuple(p)) for s, p in zip(seqs, positions, strict=True)]
         todo = list(dict.fromkeys(k for k in keys if k not in self._pppl))
         if todo:
             with PpplProgress(todo, str(self.runner.device), show_progress) as cb:
                 vals = pseudo_perplexity(self.runner, [k[0] for k in todo], [k[1] for k in todo], self.batch_tokens,
                                          progress=cb, probe_rows=PPPL_PROBE_ROWS)
-            self._pppl.update(zip(todo, vals))
+            self._pppl.update(zip(todo, vals, strict=True))
         return [self._pppl[k] for k in keys]
 
 
@@ -751,7 +751,7 @@ def composition(seq: str) -> np.ndarray:
 def identity(a: str, b: str) -> float:
     if len(a) != len(b) or not a:
         raise ValueError("identity is defined here for equal-length, non-empty sequences")
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def score_generated(scorer: Scorer, generated: Sequence[Generated], targets: Sequence[int], prob_col: int | None,
@@ -861,9 +861,17 @@ def write_outputs(output: str, generated: Sequence[Generated], rows: Sequence[di
 
 def read_report(path: str | Path) -> list[dict[str, str]]:
     """Parse a steer TSV back into dicts (provenance '#' lines skipped): for tests and downstream scripts."""
-    lines = [ln.rstrip("\n") for ln in Path(path).read_text().splitlines() if not ln.startswith("#")]
-    header = lines[0].split("\t")
-    return [dict(zip(header, ln.split("\t"))) for ln in lines[1:] if ln]
+    lines = [(no, ln) for no, ln in enumerate(Path(path).read_text().splitlines(), 1) if not ln.startswith("#")]
+    header = lines[0][1].split("\t")
+    out = []
+    for no, ln in lines[1:]:
+        if not ln:
+            continue
+        fields = ln.split("\t")
+        if len(fields) != len(header):
+            raise InputError(f"{path}:{no}: {len(fields)} tab-separated fields, the header has {len(header)}")
+        out.append(dict(zip(header, fields, strict=True)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -195,6 +195,12 @@ class ActivationCache:
         for key in ("protein_ids", "sequences"):
             if key not in meta:
                 raise InputError(f"{d / META_NAME}: not an activation cache (no {key!r})")
+        # Paired by position (one sequence per protein id): lists of different lengths mean a damaged cache.
+        ids, seqs = meta["protein_ids"], meta["sequences"]
+        n_ids, n_seqs = (len(v) if isinstance(v, list) else "not a list" for v in (ids, seqs))
+        if n_ids != n_seqs or isinstance(n_ids, str):
+            raise InputError(f"{d / META_NAME}: protein_ids ({n_ids}) and sequences ({n_seqs}) must be lists of the "
+                             "same length; the cache is damaged: delete it or use another --activation-cache")
         return cls(d, meta)
 
     @staticmethod

@@ -293,7 +293,7 @@ def _train(opts: TrainOptions, env: DistEnv, device: torch.device) -> Path:
             labels, nf = prepare_concepts(label_sets, src.protein_ids, src.sequences, train_idx, ontologies,
                                           opts.concepts, opts.min_concept_residues, opts.label_granularity)
             log.info("ProtSAE concepts (%s-level): %s", labels.granularity,
-                     ", ".join(f"{c} {n}" for c, n in zip(labels.concepts, labels.names)))
+                     ", ".join(f"{c} {n}" for c, n in zip(labels.concepts, labels.names, strict=True)))
             sae, hist = train_protsae(rows, val, labels, cfg, opts.train, normal_forms=nf, **kw)
         else:
             from protsae_cli.train.topk import train_topk

@@ -197,7 +197,7 @@ class ProtSAEObjective(nn.Module):
                 has = (tp + fn) > 0
                 f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
                 out[name] = f1[has].mean().item() if has.any() else float("nan")
-                out[name + "_per_concept"] = dict(zip(self.labels.concepts, f1.tolist()))
+                out[name + "_per_concept"] = dict(zip(self.labels.concepts, f1.tolist(), strict=True))
         return out
 
     @torch.no_grad()

@@ -390,7 +390,7 @@ def fit(objective: Objective, train: InMemoryRows | ShuffleBufferStream, val: Ac
             if step % cfg.log_every == 0 or step == total:
                 means = torch.stack([run[k] / n_run for k in sorted(run)])
                 all_reduce_sum(means, env)
-                shown = {k: v / env.world_size for k, v in zip(sorted(run), means.tolist())}
+                shown = {k: v / env.world_size for k, v in zip(sorted(run), means.tolist(), strict=True)}
                 history.append({"step": step, **shown, "lr": opt.param_groups[0]["lr"],
                                 "seconds": elapsed + time.perf_counter() - t0})
                 run, n_run = {}, 0

@@ -213,6 +213,25 @@ def test_h5_reader_rejects_foreign_files(tmp_path: Path) -> None:
         H5Annotations(tmp_path / "other.h5")
 
 
+@pytest.mark.parametrize("group, column", [("concepts", "name"), ("concepts", "score_probability"),
+                                           ("segments", "max_act")])
+def test_h5_reader_rejects_table_columns_of_different_lengths(tmp_path: Path, results: list[ProteinResult],
+                                                              group: str, column: str) -> None:
+    """Readers pair the columns of /concepts and /segments row by row: a damaged file is bad input (exit 3),
+    named with the column lengths, not a ValueError from zip(strict=True) or rows silently dropped."""
+    from protsae_cli.errors import InputError
+
+    path = tmp_path / "out.h5"
+    write_all(H5Writer, path, results)
+    with h5py.File(path, "r+") as f:
+        g = f[group]
+        data, dtype = g[column][()], g[column].dtype  # one row short
+        del g[column]
+        g.create_dataset(column, data=data[:-1], dtype=dtype)
+    with pytest.raises(InputError, match=rf"out\.h5: the /{group} columns have different lengths \(.*{column} "):
+        H5Annotations(path)
+
+
 # -- TSV ------------------------------------------------------------------------------------------------------
 
 def parse_tsv(text: str) -> tuple[list[str], list[dict[str, str]]]:

@@ -302,6 +302,23 @@ def test_raw_values_too_wide_for_pdb(tmp_path):
     export_structure(path, PDB, tmp_path / "o.cif", "helix cap", protein_id="P1", scale="raw")
 
 
+def test_mmcif_atom_site_columns_of_different_lengths_are_bad_input():
+    """A loop whose value count is not a multiple of its columns leaves MMCIF2Dict's columns uneven: the rewrite
+    pairs them row by row, so that is refused as malformed input (not a ValueError, not values on wrong atoms)."""
+    import io
+
+    from protsae_cli.report.structure import rewrite_mmcif
+
+    text = ("data_x\nloop_\n_atom_site.auth_asym_id\n_atom_site.auth_seq_id\n_atom_site.label_comp_id\n"
+            "_atom_site.B_iso_or_equiv\nA 1 ALA 5.0\nA 2 GLY 5.0\nA\n")
+    with pytest.raises(InputError, match=r"_atom_site columns have different lengths \(auth_asym_id 3, "
+                                         r"auth_seq_id 2, label_comp_id 2"):
+        rewrite_mmcif(text, {}, io.StringIO())
+    out = io.StringIO()
+    rewrite_mmcif(text.removesuffix("A\n"), {("A", 2, "", "GLY"): 1.5}, out)
+    assert MMCIF2Dict(io.StringIO(out.getvalue()))["_atom_site.B_iso_or_equiv"] == ["0.0000", "1.5000"]
+
+
 def test_alignment_handles_gaps_and_offsets():
     seq = "MSTKLVAEGHWYRQMPDNFCIKSLAEGTRVHDWPQNYEKS"
     chain = "KLVAEGHW" + "RQMPDNF"   # residue Y (position 12) missing from the model

@@ -450,6 +450,15 @@ def test_topk_sae_reports_no_probability(tmp_path, tiny_esm_path, tiny_sae_dir):
     assert {r["target_probability"] for r in rows} == {"-"} and {r["pseudo_perplexity"] for r in rows} == {"-"}
 
 
+def test_read_report_refuses_a_row_with_other_fields_than_the_header(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_text("# protsae steer\nid\tlength\nA__0\t12\n\nB__0\t12\textra\n")
+    with pytest.raises(InputError, match=r"r\.tsv:5: 3 tab-separated fields, the header has 2"):
+        st.read_report(p)
+    p.write_text("# protsae steer\nid\tlength\nA__0\t12\n\n")
+    assert st.read_report(p) == [{"id": "A__0", "length": "12"}]
+
+
 def test_report_path():
     assert st.report_path("a/b.fasta") == Path("a/b.tsv")
     assert st.report_path("x.fa") == Path("x.tsv")

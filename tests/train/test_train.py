@@ -225,6 +225,16 @@ def test_cache_round_trip_and_partial_loads(tmp_path):
     assert torch.equal(cache.gather(rows), data.acts[torch.from_numpy(rows)])
 
 
+def test_cache_with_unpaired_ids_and_sequences_is_bad_input(tmp_path):
+    synthetic(100).save(tmp_path / "c", shard_rows=60)
+    meta_path = tmp_path / "c" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sequences"] = meta["sequences"][:-1]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"meta\.json: protein_ids \(40\) and sequences \(39\) must be lists"):
+        ActivationCache.open(tmp_path / "c")
+
+
 def test_streaming_memory_is_bounded_by_the_shuffle_buffer(tmp_path):
     data = synthetic(4000)
     data.save(tmp_path / "c", shard_rows=700)

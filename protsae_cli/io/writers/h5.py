@@ -86,10 +86,26 @@ def read_concept_reliability(g: h5py.Group) -> list[dict[str, Any]]:
         rec.update({name: None if np.isnan(col[i]) else float(col[i]) for name, col in num.items()})
         rec["positives"] = int(pos[i])
         ok = ~np.isnan(acts[i])
-        rec["score_curve"] = [[float(a), float(p)] for a, p in zip(acts[i][ok], probs[i][ok])]
+        rec["score_curve"] = [[float(a), float(p)] for a, p in zip(acts[i][ok], probs[i][ok], strict=True)]
         out.append(rec)
     return out
 _FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_table_columns(f: h5py.File, group: str, path: str | os.PathLike[str]) -> None:
+    """Refuse a table group (/concepts, /segments) whose columns differ in length: readers pair them up row by
+    row, so a damaged or hand-edited file would otherwise lose or misattribute rows."""
+    g = f.get(group)
+    if not isinstance(g, h5py.Group):
+        return
+    shapes = {name: ds.shape for name, ds in g.items() if isinstance(ds, h5py.Dataset) and ds.shape}
+    odd = len({s[0] for s in shapes.values()}) > 1
+    if group == "concepts" and "score_activation" in shapes and "score_probability" in shapes:
+        odd = odd or shapes["score_activation"] != shapes["score_probability"]
+    if odd:
+        have = ", ".join(f"{name} {'x'.join(map(str, s))}" for name, s in sorted(shapes.items()))
+        raise InputError(f"{path}: the /{group} columns have different lengths ({have}); the file is damaged or "
+                         "was not written by protsae")
 
 
 def index_dtype(d_sae: int) -> np.dtype:
@@ -559,6 +575,12 @@ class H5Annotations:
             self.f.close()
             raise InputError(f"{self.path}: format_version {version} is newer than this protsae reads "
                              f"({FORMAT_VERSION}); upgrade protsae")
+        try:
+            for group in ("concepts", "segments"):  # their columns are read row by row (zip strict)
+                _check_table_columns(self.f, group, self.path)
+        except InputError:
+            self.f.close()
+            raise
         self.proteins = ProteinTable(self.f["proteins"])
         names = self.f["proteins/status"].attrs.get("status_names", STATUS_NAMES)
         self.status_names: tuple[str, ...] = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
@@ -624,8 +646,8 @@ class H5Annotations:
         cols = {name: g[name].asstr()[()] for name in ("concept_id", "name", "ontology_id")}
         out = [ConceptEntry(latent=int(lat), concept_id=cid, name=name, ontology_id=ont, threshold=float(thr))
                for lat, cid, name, ont, thr in zip(g["latent"][()], cols["concept_id"], cols["name"],
-                                                   cols["ontology_id"], g["threshold"][()])]
-        for e, rel in zip(out, read_concept_reliability(g)):
+                                                   cols["ontology_id"], g["threshold"][()], strict=True)]
+        for e, rel in zip(out, read_concept_reliability(g), strict=True):
             for key, value in rel.items():
                 setattr(e, key, value)
         return out
@@ -711,7 +733,7 @@ class H5Annotations:
         return [Segment(latent=int(lat), start=int(s), end=int(e), max_act=float(mx), mean_act=float(mn),
                         threshold=float(t))
                 for lat, s, e, mx, mn, t in zip(cols["latent"], cols["start"], cols["end"], cols["max_act"],
-                                                cols["mean_act"], cols["threshold"])]
+                                                cols["mean_act"], cols["threshold"], strict=True)]
 
     def segments(self, i: int) -> list[Segment]:
         """Segments of protein ``i`` (matched on its input ordinal), in stored order: start, then latent."""
