@@ -379,7 +379,7 @@ class SegmentDecoder:
         """The best decoded span's mean P(span class | a) (0 without a span): how sure the emission model is of
         the strongest membrane span, which the membrane gate compares with ``min_span_confidence``."""
         starts, ends, kinds = _runs(cls)
-        spans = [(s, e, k) for s, e, k in zip(starts, ends, kinds) if self.classes[k] in ("H", "B")]
+        spans = [(s, e, k) for s, e, k in zip(starts, ends, kinds, strict=True) if self.classes[k] in ("H", "B")]
         if not spans:
             return 0.0
         post = np.exp(self.log_posterior(acts))
@@ -472,7 +472,7 @@ class SegmentDecoder:
         # decoded but the strand concept is withheld), its sides are not reported either.
         span_shown = any(c in ("H", "B") and CLASS_ROLE[c] in entries for c in letters)
         out: list[Segment] = []
-        for s, e, c in zip(starts.tolist(), ends.tolist(), letters):
+        for s, e, c in zip(starts.tolist(), ends.tolist(), letters, strict=True):
             role = CLASS_ROLE.get(c)
             entry = entries.get(role) if role else None
             if role is None or entry is None or (c in ("I", "O") and not span_shown):
@@ -604,7 +604,7 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
         membrane = any(c in ("H", "B") for c in letters)
         if not membrane:
             glob_len.append(int(len(y)))
-        known = [(s, e, c) for s, e, c in zip(starts, ends, letters) if c != "U"]
+        known = [(s, e, c) for s, e, c in zip(starts, ends, letters, strict=True) if c != "U"]
         if known and known[0][2] in first and known[0][0] == 0:
             first[known[0][2]] += 1
         for i, (s, e, c) in enumerate(known):
@@ -632,7 +632,7 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
     remap = np.full(len(CLASSES) + 1, -1, dtype=np.int64)
     for c, i in cls_index.items():
         remap[CLASSES.index(c)] = i
-    for a, y in zip(acts, labels):
+    for a, y in zip(acts, labels, strict=True):
         y = np.asarray(y)
         nc = len(role_order) + len(extra_latents)
         if a.ndim != 2 or a.shape[1] != nc:
