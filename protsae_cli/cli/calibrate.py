@@ -30,9 +30,10 @@ def command(
                                            "(a held-out check); writes no SAE."),
     segment_decoder: SegmentDecoderMode = typer.Option(
         SegmentDecoderMode(C.segment_decoder), "--segment-decoder", rich_help_panel=CONCEPTS_PANEL,
-        help="The topology decoder of region concepts (docs/SEGMENTS.md): fit refits it on these proteins' "
-             "membrane-span labels (scored on the odd-numbered half after fitting on the even, beside the old "
-             "one), keep leaves it; auto fits when some -a source has span labels. Measured either way."),
+        help="The topology decoder of region concepts (docs/SEGMENTS.md), when some -a source has membrane-span "
+             "labels: fit refits it on them (fitted on the even-numbered proteins and scored on the odd-numbered "
+             "ones beside the SAE's decoder, then refitted on all); auto does the same but keeps the SAE's decoder "
+             "if that scores better; keep leaves it. Measured (TMbed's protocol) in every case."),
     json_out: str | None = typer.Option(None, "--json", metavar="PATH", rich_help_panel=IO_PANEL,
                                            help="Also write the per-concept report (before/after) as JSON."),
     ontology: OntologyOpt = [],

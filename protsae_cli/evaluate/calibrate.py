@@ -325,9 +325,7 @@ def calibrate(opts: CalibrateOptions) -> dict[str, Any]:
     if not bound:
         raise InputError("none of the SAE's concepts (" + ", ".join(e.concept_id for e in entries[:8])
                          + ") is labelled by the given annotations")
-    want_topology = topo_src is not None and (mode != "keep" or bool(cfg.segment_decoder))
-    counts, proteins, topology = collect_counts(ann, records, bound, entries, opts,
-                                                topo_src if want_topology else None)
+    counts, proteins, topology = collect_counts(ann, records, bound, entries, opts, topo_src)
     rows_out = []
     for i, src in bound:
         e = entries[i]

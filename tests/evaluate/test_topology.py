@@ -257,6 +257,10 @@ def test_calibrate_fits_a_decoder_that_annotate_uses_and_measures_it_as_annotate
 
 
 def test_keep_and_auto_leave_a_better_decoder_alone(topo, tiny_esm_path, tmp_path) -> None:
+    plain = tmp_path / "plain"          # no decoder, kept: its per-residue calls are measured, none is added
+    rep = _cal(topo, tiny_esm_path, output=str(plain), segment_decoder="keep")
+    assert rep["segment_decoder"]["action"] == "kept" and rep["segment_decoder"]["measured"]["observed_helices"] > 20
+    assert "segment_decoder" not in json.loads((plain / "config.json").read_text())
     first = tmp_path / "first"
     _cal(topo, tiny_esm_path, output=str(first), segment_decoder="fit")
     old = json.loads((first / "config.json").read_text())["segment_decoder"]
