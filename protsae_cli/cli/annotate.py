@@ -9,9 +9,8 @@ import typer
 from protsae_cli.annotate.options import DEFAULT_CHUNK_RESIDUES
 from protsae_cli.annotate.options import AnnotateOptions as A  # the defaults live there (import-light)
 from protsae_cli.cli.options import (PERF_PANEL, Backend, CheckPlmOpt, DecodeMode, DeviceOpt, H5Dtype, LongPolicy,
-                                     ModelOpt,
-                                     SaeKOpt, SaeLayerOpt, SaeOpt, SaePlmOpt, ThreadsOpt, devices_callback,
-                                     formats_callback)
+                                     ModelOpt, ProgressOpt, SaeKOpt, SaeLayerOpt, SaeOpt, SaePlmOpt, ThreadsOpt,
+                                     devices_callback, formats_callback)
 
 IO_PANEL, CALL_PANEL = "Input/Output", "Concept calling"
 
@@ -76,8 +75,7 @@ def command(
     shard: str | None = typer.Option(None, "--shard", rich_help_panel=PERF_PANEL, callback=parse_shard,
                                         metavar="I/N",
                                         help="Process only shard i of n (records with ordinal % n == i-1)."),
-    progress: bool = typer.Option(A.progress, "--progress/--no-progress", rich_help_panel=IO_PANEL,
-                                  help="Progress bar on stderr (only shown on a terminal)."),
+    progress: ProgressOpt = A.progress,
     resume: bool = typer.Option(A.resume, "--resume", rich_help_panel=IO_PANEL,
                                 help="Checkpoint finished chunks in PREFIX.parts/ and, when rerun after a crash or "
                                      "kill, skip the chunks already done. Settings must match the first attempt."),

@@ -7,8 +7,8 @@ import typer
 
 from protsae_cli.evaluate.options import CalibrateOptions as C  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CallingOpt,
-                                     CheckPlmOpt, DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, SegmentDecoderMode,
-                                     ThreadsOpt)
+                                     CheckPlmOpt, DeviceOpt, ModelOpt, OntologyOpt, ProgressOpt, PropagateOpt,
+                                     SegmentDecoderMode, ThreadsOpt)
 
 IO_PANEL = "Input/Output"
 
@@ -44,6 +44,7 @@ def command(
     toks_per_batch: int = typer.Option(C.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens)."),
     threads: ThreadsOpt = None,
+    progress: ProgressOpt = C.progress,
 ) -> None:
     """Measure each concept's calls on your labelled proteins and choose its threshold (docs/CALLS.md).
 
@@ -55,6 +56,7 @@ def command(
     from protsae_cli.evaluate.calibrate import CalibrateOptions, calibrate
     from protsae_cli.errors import InputError
     from protsae_cli.labels.sources import annotation_specs
+    from protsae_cli.logging_setup import is_quiet
 
     specs = annotation_specs(annotations, [f.value for f in annotation_format])
     if measure_only and output:
@@ -63,7 +65,8 @@ def command(
                                         device=device, calling=calling, measure_only=measure_only,
                                         ontologies=list(ontology), propagate=propagate, toks_per_batch=toks_per_batch,
                                         check_plm=check_plm, threads=threads, json_out=json_out,
-                                        segment_decoder=segment_decoder.value))
+                                        segment_decoder=segment_decoder.value,
+                                        progress=progress and not is_quiet()))
     log = logging.getLogger("protsae.calibrate")
     n = sum(1 for r in report["per_concept"] if "skipped" not in r)
     log.info(f"{'measured' if measure_only else 'calibrated'} {n} of {len(report['per_concept'])} labelled "

@@ -7,7 +7,7 @@ import typer
 
 from protsae_cli.evaluate.options import EvalOptions as E  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CheckPlmOpt,
-                                     DeviceOpt, OntologyOpt, PlmOpt, PropagateOpt, open_ends)
+                                     DeviceOpt, OntologyOpt, PlmOpt, ProgressOpt, PropagateOpt, open_ends)
 
 DATA, CONCEPTS, LM, OUT = "Data", CONCEPTS_PANEL, "Language-model fidelity", "Outputs"
 
@@ -56,8 +56,7 @@ def command(
                                        help="Padded tokens per PLM batch."),
     device: DeviceOpt = E.device,
     check_plm: CheckPlmOpt = not E.no_check_plm,
-    progress: bool = typer.Option(E.progress, "--progress/--no-progress",
-                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
+    progress: ProgressOpt = E.progress,
 ) -> None:
     """Evaluate SAEs on held-out proteins: reconstruction, LM fidelity, concept alignment, probing.
 

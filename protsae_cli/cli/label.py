@@ -7,9 +7,8 @@ import typer
 
 from protsae_cli.evaluate.options import LabelOptions as L  # the defaults live there (import-light)
 from protsae_cli.cli.options import (CONCEPTS_PANEL, PERF_PANEL, AnnotationFormatOpt, AnnotationsOpt, CallingOpt,
-                                     CheckPlmOpt,
-                                     DeviceOpt, ModelOpt, OntologyOpt, PropagateOpt, SaeKOpt, SaeLayerOpt, SaePlmOpt,
-                                     ThreadsOpt, open_ends)
+                                     CheckPlmOpt, DeviceOpt, ModelOpt, OntologyOpt, ProgressOpt, PropagateOpt, SaeKOpt,
+                                     SaeLayerOpt, SaePlmOpt, ThreadsOpt, open_ends)
 
 IO_PANEL = "Input/Output"
 
@@ -51,8 +50,7 @@ def command(
     toks_per_batch: int = typer.Option(L.toks_per_batch, "--toks-per-batch", rich_help_panel=PERF_PANEL, min=1,
                                        help="Token budget per ESM-2 batch (padded tokens)."),
     threads: ThreadsOpt = None,
-    progress: bool = typer.Option(L.progress, "--progress/--no-progress", rich_help_panel=IO_PANEL,
-                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
+    progress: ProgressOpt = L.progress,
 ) -> None:
     """Name the concepts of any SAE from your labelled proteins: latents associated on one part, thresholds and
     reliability chosen on the other; annotate then calls them (docs/LABEL.md).

@@ -293,6 +293,11 @@ DeviceOpt = Annotated[str, typer.Option(
 ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", min=1, rich_help_panel=PERF_PANEL, help="CPU threads for torch (default: torch's choice).")]
 
+ProgressOpt = Annotated[bool, typer.Option(
+    "--progress/--no-progress",
+    help="Progress on stderr: a bar on a terminal, else a log line every 30 s (PROTSAE_PROGRESS_INTERVAL); "
+         "off under -q.")]
+
 AnnotationsOpt = Annotated[list[str], typer.Option(
     "--annotations", "-a", rich_help_panel=CONCEPTS_PANEL, metavar="PATH",
     help="Concept annotation file (repeat for several sources): Swiss-Prot, UniProt XML/TSV, TMbed, binding "

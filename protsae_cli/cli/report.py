@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from protsae_cli.cli.options import AnnotationFormatOpt, AnnotationsOpt
+from protsae_cli.cli.options import AnnotationFormatOpt, AnnotationsOpt, ProgressOpt
 
 IO_PANEL, SEL_PANEL, FIG_PANEL = "Input/Output", "Which proteins", "Figures"
 
@@ -39,8 +39,7 @@ def command(
     title: str | None = typer.Option(None, "--title", rich_help_panel=FIG_PANEL, help="Page title."),
     annotations: AnnotationsOpt = [],
     annotation_format: AnnotationFormatOpt = [],
-    progress: bool = typer.Option(True, "--progress/--no-progress",
-                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
+    progress: ProgressOpt = True,
 ) -> None:
     """Write a self-contained HTML report (no network needed) of an annotation file.
 

@@ -9,8 +9,8 @@ import typer
 from protsae_cli.steer.options import SteerOptions as O  # the defaults live there (import-light)
 from protsae_cli.steer.options import SteerSpec as S
 from protsae_cli.cli.options import (CheckPlmOpt, Decode, DeviceOpt, EditScope, MaskStrategy, ModelOpt, Positions,
-                                     PpplPositions, SaeOpt, SteerInit, SteerMode, ThreadsOpt, controls_callback,
-                                     open_ends)
+                                     PpplPositions, ProgressOpt, SaeOpt, SteerInit, SteerMode, ThreadsOpt,
+                                     controls_callback, open_ends)
 
 IO_PANEL, EDIT_PANEL, POS_PANEL, DEC_PANEL, CTRL_PANEL = (
     "Input/Output", "Edit", "Positions", "Decoding", "Controls and readouts")
@@ -102,8 +102,7 @@ def command(
              "condition); 0 = all \\[default: all on a GPU, 32 on CPU, where each position is one forward pass]."),
     device: DeviceOpt = O.device,
     threads: ThreadsOpt = None,
-    progress: bool = typer.Option(O.progress, "--progress/--no-progress",
-                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
+    progress: ProgressOpt = O.progress,
 ) -> None:
     """Steer ESM-2 toward a concept by editing SAE latents at the hook, and redesign proteins with it.
 

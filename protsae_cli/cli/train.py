@@ -11,7 +11,7 @@ from protsae_cli.train.options import TrainConfig as C
 from protsae_cli.train.options import TrainOptions as T
 from protsae_cli.cli.options import (CONCEPTS_PANEL, MODELS_PANEL, AnnotationFormatOpt, AnnotationsOpt, Arch, BiasRef,
                                      DefinedBias, DeviceOpt, HookPoint, LabelGranularity, LrSchedule, OntologyOpt,
-                                     PlmOpt, Pool, TopkScope, open_ends)
+                                     PlmOpt, Pool, ProgressOpt, TopkScope, open_ends)
 
 DATA, MODEL, SAE, OPT = "Data", MODELS_PANEL, "SAE", "Optimisation"
 LABELS, CONCEPTS, RUN = CONCEPTS_PANEL, "ProtSAE model and losses", "Checkpoints, resume and multi-GPU"
@@ -126,8 +126,7 @@ def command(
                                                help="Stop resumably after this step (e.g. before a job time limit)."),
     ddp: bool = typer.Option(T.ddp, "--ddp", rich_help_panel=RUN,
                              help="Require a torchrun launch (DDP is used whenever torchrun starts >1 process)."),
-    progress: bool = typer.Option(T.progress, "--progress/--no-progress",
-                                  help="Progress on stderr: a bar on a terminal, else a log line every 30 s."),
+    progress: ProgressOpt = T.progress,
 ) -> None:
     """Train a TopK sparse autoencoder, or a ProtSAE with concept-bound latents, on ESM-2 activations of a FASTA.
 

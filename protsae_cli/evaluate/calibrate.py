@@ -387,6 +387,7 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
     residue of its proteins (the top-k codes)."""
     from protsae_cli.annotate.pipeline import AnnotateOptions
     from protsae_cli.call.segments import ROLE_CONCEPTS, classes_from_roles
+    from protsae_cli.progress import Progress
 
     wanted = {pid for _, s in bound for pid in s.labels.protein_ids}
     if topology is not None:
@@ -406,10 +407,12 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
     for i, s in bound:
         by_source.setdefault(s.name, []).append(i)
     src_of = {s.name: s for _, s in bound}
-    for res in ann.iter_results(iter(chosen), aopts):
+
+    def take(res: Any) -> None:
+        """Bin one encoded protein's activations on its labelled residues (and keep its codes for topology)."""
         rows = res.idx.shape[0]
         if rows == 0:
-            continue
+            return
         if topology is not None and res.id in topology.labels.positions:
             full = len(res.sequence)
             y = topology.labels.dense(res.id, full, role_ids)[:rows]
@@ -436,7 +439,14 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
                 n_pos[i] += int(yc[keep].sum())
                 n_res[i] += int(keep.sum())
                 proteins[i] += 1
-    ann.concepts = saved
+
+    try:
+        with Progress("calibrating: encoding", len(chosen), unit="proteins", enabled=opts.progress) as bar:
+            for res in ann.iter_results(iter(chosen), aopts):
+                bar(1, residues=len(res.sequence))
+                take(res)
+    finally:
+        ann.concepts = saved
     counts = {i: ConceptCounts.from_values(np.concatenate(act[i]) if act[i] else np.zeros(0, np.float32),
                                            np.concatenate(lab[i]) if lab[i] else np.zeros(0, bool), n_pos[i],
                                            n_res[i]) for i, _ in bound}

@@ -67,6 +67,7 @@ class CalibrateOptions:
     threads: int | None = None
     json_out: str | None = None
     segment_decoder: str = "auto"          # auto | fit | keep (SEGMENT_DECODER_MODES; docs/SEGMENTS.md)
+    progress: bool = True                  # encoding the labelled proteins: a bar, or log lines (protsae_cli.progress)
     command: str = field(default_factory=lambda: shlex.join(["protsae", *sys.argv[1:]]))
 
 

@@ -4,6 +4,7 @@ user's own SAE gets from their topology labels, and the numbers calibrate report
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -256,9 +257,13 @@ def test_calibrate_fits_a_decoder_that_annotate_uses_and_measures_it_as_annotate
     assert (out / "config.json").read_text() == before                     # --measure-only writes nothing
 
 
-def test_keep_and_auto_leave_a_better_decoder_alone(topo, tiny_esm_path, tmp_path) -> None:
+def test_keep_and_auto_leave_a_better_decoder_alone(topo, tiny_esm_path, tmp_path, caplog) -> None:
     plain = tmp_path / "plain"          # no decoder, kept: its per-residue calls are measured, none is added
+    caplog.set_level(logging.INFO, logger="protsae.progress")
     rep = _cal(topo, tiny_esm_path, output=str(plain), segment_decoder="keep")
+    # Encoding is the long part: a pipeline's log (stderr not a terminal) says how far it got.
+    done = [r.getMessage() for r in caplog.records if r.name == "protsae.progress"]
+    assert any(m.startswith("calibrating: encoding: done, 48/48 proteins") for m in done), done
     assert rep["segment_decoder"]["action"] == "kept" and rep["segment_decoder"]["measured"]["observed_helices"] > 20
     assert "segment_decoder" not in json.loads((plain / "config.json").read_text())
     first = tmp_path / "first"
