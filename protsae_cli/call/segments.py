@@ -14,7 +14,9 @@ State model (classes, with the concept each one emits as a segment):
 * ``H`` TM helix, ``B`` TM beta strand: explicit-duration chains (fitted length ranges, e.g. 16-33), each
   crossing flips the side: ``I -> H -> O -> H -> I ...``. A protein is either on the globular path (``G``
   only, after an optional ``S``) or on the membrane path (``I``/``O`` and spans), so sides exist only with spans
-  and alternate across each span by construction.
+  and alternate across each span by construction. A class whose concept is withheld (the strand, by default)
+  is still decoded and then left out of the calls; the sides are then decoded again across the reported spans
+  (``SegmentDecoder.sides_across``), so they still alternate across what is shown.
 
 Emissions: a multinomial logistic regression from the role concepts' activations (features ``a > 0`` and
 ``log1p(a)`` per concept) to the residue class, fitted on labelled proteins; the decoder uses
@@ -386,11 +388,11 @@ class SegmentDecoder:
         return float(max(post[s:e, k].mean() for s, e, k in spans))
 
     def decode(self, acts: np.ndarray, allow_signal: bool = True, allow_membrane: bool = True,
-               hidden: Sequence[str] = ()) -> np.ndarray:
+               hidden: Sequence[str] = (), allowed: np.ndarray | None = None) -> np.ndarray:
         """Most likely residue classes (indices into ``self.classes``) of one protein; ``allow_signal=False``
         decodes the best path without a signal peptide (what the signal gate asks for), ``allow_membrane=False``
-        the best globular path (what the membrane gate asks for); ``hidden`` classes (e.g. ``B`` when the strand
-        concept is withheld) are not decoded at all, so what is reported stays a consistent topology."""
+        the best globular path (what the membrane gate asks for); ``hidden`` classes are not decoded at all;
+        ``allowed`` ([L, classes] bool) restricts each residue to some classes (``sides_across``)."""
         acts = np.asarray(acts)
         L = acts.shape[0]
         if L == 0:
@@ -400,6 +402,8 @@ class SegmentDecoder:
                                                           if not allow_membrane else [])
         if off:
             E = np.where(np.isin(self.state_class, [self.classes.index(c) for c in off]), _NEG, E)
+        if allowed is not None:
+            E = np.where(np.asarray(allowed, bool)[:, self.state_class], E, _NEG)
         pred, logT = self.pred, self.logT
         ar = np.arange(self.n_states)
         bp = np.empty((L, self.n_states), dtype=np.int8)
@@ -439,6 +443,23 @@ class SegmentDecoder:
             cls = self.decode(acts, allow_signal=False, allow_membrane=membrane, hidden=hidden)
         return cls
 
+    def sides_across(self, acts: np.ndarray, cls: np.ndarray, shown: Sequence[str]) -> np.ndarray | None:
+        """``cls`` with its sides decoded again across the spans of the ``shown`` classes only: the path keeps
+        every residue of a shown span or signal peptide where it is, and each other residue becomes the
+        inside or outside loop that best fits the evidence, alternating across the shown spans. None if no
+        such path exists. Why: a decoded span of a withheld class (e.g. a 5-residue strand beside a helix)
+        flips the side too, so dropping it leaves two sides of one kind facing each other."""
+        fixed = np.isin(cls, [self.classes.index(c) for c in ("S", *shown) if c in self.classes])
+        allowed = np.zeros((cls.shape[0], len(self.classes)), bool)
+        allowed[np.flatnonzero(fixed), cls[fixed]] = True
+        loops = [self.classes.index(c) for c in "IO" if c in self.classes]
+        for k in loops:
+            allowed[~fixed, k] = True
+        out = self.decode(acts, allowed=allowed)
+        if not (np.array_equal(out[fixed], cls[fixed]) and np.isin(out[~fixed], loops).all()):
+            return None
+        return out
+
     def constraints(self) -> list[str]:
         """The hard facts this decoder imposes on every call, in words (recorded in the outputs' provenance)."""
         out = ["topology sides only on proteins with a reported membrane span (soluble proteins get none)",
@@ -462,15 +483,23 @@ class SegmentDecoder:
                  entries: Mapping[str, ConceptEntry]) -> list[Segment]:
         """Decoded segments of one protein for the called role concepts (``entries``: role -> entry)."""
         acts = role_activations(idx, val, self.input_latents)
-        # A span or signal class whose concept is not reported (withheld) is not decoded either: otherwise a
-        # hidden strand would leave two reported sides of one kind with nothing visible between them.
-        hidden = [c for c in ("S", "H", "B") if c in self.classes and CLASS_ROLE[c] not in entries]
-        cls = self.decode_protein(idx, val, acts, hidden=hidden)
+        # The whole model is decoded, withheld classes included, and their segments are then left out: a
+        # stretch the model reads as a beta strand stays out of the reported helices instead of being forced
+        # into the nearest reported class (often an extra helix; docs/SEGMENTS.md measures both). Withholding
+        # says the concept's calls are not reliable enough to report, not that its evidence is useless.
+        cls = self.decode_protein(idx, val, acts)
+        shown = [c for c in ("H", "B") if c in self.classes and CLASS_ROLE[c] in entries]
+        unshown = [self.classes.index(c) for c in ("H", "B") if c in self.classes and c not in shown]
+        span_shown = bool(np.isin(cls, [self.classes.index(c) for c in shown]).any())
+        if span_shown and np.isin(cls, unshown).any():
+            # Sides alternate across each span: with an unreported span left out, they are decoded again
+            # across the reported spans (which stay where they are); if that fails, no side is reported.
+            again = self.sides_across(acts, cls, shown)
+            span_shown = again is not None
+            if again is not None:
+                cls = again
         starts, ends, kinds = _runs(cls)
         letters = [self.classes[k] for k in kinds.tolist()]
-        # Sides are relative to a membrane: if no span of this protein is reported (e.g. its beta strands are
-        # decoded but the strand concept is withheld), its sides are not reported either.
-        span_shown = any(c in ("H", "B") and CLASS_ROLE[c] in entries for c in letters)
         out: list[Segment] = []
         for s, e, c in zip(starts.tolist(), ends.tolist(), letters, strict=True):
             role = CLASS_ROLE.get(c)
