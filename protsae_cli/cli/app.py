@@ -52,12 +52,48 @@ def build_app():
     return app
 
 
+#: The shells Typer writes completion scripts for (typer's `Shells`).
+COMPLETION_SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+#: Typer reads this to take the shell as the option's value instead of detecting it (its no-detection mode).
+_NAMED_SHELL_ENV = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
+
+
+def completion_shell_named(args: list[str]) -> str | None:
+    """Make `protsae --show-completion bash` (and `--install-completion bash`) use the named shell.
+
+    Why: Typer's options are flags that detect the shell from the parent processes (shellingham) and ignore a
+    named one; in a container or a job without a shell above protsae the detection fails and Typer prints
+    "Shell  not supported.". A named shell switches Typer to its mode that takes the shell as the value.
+    Returns an error message (exit 2) when no shell is named and none can be detected, else None."""
+    import os
+
+    if args[:1] not in (["--show-completion"], ["--install-completion"]):
+        return None
+    if len(args) > 1 and args[1] in COMPLETION_SHELLS:
+        os.environ[_NAMED_SHELL_ENV] = "1"
+        return None
+    if len(args) > 1 and not args[1].startswith("-"):
+        return f"protsae: {args[0]}: unknown shell {args[1]!r}; one of {', '.join(COMPLETION_SHELLS)}"
+    try:
+        import shellingham
+
+        shellingham.detect_shell()
+    except Exception:  # noqa: BLE001 - ShellDetectionFailure, or shellingham missing: say how to name it
+        return (f"protsae: {args[0]}: cannot detect the shell (no shell among this process's parents, e.g. in a "
+                f"container); name it: protsae {args[0]} {'|'.join(COMPLETION_SHELLS)}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--version"]:
         from protsae_cli import __version__
 
         print(__version__)
+        return
+    problem = completion_shell_named(args)
+    if problem:
+        leave(2, problem)
         return
     app = build_app()
     exit_on_signals()

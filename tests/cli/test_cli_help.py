@@ -168,6 +168,61 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, cwd=ROOT, timeout=60)
 
 
+def _orphaned(*args: str) -> tuple[int, str, str]:
+    """Run protsae with no shell among its parents (double fork: its parent is init or a subreaper), as in a
+    container's entrypoint or a scheduler's job, where shell detection fails. Returns (exit code, out, err)."""
+    import json as _json
+
+    code = ("import json, os, subprocess, sys\n"
+            "r, w = os.pipe()\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        os.close(r)\n"
+            "        import time; time.sleep(0.5)  # the middle process is gone: reparented\n"
+            f"        p = subprocess.run([sys.executable, '-m', 'protsae_cli', *{list(args)!r}], capture_output=True, "
+            "text=True)\n"
+            "        os.write(w, json.dumps([p.returncode, p.stdout, p.stderr]).encode())\n"
+            "        os._exit(0)\n"
+            "    os._exit(0)\n"
+            "os.close(w)\n"
+            "data = b''\n"
+            "while chunk := os.read(r, 65536):\n"
+            "    data += chunk\n"
+            "sys.stdout.write(data.decode())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"})
+    rc, out, err = _json.loads(proc.stdout)
+    return rc, out, err
+
+
+def test_completion_script_for_a_named_shell_needs_no_shell_detection():
+    # `protsae --show-completion zsh` gives zsh's script whatever shell runs it, also with no shell above it.
+    rc, out, err = _orphaned("--show-completion", "zsh")
+    assert rc == 0 and out.startswith("#compdef protsae"), (rc, out[:200], err)
+    rc, out, err = _orphaned("--show-completion", "bash")
+    assert rc == 0 and "_PROTSAE_COMPLETE=complete_bash" in out, (rc, out[:200], err)
+    rc, out, err = _orphaned("--show-completion")
+    if rc != 0:   # nothing to detect: a message that says how to name it, not Typer's "Shell  not supported."
+        assert rc == 2 and "cannot detect the shell" in err and "--show-completion bash|zsh" in err, (rc, err)
+    proc = _run({}, "--show-completion", "tcsh")
+    assert proc.returncode == 2 and "unknown shell 'tcsh'" in proc.stderr, proc.stderr
+
+
+def test_undetectable_shell_is_a_usage_error(monkeypatch):
+    import shellingham
+
+    from protsae_cli.cli.app import completion_shell_named
+
+    def fail():
+        raise shellingham.ShellDetectionFailure()
+
+    monkeypatch.setattr(shellingham, "detect_shell", fail)
+    msg = completion_shell_named(["--install-completion"])
+    assert msg and "cannot detect the shell" in msg and "protsae --install-completion bash|" in msg
+    assert completion_shell_named(["annotate", "x.fa"]) is None
+
+
 def test_completion_script_and_completions():
     # The script `--install-completion` would install (for bash; the shell is named, not detected).
     proc = _run({}, "--show-completion", "bash")
