@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from protsae_cli.errors import InputError
-from protsae_cli.evaluate.topology import match_segments
+from protsae_cli.evaluate.topology import tmbed_protocol
 from protsae_cli.call.segments import (RegionCaller, SegmentDecoder, fit_decoder, gate_features, role_entries,
                                        tmbed_classes, write_decoder)
 
@@ -239,7 +239,6 @@ def _runs_of(lab: str, chars: str) -> list[tuple[int, int]]:
     return [(int(s) + 1, int(e)) for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
 
 
-_match = match_segments  # TMbed's one-to-one match, both ends within 5 (protsae_cli/evaluate/topology.py)
 
 
 #: TMbed label letters of each role's residues.
@@ -247,41 +246,22 @@ ROLE_LABELS = {"helix": "Hh", "strand": "Bb", "signal": "S", "inside": "1", "out
 
 
 def score(labels: dict[str, tuple[str, str]], calls: dict[str, dict[str, list[tuple[int, int]]]]) -> dict:
-    """TMbed-protocol numbers from per-protein calls {role: [(start, end), ...]}."""
-    n_obs = n_pred = n_ok = n_alpha = n_match = 0
-    alpha_detected = glob = glob_fp = 0
-    sp_pos = sp_tp = sp_pred = sp_fp_neg = sp_neg = 0
+    """TMbed-protocol numbers from per-protein calls {role: [(start, end), ...]} (the library's
+    ``evaluate.topology.tmbed_protocol``, what ``protsae calibrate`` reports), plus helix lengths, side calls on
+    proteins without a span, and residue precision/recall per role."""
+    scored = [(pid, lab, calls[pid]) for pid, (_, lab) in labels.items() if pid in calls]
+    protocol = tmbed_protocol((tmbed_classes(lab), c) for _, lab, c in scored)
     sides_without_span = no_span = 0
     len_obs, len_pred = [], []
     res_counts: dict[str, list[int]] = {}
-    for pid, (_, lab) in labels.items():
-        c = calls.get(pid)
-        if c is None:
-            continue
+    for _, lab, c in scored:
         helices = c.get("helix", [])
         strands = c.get("strand", [])
         obs = _runs_of(lab, "Hh")
         beta = bool(_runs_of(lab, "Bb"))
         if obs and not beta:
-            n_alpha += 1
-            m = _match(obs, helices)
-            n_obs += len(obs)
-            n_pred += len(helices)
-            n_match += m
-            n_ok += int(m == len(obs) == len(helices))
-            alpha_detected += int(bool(helices))
             len_obs += [e - s + 1 for s, e in obs]
             len_pred += [e - s + 1 for s, e in helices]
-        elif not obs and not beta:
-            glob += 1
-            glob_fp += int(bool(helices or strands))
-        has_sp = "S" in lab
-        called_sp = bool(c.get("signal"))
-        sp_pos += has_sp
-        sp_tp += has_sp and called_sp
-        sp_pred += called_sp
-        sp_neg += not has_sp
-        sp_fp_neg += (not has_sp) and called_sp
         if not helices and not strands:
             no_span += 1
             sides_without_span += bool(c.get("inside") or c.get("outside"))
@@ -302,18 +282,7 @@ def score(labels: dict[str, tuple[str, str]], calls: dict[str, dict[str, list[tu
                 r[0] += int((called & t & known).sum())
                 r[1] += int((called & known).sum())
                 r[2] += int((t & known).sum())
-    rec = n_match / n_obs if n_obs else 0.0
-    prec = n_match / n_pred if n_pred else 0.0
-    return {
-        "alpha_tm_proteins": n_alpha, "observed_helices": n_obs, "predicted_helices": n_pred,
-        "helix_recall_5": round(rec, 4), "helix_precision_5": round(prec, 4),
-        "qok": round(n_ok / n_alpha, 4) if n_alpha else 0.0,
-        "alpha_tm_detected": round(alpha_detected / n_alpha, 4) if n_alpha else 0.0,
-        "globular_proteins": glob, "globular_with_tm_call": round(glob_fp / glob, 4) if glob else 0.0,
-        "signal_proteins": sp_pos,
-        "signal_recall": round(sp_tp / sp_pos, 4) if sp_pos else 0.0,
-        "signal_precision": round(sp_tp / sp_pred, 4) if sp_pred else 0.0,
-        "signal_false_rate": round(sp_fp_neg / sp_neg, 4) if sp_neg else 0.0,
+    return dict(protocol) | {
         "mean_helix_length_observed": round(float(np.mean(len_obs)), 2) if len_obs else 0.0,
         "mean_helix_length_predicted": round(float(np.mean(len_pred)), 2) if len_pred else 0.0,
         "median_helix_length_observed": float(np.median(len_obs)) if len_obs else 0.0,
