@@ -58,30 +58,47 @@ COMPLETION_SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
 _NAMED_SHELL_ENV = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
 
 
-def completion_shell_named(args: list[str]) -> str | None:
+_COMPLETION_OPTIONS = ("--show-completion", "--install-completion")
+
+
+def completion_shell_named(args: list[str]) -> tuple[list[str], str | None]:
     """Make `protsae --show-completion bash` (and `--install-completion bash`) use the named shell.
 
     Why: Typer's options are flags that detect the shell from the parent processes (shellingham) and ignore a
     named one; in a container or a job without a shell above protsae the detection fails and Typer prints
-    "Shell  not supported.". A named shell switches Typer to its mode that takes the shell as the value.
-    Returns an error message (exit 2) when no shell is named and none can be detected, else None."""
+    "Shell  not supported.". A named shell (`zsh`, `--show-completion=zsh`, any case, after root options such
+    as `-q`) switches Typer to its mode that takes the shell as the value. Returns the arguments to run and an
+    error message (exit 2) for an unknown shell, or for none named where the detected one (if any) has no
+    completion script (`sh`, `dash`: a container's usual entrypoint shell)."""
     import os
 
-    if args[:1] not in (["--show-completion"], ["--install-completion"]):
-        return None
-    if len(args) > 1 and args[1] in COMPLETION_SHELLS:
+    commands = {name for name, _ in COMMANDS}
+    at = next((i for i, a in enumerate(args) if a in commands or a.split("=", 1)[0] in _COMPLETION_OPTIONS), None)
+    if at is None or args[at] in commands:  # a command's own arguments are not the root's completion options
+        return args, None
+    opt, eq, value = args[at].partition("=")
+    if not eq and at + 1 < len(args) and not args[at + 1].startswith("-"):
+        value = args[at + 1]
+        rest = args[at + 2:]
+    else:
+        rest = args[at + 1:]
+    if value:
+        shell = value.lower()
+        if shell not in COMPLETION_SHELLS:
+            return args, f"protsae: {opt}: unknown shell {value!r}; one of {', '.join(COMPLETION_SHELLS)}"
         os.environ[_NAMED_SHELL_ENV] = "1"
-        return None
-    if len(args) > 1 and not args[1].startswith("-"):
-        return f"protsae: {args[0]}: unknown shell {args[1]!r}; one of {', '.join(COMPLETION_SHELLS)}"
+        return [*args[:at], opt, shell, *rest], None
     try:
         import shellingham
 
-        shellingham.detect_shell()
+        detected = str(shellingham.detect_shell()[0]).lower()
     except Exception:  # noqa: BLE001 - ShellDetectionFailure, or shellingham missing: say how to name it
-        return (f"protsae: {args[0]}: cannot detect the shell (no shell among this process's parents, e.g. in a "
-                f"container); name it: protsae {args[0]} {'|'.join(COMPLETION_SHELLS)}")
-    return None
+        detected = ""
+    if detected in COMPLETION_SHELLS:
+        return args, None
+    why = (f"the shell running protsae is {detected!r}, which has no completion script" if detected else
+           "cannot detect the shell (no shell among this process's parents, e.g. in a container)")
+    return args, f"protsae: {opt}: {why}; name it: protsae {opt} {'|'.join(COMPLETION_SHELLS)}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
 
         print(__version__)
         return
-    problem = completion_shell_named(args)
+    import os
+
+    named_shell = _NAMED_SHELL_ENV not in os.environ
+    args, problem = completion_shell_named(list(args))
+    named_shell = named_shell and _NAMED_SHELL_ENV in os.environ
     if problem:
         leave(2, problem)
         return
@@ -108,3 +129,6 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
         leave(code, message)
+    finally:
+        if named_shell:  # an in-process caller's next main() detects again
+            os.environ.pop(_NAMED_SHELL_ENV, None)

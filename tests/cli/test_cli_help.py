@@ -207,6 +207,15 @@ def test_completion_script_for_a_named_shell_needs_no_shell_detection():
         assert rc == 2 and "cannot detect the shell" in err and "--show-completion bash|zsh" in err, (rc, err)
     proc = _run({}, "--show-completion", "tcsh")
     assert proc.returncode == 2 and "unknown shell 'tcsh'" in proc.stderr, proc.stderr
+    # After root options, with '=', in any case: still the named shell.
+    rc, out, err = _orphaned("-q", "--log-file", os.devnull, "--show-completion=ZSH")
+    assert rc == 0 and out.startswith("#compdef protsae"), (rc, out[:200], err)
+    # Detected, but a shell without a completion script (a container's /bin/sh): say so and how to name one.
+    proc = subprocess.run(["sh", "-c", f"'{sys.executable}' -m protsae_cli --show-completion"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    if proc.returncode != 0:
+        assert proc.returncode == 2 and ("no completion script" in proc.stderr or "cannot detect" in proc.stderr), \
+            proc.stderr
 
 
 def test_undetectable_shell_is_a_usage_error(monkeypatch):
@@ -218,9 +227,12 @@ def test_undetectable_shell_is_a_usage_error(monkeypatch):
         raise shellingham.ShellDetectionFailure()
 
     monkeypatch.setattr(shellingham, "detect_shell", fail)
-    msg = completion_shell_named(["--install-completion"])
+    args, msg = completion_shell_named(["--install-completion"])
     assert msg and "cannot detect the shell" in msg and "protsae --install-completion bash|" in msg
-    assert completion_shell_named(["annotate", "x.fa"]) is None
+    assert completion_shell_named(["annotate", "x.fa", "--show-completion"]) == (
+        ["annotate", "x.fa", "--show-completion"], None)           # a command's arguments are left to it
+    monkeypatch.setattr(shellingham, "detect_shell", lambda: ("dash", "/bin/dash"))
+    assert "'dash', which has no completion script" in completion_shell_named(["--show-completion"])[1]
 
 
 def test_completion_script_and_completions():
