@@ -214,6 +214,7 @@ def cmd_fit(a: argparse.Namespace) -> None:
                                                                    "strand": a.strand_penalty},
                         full=load_full(a.cache) if a.extra_latents else None, n_extra=a.extra_latents)
     params["emission"]["prior_weight"] = a.prior_weight
+    params["emission"]["loop_globular_offset"] = a.loop_globular_offset
     params["membrane_gate"] = {"min_span_confidence": a.min_span_confidence}
     if a.gate:
         params["signal_gate"] = json.loads(Path(a.gate).read_text())
@@ -237,8 +238,6 @@ def _runs_of(lab: str, chars: str) -> list[tuple[int, int]]:
         return []
     d = np.diff(np.concatenate([[0], on.astype(np.int8), [0]]))
     return [(int(s) + 1, int(e)) for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
-
-
 
 
 #: TMbed label letters of each role's residues.
@@ -612,6 +611,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--strand-penalty", type=float, default=0.0)
     f.add_argument("--prior-weight", type=float, default=1.0)
     f.add_argument("--min-span-confidence", type=float, default=0.0, help="membrane gate (0 = off)")
+    f.add_argument("--loop-globular-offset", type=float, default=None,
+                   help="loop residues score at least the globular score plus this (default: off)")
     f.add_argument("--extra-latents", type=int, default=0, help="screened SAE latents the emission also reads "
                                                                   "(needs a cache encoded with --full-codes)")
     f.add_argument("--gate", help="signal gate JSON (from the gate step) to store with the decoder")

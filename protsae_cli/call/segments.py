@@ -241,6 +241,15 @@ class SegmentDecoder:
                 raise InputError(f"emission prior_weight must be in [0, 1], got {self.prior_weight}")
             if any(w < 1 or w > 50 for w in self.context):
                 raise InputError(f"emission context half-widths must be 1-50, got {self.context}")
+            # A loop residue of a membrane protein may read as globular: its inside/outside score is at least the
+            # globular score plus this offset (None: off). Why: loops are learnt from membrane proteins' loops,
+            # mostly short; the large soluble domains of single-span proteins look globular, and without this
+            # the membrane path pays for every such residue and single-span proteins decode as globular (TMHMM
+            # has globular-domain states in its loops for the same reason). Chosen on validation proteins.
+            lg_off = em.get("loop_globular_offset")
+            self.loop_globular_offset = None if lg_off is None else float(lg_off)
+            if self.loop_globular_offset is not None and not math.isfinite(self.loop_globular_offset):
+                raise InputError("emission loop_globular_offset must be finite or null")
             # Further SAE latents whose log1p(activation) the emission also reads (chosen on fitting data).
             self.extra_latents = [int(x) for x in em.get("extra_latents", [])]
             nf = (2 + len(self.context)) * len(self.role_order) + len(self.extra_latents)
@@ -369,7 +378,14 @@ class SegmentDecoder:
     def class_scores(self, acts: np.ndarray) -> np.ndarray:
         """[L, classes] scaled log-likelihoods log P(c | a) - w log P(c) from activations [L, n_roles + n_extra]
         (role latents in ``role_order``, then ``extra_latents``)."""
-        return self.log_posterior(acts) - self.prior_weight * self.log_prior
+        E = self.log_posterior(acts) - self.prior_weight * self.log_prior
+        if self.loop_globular_offset is not None and "G" in self.classes:
+            g = E[:, self.classes.index("G")] + self.loop_globular_offset
+            for c in ("I", "O"):
+                if c in self.classes:
+                    j = self.classes.index(c)
+                    E[:, j] = np.maximum(E[:, j], g)
+        return E
 
     def log_posterior(self, acts: np.ndarray) -> np.ndarray:
         """[L, classes] log P(c | a) of the emission model."""
@@ -377,11 +393,12 @@ class SegmentDecoder:
         z -= z.max(1, keepdims=True)
         return z - np.log(np.exp(z).sum(1, keepdims=True))
 
-    def span_confidence(self, acts: np.ndarray, cls: np.ndarray) -> float:
-        """The best decoded span's mean P(span class | a) (0 without a span): how sure the emission model is of
-        the strongest membrane span, which the membrane gate compares with ``min_span_confidence``."""
+    def span_confidence(self, acts: np.ndarray, cls: np.ndarray, span_classes: Sequence[str] = ("H", "B")) -> float:
+        """The best decoded span's mean P(span class | a) (0 without a span), over spans of ``span_classes``:
+        how sure the emission model is of the strongest membrane span, which the membrane gate compares with
+        ``min_span_confidence``."""
         starts, ends, kinds = _runs(cls)
-        spans = [(s, e, k) for s, e, k in zip(starts, ends, kinds, strict=True) if self.classes[k] in ("H", "B")]
+        spans = [(s, e, k) for s, e, k in zip(starts, ends, kinds, strict=True) if self.classes[k] in span_classes]
         if not spans:
             return 0.0
         post = np.exp(self.log_posterior(acts))
@@ -426,15 +443,16 @@ class SegmentDecoder:
         return self.state_class[path]
 
     def decode_protein(self, idx: np.ndarray, val: np.ndarray, acts: np.ndarray | None = None,
-                       hidden: Sequence[str] = ()) -> np.ndarray:
-        """``decode`` plus the gates: a membrane path whose best span is unsure is decoded again as globular
-        (membrane gate), and a decoded signal peptide the signal gate rejects (e.g. a mitochondrial or plastid
-        transit peptide) is decoded again without one."""
+                       hidden: Sequence[str] = (), shown: Sequence[str] = ("H", "B")) -> np.ndarray:
+        """``decode`` plus the gates: a membrane path whose best span of the ``shown`` (reported) span classes
+        is unsure is decoded again as globular (membrane gate: a confident span that is not reported does not
+        vouch for the ones that are), and a decoded signal peptide the signal gate rejects (e.g. a mitochondrial
+        or plastid transit peptide) is decoded again without one."""
         if acts is None:
             acts = role_activations(idx, val, self.input_latents)
         cls = self.decode(acts, hidden=hidden)
         membrane = True
-        if self.min_span_confidence > 0 and self.span_confidence(acts, cls) < self.min_span_confidence \
+        if self.min_span_confidence > 0 and self.span_confidence(acts, cls, shown) < self.min_span_confidence \
                 and bool(np.isin(cls, [self.classes.index(c) for c in "HB" if c in self.classes]).any()):
             membrane = False
             cls = self.decode(acts, allow_membrane=False, hidden=hidden)
@@ -487,8 +505,8 @@ class SegmentDecoder:
         # stretch the model reads as a beta strand stays out of the reported helices instead of being forced
         # into the nearest reported class (often an extra helix; docs/SEGMENTS.md measures both). Withholding
         # says the concept's calls are not reliable enough to report, not that its evidence is useless.
-        cls = self.decode_protein(idx, val, acts)
         shown = [c for c in ("H", "B") if c in self.classes and CLASS_ROLE[c] in entries]
+        cls = self.decode_protein(idx, val, acts, shown=shown)
         unshown = [self.classes.index(c) for c in ("H", "B") if c in self.classes and c not in shown]
         span_shown = bool(np.isin(cls, [self.classes.index(c) for c in shown]).any())
         if span_shown and np.isin(cls, unshown).any():
@@ -725,10 +743,12 @@ def fit_decoder(acts: Sequence[np.ndarray], labels: Sequence[np.ndarray], roles:
     return params
 
 
-#: How many further SAE latents the emission reads by default, and the membrane gate's default cut: the values
-#: chosen for the bundled SAE on its validation proteins (docs/SEGMENTS.md, ``selection`` in its decoder block).
+#: How many further SAE latents the emission reads by default, the membrane gate's default cut and the loop
+#: residues' globular floor: the values chosen for the bundled SAE on its validation proteins (docs/SEGMENTS.md,
+#: ``selection`` in its decoder block).
 DEFAULT_EXTRA_LATENTS = 192
 DEFAULT_MIN_SPAN_CONFIDENCE = 0.4
+DEFAULT_LOOP_GLOBULAR_OFFSET = 0.0
 
 
 def screen_latents(codes: Sequence[tuple[np.ndarray, np.ndarray]], labels: Sequence[np.ndarray],
@@ -771,13 +791,15 @@ def fit_decoder_from_codes(codes: Sequence[tuple[np.ndarray, np.ndarray]], label
                            concepts: Sequence[ConceptEntry], fitted_on: str = "",
                            extra_latents: int = DEFAULT_EXTRA_LATENTS,
                            min_span_confidence: float = DEFAULT_MIN_SPAN_CONFIDENCE, prior_weight: float = 1.0,
-                           signal_gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                           signal_gate: Mapping[str, Any] | None = None,
+                           loop_globular_offset: float | None = DEFAULT_LOOP_GLOBULAR_OFFSET) -> dict[str, Any]:
     """A decoder for an SAE from its top-k codes (``(idx, val)`` per protein, as annotate encodes them) and
     residue classes per protein (``classes_from_roles`` / ``tmbed_classes``): what ``protsae calibrate
     --segment-decoder fit`` stores, so a user's own SAE gets its own fit.
 
-    The emission reads the role concepts' latents plus ``extra_latents`` screened latents; the membrane gate
-    and prior weight default to the values chosen for the bundled SAE on validation proteins. ``signal_gate``
+    The emission reads the role concepts' latents plus ``extra_latents`` screened latents; the membrane gate,
+    prior weight and loop residues' globular floor default to the values chosen for the bundled SAE on
+    validation proteins. ``signal_gate``
     (a fitted ``SignalGate`` spec) is stored as given: it needs transit-peptide negatives that topology labels
     do not have, so it is only carried over from an earlier fit of the same SAE.
     """
@@ -796,6 +818,7 @@ def fit_decoder_from_codes(codes: Sequence[tuple[np.ndarray, np.ndarray]], label
                          f"TM strands, {c['signal_peptides']} N-terminal signal peptides; at least 10 of one kind "
                          "whose concept the SAE has)")
     params["emission"]["prior_weight"] = float(prior_weight)
+    params["emission"]["loop_globular_offset"] = None if loop_globular_offset is None else float(loop_globular_offset)
     params["membrane_gate"] = {"min_span_confidence": float(min_span_confidence)}
     if signal_gate:
         params["signal_gate"] = dict(signal_gate)

@@ -70,6 +70,38 @@ def test_context_decoder_recovers_planted_topologies_and_round_trips(params):
         SegmentDecoder(bad)
 
 
+# ---------------------------------------------------------------------------------------------- loops
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 60), st.just(5)),
+              elements=st.one_of(st.just(0.0), st.floats(0, 8, width=32))), st.floats(-3, 3))
+def test_loop_scores_are_floored_at_the_globular_score(params, acts, off):
+    plain = SegmentDecoder(params)
+    floored = SegmentDecoder(dict(params, emission=dict(params["emission"], loop_globular_offset=off)))
+    a, b = plain.class_scores(acts), floored.class_scores(acts)
+    g = plain.classes.index("G")
+    for c in plain.classes:
+        j = plain.classes.index(c)
+        want = np.maximum(a[:, j], a[:, g] + off) if c in "IO" else a[:, j]
+        np.testing.assert_allclose(b[:, j], want, rtol=0, atol=1e-12)
+
+
+def test_a_single_span_between_soluble_looking_domains_is_found(params):
+    # The real failure (docs/SEGMENTS.md): a single-span protein whose long extramembrane domains look soluble
+    # decodes as globular, because every loop residue scores below the globular path. With the floor the
+    # membrane path costs those residues nothing more than the globular one, and the helix is called.
+    acts = np.zeros((620, 5), np.float32)
+    acts[:, 3] = 1.0                      # "inside"-like everywhere, as the SAE fires on soluble proteins
+    acts[300:320, 3], acts[300:320, 0] = 0.0, 2.0
+    plain = SegmentDecoder(params)
+    assert set(plain.decode(acts).tolist()) == {plain.classes.index("G")}
+    floored = SegmentDecoder(dict(params, emission=dict(params["emission"], loop_globular_offset=0.0)))
+    got = "".join(floored.classes[k] for k in floored.decode(acts))
+    assert "H" * 20 in got and got.count("H") == 20 and set(got) == {"I", "O", "H"}
+    assert got[310] == "H" and got[0] != got[-1]          # the sides differ across the one span
+    with pytest.raises(InputError, match="loop_globular_offset"):
+        SegmentDecoder(dict(params, emission=dict(params["emission"], loop_globular_offset=float("inf"))))
+
+
 # ---------------------------------------------------------------------------------------------- penalties
 def test_membrane_penalty_is_a_globular_prior(params):
     labels, acts = _synthetic(8, seed=4)
