@@ -21,7 +21,8 @@ State model (classes, with the concept each one emits as a segment):
 Emissions: a multinomial logistic regression from the role concepts' activations (features ``a > 0`` and
 ``log1p(a)`` per concept) to the residue class, fitted on labelled proteins; the decoder uses
 ``log P(class | a) - log P(class)`` (scaled likelihoods, the hybrid HMM/ANN recipe) so that the class priors live
-in the transitions. Durations, loop lengths, start and after-signal probabilities are counted on the same
+in the transitions; a loop residue may score as globular (``loop_globular_offset``: the large soluble domains of
+single-span proteins). Durations, loop lengths, start and after-signal probabilities are counted on the same
 labelled proteins. Everything is stored in the SAE's config (``segment_decoder``), so a user's SAE carries its
 own fit (:func:`fit_decoder`, :func:`write_decoder`).
 

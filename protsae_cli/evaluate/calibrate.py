@@ -383,7 +383,7 @@ def collect_counts(ann: Any, records: Sequence[Any], bound: Sequence[tuple[int, 
     """Encode the labelled proteins as annotate does and bin, per bound concept (entry index -> its label
     source), the activations of its latent on labelled residues. Returns (counts, proteins measured) by entry
     index, and with a ``topology`` source the codes and residue classes of its proteins (for the decoder).
-    Memory: one float32 + one bool per active labelled residue and concept; with ``topology``, 8 k bytes per
+    Memory: one float32 + one bool per active labelled residue and concept; with ``topology``, 12 k bytes per
     residue of its proteins (the top-k codes)."""
     from protsae_cli.annotate.pipeline import AnnotateOptions
     from protsae_cli.call.segments import ROLE_CONCEPTS, classes_from_roles
