@@ -30,8 +30,8 @@ import numpy as np
 
 from protsae_cli.errors import InputError
 from protsae_cli.evaluate.topology import tmbed_protocol
-from protsae_cli.call.segments import (RegionCaller, SegmentDecoder, fit_decoder, gate_features, role_entries,
-                                       tmbed_classes, write_decoder)
+from protsae_cli.call.segments import (RegionCaller, SegmentDecoder, fit_boundary_shift, fit_decoder, gate_features,
+                                       role_entries, tmbed_classes, write_decoder)
 
 
 def read_tmbed(path: str) -> dict[str, tuple[str, str]]:
@@ -218,6 +218,12 @@ def cmd_fit(a: argparse.Namespace) -> None:
     params["membrane_gate"] = {"min_span_confidence": a.min_span_confidence}
     if a.gate:
         params["signal_gate"] = json.loads(Path(a.gate).read_text())
+    if a.boundary_shift:
+        full = load_full(a.cache)
+        if full is None:
+            raise InputError("--boundary-shift needs a cache encoded with --full-codes")
+        rows = [i for i, pid in enumerate(ids) if pid in labels and pid in sub]
+        params |= fit_boundary_shift(params, [full[i] for i in rows], [tmbed_classes(labels[ids[i]][1]) for i in rows])
     if a.selection:
         params["selection"] = json.loads(Path(a.selection).read_text())
     SegmentDecoder(params, where="fitted decoder")  # refuse to store what annotate could not load
@@ -616,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--extra-latents", type=int, default=0, help="screened SAE latents the emission also reads "
                                                                   "(needs a cache encoded with --full-codes)")
     f.add_argument("--gate", help="signal gate JSON (from the gate step) to store with the decoder")
+    f.add_argument("--boundary-shift", action="store_true",
+                   help="measure the decoded helix ends' offset on these proteins and correct it (needs --full-codes)")
     f.add_argument("--selection", help="selection JSON (from the select step) to record with the decoder")
     v = sub.add_parser("eval")
     v.add_argument("cache")

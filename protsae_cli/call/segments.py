@@ -280,6 +280,16 @@ class SegmentDecoder:
             self.min_span_confidence = float(params.get("membrane_gate", {}).get("min_span_confidence", 0.0))
             if not 0.0 <= self.min_span_confidence <= 1.0:
                 raise InputError("membrane_gate min_span_confidence must be in [0, 1]")
+            # Residues added to each decoded span's start and end (class -> [start, end]; e.g. "H": [0, -2]
+            # ends every helix two residues earlier): the systematic offset of the decoded ends measured on the
+            # fitting proteins (fit_boundary_shift). Why: the SAE's helix evidence outlasts the helix at its
+            # C-terminal end, so decoded helices end late by the same amount protein after protein.
+            self.boundary_shift: dict[str, tuple[int, int]] = {}
+            for c, v in (params.get("boundary_shift") or {}).items():
+                if c not in ("H", "B") or len(v) != 2 or any(int(x) != x or abs(int(x)) > 10 for x in v):
+                    raise InputError(f"boundary_shift {c}: {v!r} (span class H or B -> [start, end], integers "
+                                     "within +-10)")
+                self.boundary_shift[c] = (int(v[0]), int(v[1]))
         except InputError as e:
             raise InputError(f"{where}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
@@ -460,7 +470,33 @@ class SegmentDecoder:
         if self.gate is not None and "S" in self.classes and cls.size and cls[0] == self.classes.index("S") \
                 and not self.gate.allows(idx, val):
             cls = self.decode(acts, allow_signal=False, allow_membrane=membrane, hidden=hidden)
-        return cls
+        return self.shift_boundaries(cls)
+
+    def shift_boundaries(self, cls: np.ndarray) -> np.ndarray:
+        """``cls`` with each span's ends moved by ``boundary_shift``. An end moves only into or out of the side
+        loop next to it, which keeps at least one residue, and a span keeps its fitted minimum length; so the
+        path stays a valid topology (the residues a span gives up join the loop beside them)."""
+        if not self.boundary_shift or cls.size == 0:
+            return cls
+        out = cls.copy()
+        loops = [self.classes.index(c) for c in "IO" if c in self.classes]
+        starts, ends, kinds = _runs(cls)
+        n = len(starts)
+        for r in range(n):
+            c = self.classes[int(kinds[r])]
+            if c not in self.boundary_shift:
+                continue
+            ds, de = self.boundary_shift[c]
+            s, e = int(starts[r]), int(ends[r])
+            lo = self.durations[c].min
+            if ds and r > 0 and int(kinds[r - 1]) in loops:        # the loop before keeps >= 1 residue
+                s2 = min(max(s + ds, int(starts[r - 1]) + 1), e - lo)
+                out[min(s, s2):max(s, s2)] = kinds[r] if s2 < s else kinds[r - 1]
+                s = s2
+            if de and r + 1 < n and int(kinds[r + 1]) in loops:    # the loop after keeps >= 1 residue
+                e2 = max(min(e + de, int(ends[r + 1]) - 1), s + lo)
+                out[min(e, e2):max(e, e2)] = kinds[r] if e2 > e else kinds[r + 1]
+        return out
 
     def sides_across(self, acts: np.ndarray, cls: np.ndarray, shown: Sequence[str]) -> np.ndarray | None:
         """``cls`` with its sides decoded again across the spans of the ``shown`` classes only: the path keeps
@@ -793,14 +829,16 @@ def fit_decoder_from_codes(codes: Sequence[tuple[np.ndarray, np.ndarray]], label
                            extra_latents: int = DEFAULT_EXTRA_LATENTS,
                            min_span_confidence: float = DEFAULT_MIN_SPAN_CONFIDENCE, prior_weight: float = 1.0,
                            signal_gate: Mapping[str, Any] | None = None,
-                           loop_globular_offset: float | None = DEFAULT_LOOP_GLOBULAR_OFFSET) -> dict[str, Any]:
+                           loop_globular_offset: float | None = DEFAULT_LOOP_GLOBULAR_OFFSET,
+                           boundary_shift: bool = True) -> dict[str, Any]:
     """A decoder for an SAE from its top-k codes (``(idx, val)`` per protein, as annotate encodes them) and
     residue classes per protein (``classes_from_roles`` / ``tmbed_classes``): what ``protsae calibrate
     --segment-decoder fit`` stores, so a user's own SAE gets its own fit.
 
     The emission reads the role concepts' latents plus ``extra_latents`` screened latents; the membrane gate,
     prior weight and loop residues' globular floor default to the values chosen for the bundled SAE on
-    validation proteins. ``signal_gate``
+    validation proteins; with ``boundary_shift`` the helix ends' systematic offset on these proteins is
+    measured and corrected (``fit_boundary_shift``). ``signal_gate``
     (a fitted ``SignalGate`` spec) is stored as given: it needs transit-peptide negatives that topology labels
     do not have, so it is only carried over from an earlier fit of the same SAE.
     """
@@ -823,8 +861,52 @@ def fit_decoder_from_codes(codes: Sequence[tuple[np.ndarray, np.ndarray]], label
     params["membrane_gate"] = {"min_span_confidence": float(min_span_confidence)}
     if signal_gate:
         params["signal_gate"] = dict(signal_gate)
+    if boundary_shift:
+        params |= fit_boundary_shift(params, codes, labels)
     SegmentDecoder(params, where="fitted decoder")  # refuse to return something annotate could not load
     return params
+
+
+#: Smallest median end offset (residues) that ``fit_boundary_shift`` corrects: a 1-residue median is within the
+#: boundary labels' own spread and, on the bundled SAE's validation halves, did not carry from one half to the
+#: other (docs/SEGMENTS.md "Helix ends").
+MIN_BOUNDARY_SHIFT = 2
+
+
+def fit_boundary_shift(params: Mapping[str, Any], codes: Sequence[tuple[np.ndarray, np.ndarray]],
+                       labels: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The decoder's systematic end offsets on its fitting proteins, and the shift that corrects them.
+
+    Each labelled helix is paired with the decoded helix that overlaps it most (the decoder as fitted, the gates
+    included); the median start and end offsets are measured, and an end whose median is at least
+    ``MIN_BOUNDARY_SHIFT`` residues off is moved back by it. Returns ``{"boundary_shift": {"H": [ds, de]},
+    "boundary_offsets": {...}}`` to merge into ``params`` (an empty shift when no end is off)."""
+    dec = SegmentDecoder({k: v for k, v in params.items() if k != "boundary_shift"}, where="fitted decoder")
+    H = CLASSES.index("H")
+    d_start: list[int] = []
+    d_end: list[int] = []
+    for (idx, val), y in zip(codes, labels, strict=True):
+        y = np.asarray(y)
+        if not (y == H).any() or (y == CLASSES.index("B")).any():
+            continue
+        got = dec.decode_protein(idx, val)
+        hk = dec.classes.index("H") if "H" in dec.classes else -1
+        pred = [(int(s), int(e)) for s, e, k in zip(*_runs(got), strict=True) if int(k) == hk]
+        for s, e, k in zip(*_runs(y), strict=True):
+            if int(k) != H:
+                continue
+            best = max(((min(e, pe) - max(s, ps), ps, pe) for ps, pe in pred), default=(0, 0, 0))
+            if best[0] > 0:
+                d_start.append(best[1] - int(s))
+                d_end.append(best[2] - int(e))
+    out: dict[str, Any] = {"boundary_offsets": {"helices": len(d_start)}}
+    if not d_start:
+        return out | {"boundary_shift": {}}
+    med = (float(np.median(d_start)), float(np.median(d_end)))
+    out["boundary_offsets"] |= {"median_start": med[0], "median_end": med[1],
+                                "min_corrected": MIN_BOUNDARY_SHIFT}
+    shift = [-int(round(m)) if abs(m) >= MIN_BOUNDARY_SHIFT else 0 for m in med]
+    return out | {"boundary_shift": {"H": shift} if any(shift) else {}}
 
 
 def role_entries(concepts: Sequence[ConceptEntry]) -> tuple[dict[str, ConceptEntry], list[str]]:
