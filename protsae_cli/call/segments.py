@@ -526,6 +526,12 @@ class SegmentDecoder:
         for c, name in (("H", "TM helix"), ("B", "TM beta strand")):
             if c in d:
                 out.append(f"{name} {d[c].min}-{d[c].max} residues")
+        for c, name in (("H", "TM helix"), ("B", "TM beta strand")):
+            if c in self.boundary_shift:
+                ds, de = self.boundary_shift[c]
+                out.append(f"{name} ends moved by the fitted offset (start {ds:+d}, end {de:+d} residues)")
+        if self.loop_globular_offset is not None:
+            out.append("loop residues may read as soluble (globular-domain floor)")
         if self.min_span_confidence > 0:
             out.append(f"membrane path only with a span of mean P(span) >= {self.min_span_confidence:g}")
         if self.gate is not None:

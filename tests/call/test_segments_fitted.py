@@ -344,6 +344,7 @@ def test_bundled_sae_carries_a_decoder_fitted_on_held_out_tmbed_proteins():
     assert caller.active and caller.describe().startswith("viterbi")
     assert "sides only on proteins with a reported membrane span" in caller.constraints()
     assert "signal peptide only at the N-terminus" in caller.constraints()
+    assert "TM helix ends moved by the fitted offset (start +0, end -2 residues)" in caller.constraints()
     assert not RegionCaller(called, cfg.segment_decoder, "none").active
 
 
