@@ -474,13 +474,15 @@ class SegmentDecoder:
 
     def shift_boundaries(self, cls: np.ndarray) -> np.ndarray:
         """``cls`` with each span's ends moved by ``boundary_shift``. An end moves only into or out of the side
-        loop next to it, which keeps at least one residue, and a span keeps its fitted minimum length; so the
-        path stays a valid topology (the residues a span gives up join the loop beside them)."""
+        loop next to it, which keeps at least one residue (also when the spans on both of its sides grow into
+        it), and a span stays within its fitted length range (or keeps its length, if decoded outside it); so
+        the path stays a valid topology (the residues a span gives up join the loop beside them)."""
         if not self.boundary_shift or cls.size == 0:
             return cls
         out = cls.copy()
         loops = [self.classes.index(c) for c in "IO" if c in self.classes]
         starts, ends, kinds = _runs(cls)
+        run_start, run_end = starts.astype(np.int64), ends.astype(np.int64)  # loops' bounds as spans move
         n = len(starts)
         for r in range(n):
             c = self.classes[int(kinds[r])]
@@ -488,14 +490,16 @@ class SegmentDecoder:
                 continue
             ds, de = self.boundary_shift[c]
             s, e = int(starts[r]), int(ends[r])
-            lo = self.durations[c].min
-            if ds and r > 0 and int(kinds[r - 1]) in loops:        # the loop before keeps >= 1 residue
-                s2 = min(max(s + ds, int(starts[r - 1]) + 1), e - lo)
+            d = self.durations[c]
+            lo, hi = min(d.min, e - s), max(d.max, e - s)
+            if ds and r > 0 and int(kinds[r - 1]) in loops:
+                s2 = min(max(s + ds, int(run_start[r - 1]) + 1, e - hi), e - lo)
                 out[min(s, s2):max(s, s2)] = kinds[r] if s2 < s else kinds[r - 1]
-                s = s2
-            if de and r + 1 < n and int(kinds[r + 1]) in loops:    # the loop after keeps >= 1 residue
-                e2 = max(min(e + de, int(ends[r + 1]) - 1), s + lo)
+                run_end[r - 1] = s = s2
+            if de and r + 1 < n and int(kinds[r + 1]) in loops:
+                e2 = max(min(e + de, int(run_end[r + 1]) - 1, s + hi), s + lo)
                 out[min(e, e2):max(e, e2)] = kinds[r] if e2 > e else kinds[r + 1]
+                run_start[r + 1] = e2
         return out
 
     def sides_across(self, acts: np.ndarray, cls: np.ndarray, shown: Sequence[str]) -> np.ndarray | None:
@@ -904,11 +908,12 @@ def fit_boundary_shift(params: Mapping[str, Any], codes: Sequence[tuple[np.ndarr
             best = max(((min(e, pe) - max(s, ps), ps, pe) for ps, pe in pred), default=(0, 0, 0))
             if best[0] > 0:
                 d_start.append(best[1] - int(s))
-                d_end.append(best[2] - int(e))
+                if best[2] < len(got):  # an end at the C-terminus has no loop to move into: not counted
+                    d_end.append(best[2] - int(e))
     out: dict[str, Any] = {"boundary_offsets": {"helices": len(d_start)}}
     if not d_start:
         return out | {"boundary_shift": {}}
-    med = (float(np.median(d_start)), float(np.median(d_end)))
+    med = (float(np.median(d_start)), float(np.median(d_end)) if d_end else 0.0)
     out["boundary_offsets"] |= {"median_start": med[0], "median_end": med[1],
                                 "min_corrected": MIN_BOUNDARY_SHIFT}
     shift = [-int(round(m)) if abs(m) >= MIN_BOUNDARY_SHIFT else 0 for m in med]

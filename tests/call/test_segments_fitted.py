@@ -136,6 +136,62 @@ def test_shifted_helix_ends_keep_a_valid_topology(params, acts, ds, de):
         assert x.end < y.start and not (x.latent != 0 and y.latent != 0)
 
 
+def _path(dec: SegmentDecoder, spec: str) -> np.ndarray:
+    """'I5 H20 O2' -> class indices."""
+    return np.concatenate([np.full(int(t[1:]), dec.classes.index(t[0])) for t in spec.split()])
+
+
+def _spec(dec: SegmentDecoder, path: np.ndarray) -> str:
+    import itertools
+
+    return " ".join(f"{dec.classes[k]}{len(list(g))}" for k, g in itertools.groupby(path.tolist()))
+
+
+def test_shifted_ends_move_exactly_and_never_merge_helices(params):
+    h = SegmentDecoder(params).durations["H"]
+    for shift, spec, want in [
+        ([0, -2], "I10 H20 O6 H20 I10", "I10 H18 O8 H18 I12"),       # ends two earlier: the bundled shift
+        ([0, 2], "I10 H20 O6 H20 I10", "I10 H22 O4 H22 I8"),         # ends two later (sign of the end)
+        ([-2, 0], "I10 H20 O6 H20 I10", "I8 H22 O4 H22 I10"),        # starts two earlier
+        ([2, 0], "I10 H20 O6 H20 I10", "I12 H18 O8 H18 I10"),
+        ([-1, 1], "I5 H20 O2 H20 I5", "I4 H22 O1 H21 I4"),           # both grow into a 2-residue loop: 1 stays
+        ([-3, 3], "I5 H20 O3 H20 I5", "I2 H25 O1 H23 I2"),           # the first grows to the maximum (25 here)
+        ([0, 2], "I10 H20", "I10 H20"),                              # no loop after the C-terminal helix
+    ]:
+        dec = SegmentDecoder(dict(params, boundary_shift={"H": shift}))
+        assert _spec(dec, dec.shift_boundaries(_path(dec, spec))) == want, (shift, spec)
+    # Never beyond the fitted length range: a helix at the maximum does not grow.
+    dec = SegmentDecoder(dict(params, boundary_shift={"H": [-3, 3]}))
+    got = _spec(dec, dec.shift_boundaries(_path(dec, f"I10 H{h.max} O10")))
+    assert got == f"I10 H{h.max} O10"
+    dec = SegmentDecoder(dict(params, boundary_shift={"H": [3, -3]}))
+    assert _spec(dec, dec.shift_boundaries(_path(dec, f"I10 H{h.min} O10"))) == f"I10 H{h.min} O10"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 40)), min_size=1, max_size=6),
+       st.integers(-4, 4), st.integers(-4, 4), st.booleans())
+def test_shifted_paths_stay_valid_topologies(params, runs, ds, de, starts_inside):
+    dec = SegmentDecoder(dict(params, boundary_shift={"H": [ds, de]}))
+    h = dec.durations["H"]
+    side, spec = ("I" if starts_inside else "O"), []
+    for loop, extra in runs:
+        spec += [f"{side}{loop}", f"H{h.min + extra % (h.max - h.min + 1)}"]
+        side = "O" if side == "I" else "I"
+    spec.append(f"{side}3")
+    path = _path(dec, " ".join(spec))
+    got = dec.shift_boundaries(path)
+    H = dec.classes.index("H")
+    before, after = _runs_of_class(path, H), _runs_of_class(got, H)
+    assert len(before) == len(after)                                  # no helix merges or vanishes
+    for (s, e), (s2, e2) in zip(before, after):
+        assert h.min <= e2 - s2 <= h.max
+        assert (s2 - s) * ds >= 0 and abs(s2 - s) <= abs(ds)          # moved the asked way, never further
+        assert (e2 - e) * de >= 0 and abs(e2 - e) <= abs(de)
+    letters = [t[0] for t in _spec(dec, got).split()]
+    assert letters == [t[0] for t in spec]                            # same runs in the same order: loops kept
+
+
 def test_fitted_shift_measures_how_late_the_decoded_ends_are(params):
     # Labels made from the decoder's own helices with every end 3 residues earlier: the fit must find that the
     # decoded ends are 3 late (and the starts right), and correct exactly that.
