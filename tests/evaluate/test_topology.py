@@ -3,6 +3,7 @@ user's own SAE gets from their topology labels, and the numbers calibrate report
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -259,6 +260,10 @@ def test_calibrate_fits_a_decoder_that_annotate_uses_and_measures_it_as_annotate
 
 def test_keep_and_auto_leave_a_better_decoder_alone(topo, tiny_esm_path, tmp_path, caplog) -> None:
     plain = tmp_path / "plain"          # no decoder, kept: its per-residue calls are measured, none is added
+    # A pipeline's logging, not an earlier test's -q (Progress is off under -q, by design).
+    from protsae_cli.logging_setup import setup_logging
+
+    setup_logging(stream=io.StringIO())
     caplog.set_level(logging.INFO, logger="protsae.progress")
     rep = _cal(topo, tiny_esm_path, output=str(plain), segment_decoder="keep")
     # Encoding is the long part: a pipeline's log (stderr not a terminal) says how far it got.
