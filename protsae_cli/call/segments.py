@@ -416,18 +416,16 @@ class SegmentDecoder:
         return float(max(post[s:e, k].mean() for s, e, k in spans))
 
     def decode(self, acts: np.ndarray, allow_signal: bool = True, allow_membrane: bool = True,
-               hidden: Sequence[str] = (), allowed: np.ndarray | None = None) -> np.ndarray:
+               allowed: np.ndarray | None = None) -> np.ndarray:
         """Most likely residue classes (indices into ``self.classes``) of one protein; ``allow_signal=False``
         decodes the best path without a signal peptide (what the signal gate asks for), ``allow_membrane=False``
-        the best globular path (what the membrane gate asks for); ``hidden`` classes are not decoded at all;
-        ``allowed`` ([L, classes] bool) restricts each residue to some classes (``sides_across``)."""
+        the best globular path (what the membrane gate asks for); ``allowed`` ([L, classes] bool) restricts each residue to some classes (``sides_across``)."""
         acts = np.asarray(acts)
         L = acts.shape[0]
         if L == 0:
             return np.zeros(0, dtype=np.int64)
         E = self.class_scores(acts)[:, self.state_class]      # [L, S]
-        off = [c for c in hidden if c in self.classes] + ([c for c in "IOHB" if c in self.classes]
-                                                          if not allow_membrane else [])
+        off = [c for c in "IOHB" if c in self.classes] if not allow_membrane else []
         if off:
             E = np.where(np.isin(self.state_class, [self.classes.index(c) for c in off]), _NEG, E)
         if allowed is not None:
@@ -454,22 +452,22 @@ class SegmentDecoder:
         return self.state_class[path]
 
     def decode_protein(self, idx: np.ndarray, val: np.ndarray, acts: np.ndarray | None = None,
-                       hidden: Sequence[str] = (), shown: Sequence[str] = ("H", "B")) -> np.ndarray:
+                       shown: Sequence[str] = ("H", "B")) -> np.ndarray:
         """``decode`` plus the gates: a membrane path whose best span of the ``shown`` (reported) span classes
         is unsure is decoded again as globular (membrane gate: a confident span that is not reported does not
         vouch for the ones that are), and a decoded signal peptide the signal gate rejects (e.g. a mitochondrial
         or plastid transit peptide) is decoded again without one."""
         if acts is None:
             acts = role_activations(idx, val, self.input_latents)
-        cls = self.decode(acts, hidden=hidden)
+        cls = self.decode(acts)
         membrane = True
         if self.min_span_confidence > 0 and self.span_confidence(acts, cls, shown) < self.min_span_confidence \
                 and bool(np.isin(cls, [self.classes.index(c) for c in "HB" if c in self.classes]).any()):
             membrane = False
-            cls = self.decode(acts, allow_membrane=False, hidden=hidden)
+            cls = self.decode(acts, allow_membrane=False)
         if self.gate is not None and "S" in self.classes and cls.size and cls[0] == self.classes.index("S") \
                 and not self.gate.allows(idx, val):
-            cls = self.decode(acts, allow_signal=False, allow_membrane=membrane, hidden=hidden)
+            cls = self.decode(acts, allow_signal=False, allow_membrane=membrane)
         return self.shift_boundaries(cls)
 
     def shift_boundaries(self, cls: np.ndarray) -> np.ndarray:
@@ -892,15 +890,15 @@ def fit_boundary_shift(params: Mapping[str, Any], codes: Sequence[tuple[np.ndarr
     ``MIN_BOUNDARY_SHIFT`` residues off is moved back by it. Returns ``{"boundary_shift": {"H": [ds, de]},
     "boundary_offsets": {...}}`` to merge into ``params`` (an empty shift when no end is off)."""
     dec = SegmentDecoder({k: v for k, v in params.items() if k != "boundary_shift"}, where="fitted decoder")
-    H = CLASSES.index("H")
+    H, B = CLASSES.index("H"), CLASSES.index("B")          # label classes
+    hk = dec.classes.index("H") if "H" in dec.classes else -1  # the decoder's index of the same class
     d_start: list[int] = []
     d_end: list[int] = []
     for (idx, val), y in zip(codes, labels, strict=True):
         y = np.asarray(y)
-        if not (y == H).any() or (y == CLASSES.index("B")).any():
+        if not (y == H).any() or (y == B).any():
             continue
         got = dec.decode_protein(idx, val)
-        hk = dec.classes.index("H") if "H" in dec.classes else -1
         pred = [(int(s), int(e)) for s, e, k in zip(*_runs(got), strict=True) if int(k) == hk]
         for s, e, k in zip(*_runs(y), strict=True):
             if int(k) != H:
