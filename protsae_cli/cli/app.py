@@ -61,21 +61,20 @@ _NAMED_SHELL_ENV = "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION"
 _COMPLETION_OPTIONS = ("--show-completion", "--install-completion")
 
 
-def completion_shell_named(args: list[str]) -> tuple[list[str], str | None]:
+def completion_shell_named(args: list[str]) -> tuple[list[str], str | None, bool]:
     """Make `protsae --show-completion bash` (and `--install-completion bash`) use the named shell.
 
     Why: Typer's options are flags that detect the shell from the parent processes (shellingham) and ignore a
     named one; in a container or a job without a shell above protsae the detection fails and Typer prints
     "Shell  not supported.". A named shell (`zsh`, `--show-completion=zsh`, any case, after root options such
-    as `-q`) switches Typer to its mode that takes the shell as the value. Returns the arguments to run and an
+    as `-q`) switches Typer to its mode that takes the shell as the value. Returns the arguments to run, an
     error message (exit 2) for an unknown shell, or for none named where the detected one (if any) has no
-    completion script (`sh`, `dash`: a container's usual entrypoint shell)."""
-    import os
-
+    completion script (`sh`, `dash`: a container's usual entrypoint shell), and whether a shell was named (the
+    caller then sets `_NAMED_SHELL_ENV` while Typer runs)."""
     commands = {name for name, _ in COMMANDS}
     at = next((i for i, a in enumerate(args) if a in commands or a.split("=", 1)[0] in _COMPLETION_OPTIONS), None)
     if at is None or args[at] in commands:  # a command's own arguments are not the root's completion options
-        return args, None
+        return args, None, False
     opt, eq, value = args[at].partition("=")
     if not eq and at + 1 < len(args) and not args[at + 1].startswith("-"):
         value = args[at + 1]
@@ -85,9 +84,8 @@ def completion_shell_named(args: list[str]) -> tuple[list[str], str | None]:
     if value:
         shell = value.lower()
         if shell not in COMPLETION_SHELLS:
-            return args, f"protsae: {opt}: unknown shell {value!r}; one of {', '.join(COMPLETION_SHELLS)}"
-        os.environ[_NAMED_SHELL_ENV] = "1"
-        return [*args[:at], opt, shell, *rest], None
+            return args, f"protsae: {opt}: unknown shell {value!r}; one of {', '.join(COMPLETION_SHELLS)}", False
+        return [*args[:at], opt, shell, *rest], None, True
     try:
         import shellingham
 
@@ -95,10 +93,10 @@ def completion_shell_named(args: list[str]) -> tuple[list[str], str | None]:
     except Exception:  # noqa: BLE001 - ShellDetectionFailure, or shellingham missing: say how to name it
         detected = ""
     if detected in COMPLETION_SHELLS:
-        return args, None
+        return args, None, False
     why = (f"the shell running protsae is {detected!r}, which has no completion script" if detected else
            "cannot detect the shell (no shell among this process's parents, e.g. in a container)")
-    return args, f"protsae: {opt}: {why}; name it: protsae {opt} {'|'.join(COMPLETION_SHELLS)}"
+    return args, f"protsae: {opt}: {why}; name it: protsae {opt} {'|'.join(COMPLETION_SHELLS)}", False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,12 +108,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     import os
 
-    named_shell = _NAMED_SHELL_ENV not in os.environ
-    args, problem = completion_shell_named(list(args))
-    named_shell = named_shell and _NAMED_SHELL_ENV in os.environ
+    args, problem, named_shell = completion_shell_named(list(args))
     if problem:
         leave(2, problem)
         return
+    named_shell = named_shell and _NAMED_SHELL_ENV not in os.environ  # ours to set, and to clear afterwards
+    if named_shell:
+        os.environ[_NAMED_SHELL_ENV] = "1"
     app = build_app()
     exit_on_signals()
     try:

@@ -227,10 +227,12 @@ def test_undetectable_shell_is_a_usage_error(monkeypatch):
         raise shellingham.ShellDetectionFailure()
 
     monkeypatch.setattr(shellingham, "detect_shell", fail)
-    args, msg = completion_shell_named(["--install-completion"])
+    args, msg, named = completion_shell_named(["--install-completion"])
+    assert not named
     assert msg and "cannot detect the shell" in msg and "protsae --install-completion bash|" in msg
     assert completion_shell_named(["annotate", "x.fa", "--show-completion"]) == (
-        ["annotate", "x.fa", "--show-completion"], None)           # a command's arguments are left to it
+        ["annotate", "x.fa", "--show-completion"], None, False)    # a command's arguments are left to it
+    assert completion_shell_named(["-q", "--show-completion=ZSH"]) == (["-q", "--show-completion", "zsh"], None, True)
     monkeypatch.setattr(shellingham, "detect_shell", lambda: ("dash", "/bin/dash"))
     assert "'dash', which has no completion script" in completion_shell_named(["--show-completion"])[1]
 
